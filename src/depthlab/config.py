@@ -1,0 +1,308 @@
+"""Validated run configuration: plain pydantic objects loaded from YAML.
+
+One `RunConfig` holds everything a training run needs (model shape and sparsity
+knobs, data, optimiser and schedule). Unknown keys are errors, and every rule is
+checked before any work starts; `ConfigError` messages name the field and the rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from depthlab.errors import ConfigError
+
+NormKind = Literal["rmsnorm", "layernorm"]
+NormPlacement = Literal["pre", "post", "mix", "scaled", "peri"]
+InitScheme = Literal["normal", "scaled", "paper"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class MoEConfig(_Strict):
+    """Mixture-of-experts MLP: softmax router over `num_experts`, top-k routing."""
+
+    num_experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    expert_hidden: int = Field(256, ge=1)
+    shared_expert: bool = False
+    shared_expert_hidden: int | None = Field(None, ge=1)
+    renormalize: bool = True
+    """Renormalise the top-k probabilities to sum to one (Mixtral/Qwen-MoE style)."""
+    lb_loss_weight: float = Field(0.01, ge=0)
+    """Load-balancing loss weight; the same value in every MoE layer (never divided by L)."""
+    z_loss_weight: float = Field(0.001, ge=0)
+    """Router z-loss weight; the same value in every MoE layer."""
+    layers: list[int] | None = None
+    """Indices of the MoE layers; None means every layer."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"moe.top_k ({self.top_k}) must be <= moe.num_experts ({self.num_experts})"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """DepthLM shape, norm placement, init and sparsity knobs (GQA, MoE)."""
+
+    vocab_size: int | None = Field(None, ge=2)
+    """None: taken from the tokenizer when training."""
+    n_layers: int = Field(8, ge=1)
+    d_model: int = Field(128, ge=8)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    """Key/value heads for GQA (group size G = n_heads / n_kv_heads); None = n_heads (MHA)."""
+    mlp_hidden: int | None = Field(None, ge=1)
+    """SwiGLU hidden size; None = 8/3 * d_model rounded up to a multiple of 32."""
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = Field(1e-5, gt=0)
+    norm_placement: NormPlacement = "pre"
+    mix_ln_fraction: float = Field(0.25, ge=0, le=1)
+    """Mix-LN: the first `fraction * n_layers` blocks are post-LN, the rest pre-LN."""
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    rope_theta: float = Field(10000.0, gt=0)
+    max_seq_len: int = Field(1024, ge=1)
+    init: InitScheme = "scaled"
+    """normal: N(0, init_std) everywhere; scaled: output projections / sqrt(2 L)
+    (Megatron); paper: N(0, 0.02) everywhere, as the paper's runs."""
+    init_std: float = Field(0.02, gt=0)
+    moe: MoEConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.d_model / model.n_heads (head dim) must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be divisible by "
+                f"model.n_kv_heads ({self.kv_heads})"
+            )
+        if self.moe is not None and self.moe.layers is not None:
+            bad = [i for i in self.moe.layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(
+                    f"model.moe.layers {bad} out of range for n_layers={self.n_layers}"
+                )
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.kv_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        if self.moe is None:
+            return False
+        return self.moe.layers is None or layer in self.moe.layers
+
+    def is_post_ln(self, layer: int) -> bool:
+        """Whether block `layer` normalises after the residual add."""
+        if self.norm_placement == "post":
+            return True
+        if self.norm_placement == "mix":
+            return layer < math.floor(self.mix_ln_fraction * self.n_layers)
+        return False
+
+
+class DataConfig(_Strict):
+    """Where tokens come from: a corpus plus a tokenizer, or prepared token files."""
+
+    corpus: str = "kjv"
+    """'kjv' (built-in), a text file, a folder of text files, a JSONL file, or a
+    directory prepared by `depthlab data prepare` (holds manifest.json)."""
+    tokenizer: str = "byte"
+    """'byte', 'bpe' (trained locally and cached), or a path to a tokenizer.json."""
+    bpe_vocab_size: int = Field(4096, ge=260)
+    seq_len: int = Field(128, ge=2)
+    """Training context length T (the paper's implicit attention-sparsity lever)."""
+    val_fraction: float = Field(0.02, gt=0, lt=0.5)
+    """Held-out fraction for corpora without a fixed split (kjv has its own)."""
+    text_key: str = "text"
+    """Field holding the text in JSONL corpora."""
+    cache_dir: str | None = None
+    """Where prepared tokens and trained tokenizers are cached (default ~/.cache/depthlab)."""
+
+
+class TrainConfig(_Strict):
+    """Optimiser, schedule, batch, logging and checkpoint cadence."""
+
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    """Micro-batch size in sequences (per process)."""
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine/WSD floor as a fraction of lr (the paper decays to 0.1 x lr)."""
+    warmup_steps: int = Field(30, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    wsd_decay_fraction: float = Field(0.2, gt=0, le=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    """lambda, applied to weight matrices (the paper's weight-sparsity lever)."""
+    decay_norms: bool = False
+    decay_biases: bool = False
+    decay_embeddings: bool = False
+    grad_clip: float = Field(1.0, ge=0)
+    """Max global grad norm; 0 disables clipping."""
+    eval_interval: int = Field(100, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    log_interval: int = Field(10, ge=1)
+    ckpt_interval: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    stats_interval: int = Field(0, ge=0)
+    """Log per-layer statistics every k steps; 0 disables."""
+    seed: int = 0
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    compile: bool = False
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "depthlab"
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Strategy under torchrun: auto = DDP."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.warmup_steps >= self.max_steps and self.max_steps > 1:
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) must be < train.max_steps "
+                f"({self.max_steps})"
+            )
+        return self
+
+
+class RunConfig(_Strict):
+    """A complete training run."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    """Runs are written to `out_dir/name`."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len "
+                f"({self.model.max_seq_len})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    """One line per problem: `field.path: message`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value with YAML rules (numbers, bools, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides to a raw config dict (returns a new dict)."""
+    out = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else (
+        _split_override(o) for o in overrides
+    )
+    for key, value in items:
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, value = text.split("=", 1)
+    return key.strip(), parse_value(value)
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """Validate a raw dict (plus overrides) into a RunConfig, or raise ConfigError."""
+    raw = apply_overrides(raw or {}, overrides) if overrides else (raw or {})
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """Read a YAML config file and apply `--set` style overrides."""
+    return build_config(read_yaml(path), overrides)
