@@ -1,0 +1,180 @@
+"""The `depthlab` command. Each subcommand is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from depthlab.errors import DepthlabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Are the deep layers of a language model doing anything? Train, diagnose, report.",
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(no_args_is_help=True, help="Prepare token files.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: --set model.n_layers=16"),
+]
+
+
+def _config_from(path: Path, overrides: list[str] | None):
+    from depthlab.config import load_config
+
+    return load_config(path, overrides or [])
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML run config (see configs/).")],
+    set_: SetOption = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train (or resume) a DepthLM run described by CONFIG."""
+    from depthlab.train import train as run_training
+
+    cfg = _config_from(config, set_)
+    summary = run_training(cfg, progress=progress)
+    if summary.status == "already complete":
+        console.print(f"[yellow]{summary.run_dir} is already complete[/] (step {summary.step}).")
+    val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "n/a"
+    console.print(
+        f"run: [bold]{summary.run_dir}[/]  steps {summary.step}  val loss {val}  "
+        f"({summary.seconds:.0f}s)\n"
+        f"  metrics: {summary.run_dir / 'metrics.jsonl'}  tensorboard: {summary.run_dir / 'tensorboard'}\n"
+        f"  checkpoints: {summary.run_dir / 'checkpoints'}"
+    )
+
+
+@data_app.command("prepare")
+def data_prepare(
+    corpus: Annotated[str, typer.Option(help="kjv, a text/JSONL file or a folder.")] = "kjv",
+    tokenizer: Annotated[str, typer.Option(help="byte, bpe, or a tokenizer.json path.")] = "byte",
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: cache).")] = None,
+    bpe_vocab_size: Annotated[int, typer.Option(help="Vocabulary size for bpe.")] = 4096,
+    config: Annotated[Path | None, typer.Option(help="Take the data section of a run config.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Tokenize a corpus into train.bin/val.bin plus manifest.json."""
+    from depthlab.config import build_config
+    from depthlab.data import prepare
+
+    if config is not None:
+        data_cfg = _config_from(config, set_).data
+    else:
+        raw = {"data": {"corpus": corpus, "tokenizer": tokenizer, "bpe_vocab_size": bpe_vocab_size}}
+        data_cfg = build_config(raw, set_ or []).data
+    path = prepare(data_cfg, out_dir=out)
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    console.print(f"tokens written to [bold]{path}[/]")
+    console.print_json(json.dumps(manifest))
+
+
+def _param_table(cfg) -> Table:
+    import torch
+
+    from depthlab.model import DepthLM
+
+    mcfg = cfg.model if cfg.model.vocab_size else cfg.model.model_copy(update={"vocab_size": 257})
+    with torch.device("meta"):
+        model = DepthLM(mcfg)
+    table = Table(title="parameters", show_header=False)
+    total, active = model.num_params(), model.num_params(active=True)
+    table.add_row("total", f"{total:,} ({total / 1e6:.1f}M)")
+    table.add_row("active per token", f"{active:,} ({active / 1e6:.1f}M)")
+    table.add_row("non-embedding", f"{model.num_params(include_embeddings=False):,}")
+    table.add_row("layers x d_model", f"{mcfg.n_layers} x {mcfg.d_model}")
+    table.add_row("heads / kv heads (G)", f"{mcfg.n_heads} / {mcfg.kv_heads} (G={mcfg.group_size})")
+    if mcfg.moe:
+        table.add_row("experts (top-k)", f"{mcfg.moe.num_experts} (top-{mcfg.moe.top_k})")
+    if not cfg.model.vocab_size:
+        table.add_row("note", "vocab_size unset: counted with the byte tokenizer (257)")
+    return table
+
+
+@app.command()
+def info(
+    target: Annotated[Path, typer.Argument(help="A run directory or a YAML config.")],
+    set_: SetOption = None,
+) -> None:
+    """Config, parameter counts (total/active) and the last metrics of a run or config."""
+    import yaml
+
+    from depthlab.train.checkpoint import checkpoint_dirs
+    from depthlab.train.loggers import read_metrics
+    from depthlab.train.trainer import read_run_config
+
+    is_run = target.is_dir()
+    cfg = read_run_config(target) if is_run else _config_from(target, set_)
+    console.rule(f"[bold]{target}")
+    console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    console.print(_param_table(cfg))
+    if not is_run:
+        return
+    records = read_metrics(target)
+    last_train = next((r for r in reversed(records) if "loss" in r), None)
+    last_val = next((r for r in reversed(records) if "val_loss" in r), None)
+    table = Table(title="last metrics", show_header=False)
+    if last_train:
+        table.add_row("step", str(last_train["step"]))
+        table.add_row("train loss", f"{last_train['loss']:.4f}")
+        table.add_row("tokens/s", f"{last_train.get('tokens_per_s', 0):,.0f}")
+    if last_val:
+        table.add_row("val loss / ppl", f"{last_val['val_loss']:.4f} / {last_val['val_ppl']:.2f}")
+    ckpts = checkpoint_dirs(target)
+    table.add_row("checkpoints", ", ".join(p.name for p in ckpts) or "none")
+    console.print(table)
+
+
+def _register_optional_commands() -> None:
+    """Subcommands that live next to their feature (diagnose, report, ...)."""
+    import importlib
+
+    for module in ("depthlab.probe.cli", "depthlab.report.cli", "depthlab.interop.cli",
+                   "depthlab.experiments.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("depthlab"):
+                continue
+            raise
+        mod.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2, never a traceback."""
+    _register_optional_commands()
+    try:
+        app(args=argv, standalone_mode=False)
+    except DepthlabError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; the last checkpoint is kept")
+        sys.exit(130)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except Exception as err:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Metric sinks: JSONL (always), TensorBoard and wandb (optional)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records with step > `step` (a resumed run rewrites them, no duplicates)."""
+    if not path.is_file():
+        return
+    kept = [
+        line for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricLogger:
+    """Writes every record to metrics.jsonl and scalar fields to TensorBoard/wandb."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, wandb_project: str | None,
+                 run_name: str, config: dict[str, Any], resume_step: int) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        truncate_after(self.path, resume_step)
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+        self._wandb = None
+        if wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config,
+                                     resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        scalars = {
+            k: v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
+        }
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,67 @@
+"""Config validation: every bad value fails early with one line naming field and rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from depthlab.config import apply_overrides, build_config, load_config
+from depthlab.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_presets_validate(path):
+    cfg = load_config(path)
+    assert cfg.model.n_layers >= 1
+
+
+@pytest.mark.parametrize("overrides, field, rule", [
+    ({"model.n_heads": 6, "model.n_kv_heads": 4, "model.d_model": 96}, "n_kv_heads", "divisible"),
+    ({"model.moe": {"num_experts": 4, "top_k": 5}}, "top_k", "<="),
+    ({"train.weight_decay": -0.1}, "train.weight_decay", "greater than or equal to 0"),
+    ({"model.n_layerz": 4}, "model.n_layerz", "unknown key"),
+    ({"data.seq_len": 4096}, "data.seq_len", "max_seq_len"),
+    ({"model.d_model": 100, "model.n_heads": 3}, "d_model", "divisible"),
+    ({"train.warmup_steps": 500, "train.max_steps": 100}, "warmup_steps", "max_steps"),
+    ({"model.moe": {"layers": [9]}}, "moe.layers", "out of range"),
+])
+def test_bad_values_name_field_and_rule(overrides, field, rule):
+    with pytest.raises(ConfigError) as err:
+        build_config({}, overrides)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert field in msg and rule in msg
+
+
+def test_override_parsing_uses_yaml_types(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  n_layers: 4\n")
+    cfg = load_config(p, ["model.n_layers=12", "train.lr=1e-3", "model.qk_norm=true",
+                          "model.moe.num_experts=4", "model.moe.top_k=1"])
+    assert cfg.model.n_layers == 12 and cfg.train.lr == 1e-3 and cfg.model.qk_norm
+    assert cfg.model.moe.num_experts == 4
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["model.n_layers"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_derived_quantities():
+    m = build_config({}, {"model.n_heads": 8, "model.n_kv_heads": 2, "model.d_model": 64}).model
+    assert m.group_size == 4 and m.head_dim == 8 and m.kv_heads == 2
+    mix = build_config({}, {"model.norm_placement": "mix", "model.n_layers": 8,
+                            "model.mix_ln_fraction": 0.25}).model
+    assert [mix.is_post_ln(i) for i in range(8)] == [True, True] + [False] * 6
