@@ -48,8 +48,8 @@ class MoERouterInfo:
 class LayerStack:
     """A causal LM seen as h0 = embed(ids); h_{l+1} = block_l(h_l); logits = head(final_norm(h_L)).
 
-    Subclasses (adapters) implement: `embed`, `run_block`, `final_norm`, `head`,
-    `branch_modules`, and optionally `attention_probs`, `moe_router`, `weight_matrices`
+    Subclasses (adapters) implement: `_embed`, `run_block`, `final_norm`, `head`,
+    `branch_modules`, `block_module`, and optionally `attention_probs`, `moe_router`, `weight_matrices`
     (the defaults return None / the block's 2-D parameters).
     """
 
@@ -94,6 +94,10 @@ class LayerStack:
     # ------------------------------------------------------------- adapter hooks
     def embed(self, ids: Tensor) -> Tensor:
         """[N, T] token ids -> h_0 [N, T, d] (including any embedding scale / positions)."""
+        return self._embed(self._ids(ids))
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        """Adapter: embed validated ids (long, on the stack's device)."""
         raise NotImplementedError
 
     def run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
@@ -162,7 +166,7 @@ class LayerStack:
     @torch.no_grad()
     def hidden_states(self, ids: Tensor) -> list[Tensor]:
         """[h_0, ..., h_L], all pre-final-norm residual streams, no grad."""
-        h = self.embed(self._ids(ids))
+        h = self.embed(ids)
         states = [h]
         for l in range(self.n_layers):  # noqa: E741
             h = self.run_block(l, h)

@@ -1,0 +1,355 @@
+"""LayerStack adapters: DepthLM and Hugging Face causal LMs (transformers 5.x).
+
+Each adapter supplies the per-architecture pieces of the stack view:
+embedding (Gemma's sqrt(d) scale lives in its embedding module, GPT-2 adds its
+learned positions), how to call one block on its own (rotary cos/sin and the
+causal mask for the current length, positions 0..T-1), the final norm and head
+(Gemma-2's final logit softcap), the residual-branch modules, attention weights,
+MoE routers and canonically named weight matrices.
+
+Hugging Face blocks are called exactly as the model's own forward calls them:
+`layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))`
+with the mask from `transformers.masking_utils` for the block's attention type
+(full or sliding window); with SDPA and no padding that mask is None and SDPA's
+`is_causal` applies, as in the model's forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from depthlab.errors import DepthlabError
+from depthlab.probe.stack import LayerStack, MoERouterInfo
+
+# --------------------------------------------------------------------- DepthLM
+
+
+class DepthLMStack(LayerStack):
+    """Stack view of depthlab's own `DepthLM` (blocks already map h -> h)."""
+
+    arch = "depthlm"
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        cfg = model.cfg
+        super().__init__(model, len(model.blocks), cfg.d_model, max_seq_len=cfg.max_seq_len,
+                         dtype=dtype, device=device)
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.model.embed(ids)
+
+    def block_module(self, l: int) -> nn.Module:  # noqa: E741
+        return self.model.blocks[self._check_layer(l)]
+
+    def run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
+        return self.model.blocks[l](h)
+
+    def final_norm(self, h: Tensor) -> Tensor:
+        return self.model.norm_f(h)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.model.head(h)
+
+    def branch_modules(self, l: int) -> dict[str, nn.Module]:  # noqa: E741
+        return self.block_module(l).branch_modules()
+
+    def _attn_input(self, block: nn.Module, h: Tensor) -> Tensor:
+        if block.post_ln:
+            return h
+        return block.attn_norm(h) * block.norm_scale
+
+    def attention_probs(self, l: int, h: Tensor) -> Tensor | None:  # noqa: E741
+        block = self.block_module(l)
+        with torch.no_grad():
+            return block.attn.attention_probs(self._attn_input(block, h)).float()
+
+    def moe_router(self, l: int) -> MoERouterInfo | None:  # noqa: E741
+        from depthlab.model.moe import MoE
+
+        mlp = self.block_module(l).mlp
+        if not isinstance(mlp, MoE):
+            return None
+        return MoERouterInfo(router=mlp.router, top_k=mlp.top_k, num_experts=mlp.num_experts,
+                             renormalize=bool(mlp.renormalize), mlp=mlp)
+
+    def weight_matrices(self, l: int) -> dict[str, Tensor]:  # noqa: E741
+        out: dict[str, Tensor] = {}
+        for name, p in self.block_module(l).named_parameters():
+            if p.ndim < 2:
+                continue
+            name = name.removesuffix(".weight")
+            if name.startswith("mlp.experts."):
+                name = "experts." + name.removeprefix("mlp.experts.")
+            elif name == "mlp.router":
+                name = "router"
+            elif name.startswith("mlp.shared_expert."):
+                name = "shared_expert." + name.removeprefix("mlp.shared_expert.")
+            out[name] = p.detach()
+        return out
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """Where a Hugging Face architecture keeps its pieces."""
+
+    base: str  # attribute of the *ForCausalLM holding the backbone
+    layers: str  # attribute of the backbone holding the ModuleList of blocks
+    norm: str  # final norm attribute of the backbone
+    attn: str  # attention submodule of a block
+    call: str  # "decoder" (Llama-style kwargs), "gpt2", "neox"
+    branch: tuple[str, str]  # block submodules whose outputs are the (attn, mlp) branch updates
+    rotary: bool = True
+    moe: bool = False
+
+
+_LLAMA = HFSpec("model", "layers", "norm", "self_attn", "decoder", ("self_attn", "mlp"))
+_POSTNORM = HFSpec("model", "layers", "norm", "self_attn", "decoder",
+                   ("post_attention_layernorm", "post_feedforward_layernorm"))
+_MOE = HFSpec("model", "layers", "norm", "self_attn", "decoder", ("self_attn", "mlp"), moe=True)
+
+HF_SPECS: dict[str, HFSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "olmo2": _POSTNORM,
+    "gemma2": _POSTNORM,
+    "qwen3_moe": _MOE,
+    "olmoe": _MOE,
+    "mixtral": _MOE,
+    "gpt2": HFSpec("transformer", "h", "ln_f", "attn", "gpt2", ("attn", "mlp"), rotary=False),
+    "gpt_neox": HFSpec("gpt_neox", "layers", "final_layer_norm", "attention", "neox",
+                       ("attention", "mlp")),
+}
+SUPPORTED_ARCHS: tuple[str, ...] = ("depthlm", *HF_SPECS)
+
+
+def _canonical_hf_name(arch: str, name: str) -> str:
+    """Block-relative HF parameter name -> depthlab's canonical weight name."""
+    name = name.removesuffix(".weight")
+    for prefix in ("self_attn.", "attention."):
+        if name.startswith(prefix):
+            name = "attn." + name.removeprefix(prefix)
+    if name == "mlp.gate" and arch in ("qwen3_moe", "olmoe", "mixtral"):
+        return "router"
+    if name.startswith("mlp.experts."):
+        return "experts." + name.removeprefix("mlp.experts.")
+    renames = {
+        "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj",
+        "attn.dense": "attn.o_proj", "mlp.dense_h_to_4h": "mlp.up_proj",
+        "mlp.dense_4h_to_h": "mlp.down_proj",
+    }
+    return renames.get(name, name)
+
+
+class HFStack(LayerStack):
+    """Stack view of a Hugging Face causal LM listed in `HF_SPECS`."""
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        config = model.config
+        self.arch = config.model_type
+        self.spec = HF_SPECS[self.arch]
+        self.config = config
+        base = getattr(model, self.spec.base, None)
+        if base is None:
+            raise DepthlabError(
+                f"{type(model).__name__} has no language-model head: pass the *ForCausalLM model"
+                f" (e.g. AutoModelForCausalLM), not the bare backbone"
+            )
+        self.base = base
+        self.layers: nn.ModuleList = getattr(base, self.spec.layers)
+        self.lm_head: nn.Module = model.get_output_embeddings()
+        n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        super().__init__(model, len(self.layers), config.hidden_size, max_seq_len=n_pos,
+                         dtype=dtype, device=device)
+        self._cache: dict[tuple, object] = {}
+        # Attention type of each block: per config.layer_types when the model has them
+        # (Qwen2/3, Gemma-2), else sliding window for every block when the config sets
+        # one (Mistral, Mixtral, Qwen3-MoE), else full causal.
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            self._attn_types = list(layer_types)[: self.n_layers]
+        elif getattr(config, "sliding_window", None) is not None:
+            self._attn_types = ["sliding_attention"] * self.n_layers
+        else:
+            self._attn_types = ["full_attention"] * self.n_layers
+
+    # ---- embedding / head
+    def _embed(self, ids: Tensor) -> Tensor:
+        if self.arch == "gpt2":
+            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+            h = self.base.wte(ids)
+            return h + self.base.wpe(pos).to(h.dtype)
+        return self.model.get_input_embeddings()(ids)
+
+    def final_norm(self, h: Tensor) -> Tensor:
+        return getattr(self.base, self.spec.norm)(h)
+
+    def head(self, h: Tensor) -> Tensor:
+        logits = self.lm_head(h)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ---- blocks
+    def block_module(self, l: int) -> nn.Module:  # noqa: E741
+        return self.layers[self._check_layer(l)]
+
+    def _context(self, l: int, h: Tensor) -> tuple[Tensor | None, Tensor, object]:  # noqa: E741
+        """(mask, position_ids, position_embeddings) for block l at h's shape/dtype."""
+        N, T = h.shape[0], h.shape[1]
+        kind = self._attn_types[l]
+        impl = self.config._attn_implementation
+        key = (N, T, h.dtype, h.device, impl, kind, torch.is_inference_mode_enabled())
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit  # type: ignore[return-value]
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
+
+        dummy = torch.zeros((N, T, 1), dtype=h.dtype, device=h.device)
+        pos = torch.arange(T, device=h.device).unsqueeze(0)
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        with torch.no_grad():
+            mask = make(config=self.config, inputs_embeds=dummy, attention_mask=None,
+                        past_key_values=None, position_ids=pos)
+            pe = None
+            if self.spec.rotary:
+                rot_in = torch.zeros((1, T, self.d_model), dtype=h.dtype, device=h.device)
+                pe = self.base.rotary_emb(rot_in, position_ids=pos)
+        if len(self._cache) > 16:
+            self._cache.clear()
+        self._cache[key] = (mask, pos, pe)
+        return mask, pos, pe
+
+    def run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
+        layer = self.layers[l]
+        mask, pos, pe = self._context(l, h)
+        if self.spec.call == "gpt2":
+            out = layer(h, None, mask)
+        else:
+            out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        return out[0] if isinstance(out, tuple) else out
+
+    # ---- sublayer hooks
+    def branch_modules(self, l: int) -> dict[str, nn.Module]:  # noqa: E741
+        block = self.block_module(l)
+        a, m = self.spec.branch
+        return {"attn": getattr(block, a), "mlp": getattr(block, m)}
+
+    @contextlib.contextmanager
+    def _eager_attention(self) -> Iterator[None]:
+        old = self.config._attn_implementation
+        self.config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = old
+
+    def attention_probs(self, l: int, h: Tensor) -> Tensor | None:  # noqa: E741
+        """Eager attention weights of block l: the block is run with the eager kernel
+        and its attention module's returned weights are captured."""
+        attn = getattr(self.block_module(l), self.spec.attn)
+        captured: list[Tensor] = []
+
+        def hook(_mod: nn.Module, _args: object, out: object) -> None:
+            if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], Tensor):
+                captured.append(out[1])
+
+        handle = attn.register_forward_hook(hook)
+        try:
+            with torch.no_grad(), self._eager_attention():
+                self.run_block(l, h)
+        finally:
+            handle.remove()
+        return captured[0].float() if captured else None
+
+    def moe_router(self, l: int) -> MoERouterInfo | None:  # noqa: E741
+        mlp = self.block_module(l).mlp
+        gate = getattr(mlp, "gate", None)
+        if not self.spec.moe or gate is None or not hasattr(mlp, "experts"):
+            return None
+        renorm = getattr(gate, "norm_topk_prob", self.arch == "mixtral")
+        return MoERouterInfo(router=gate, top_k=int(gate.top_k), num_experts=int(gate.num_experts),
+                             renormalize=bool(renorm), mlp=mlp)
+
+    def weight_matrices(self, l: int) -> dict[str, Tensor]:  # noqa: E741
+        """Canonical names, Linear convention [out, in]; fused weights split:
+        GPT-2 c_attn -> attn.q/k/v_proj, NeoX query_key_value -> attn.q/k/v_proj,
+        expert gate_up_proj -> experts.gate_proj / experts.up_proj."""
+        block = self.block_module(l)
+        out: dict[str, Tensor] = {}
+        for raw, p in block.named_parameters():
+            if p.ndim < 2:
+                continue
+            w = p.detach()
+            name = _canonical_hf_name(self.arch, raw)
+            if self.arch == "gpt2":
+                if type(block.get_submodule(raw.rsplit(".", 1)[0])).__name__ == "Conv1D":
+                    w = w.t()
+                if name == "attn.c_attn":
+                    q, k, v = w.chunk(3, dim=0)
+                    out.update({"attn.q_proj": q, "attn.k_proj": k, "attn.v_proj": v})
+                    continue
+            if self.arch == "gpt_neox" and name == "attn.query_key_value":
+                H = self.config.num_attention_heads
+                w3 = w.view(H, 3, -1, w.shape[-1])
+                for i, n in enumerate(("q_proj", "k_proj", "v_proj")):
+                    out[f"attn.{n}"] = w3[:, i].reshape(-1, w.shape[-1])
+                continue
+            if name == "experts.gate_up_proj":
+                g, u = w.chunk(2, dim=1)
+                out["experts.gate_proj"] = g
+                out["experts.up_proj"] = u
+                continue
+            out[name] = w
+        return out
+
+
+# ------------------------------------------------------------------- dispatch
+
+
+def build_stack(model: nn.Module, *, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None, float32: bool = False) -> LayerStack:
+    """Wrap `model` (a DepthLM or a supported Hugging Face causal LM) as a LayerStack.
+
+    dtype/device move the model first; float32=True is dtype=torch.float32 (what
+    metrics want); `stack.model_dtype` keeps the dtype the model came in.
+    """
+    from depthlab.model.transformer import DepthLM
+
+    if float32:
+        dtype = torch.float32
+    if isinstance(model, LayerStack):
+        if dtype is not None or device is not None:
+            model.model.to(device=device, dtype=dtype)
+            model.device = next(model.model.parameters()).device
+        return model
+    if isinstance(model, DepthLM):
+        return DepthLMStack(model, dtype=dtype, device=device)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise DepthlabError(
+            f"cannot build a LayerStack for {type(model).__name__}: not a DepthLM or a "
+            f"Hugging Face model (supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
+    if model_type not in HF_SPECS:
+        raise DepthlabError(
+            f"unsupported architecture model_type={model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHS)}"
+        )
+    return HFStack(model, dtype=dtype, device=device)
