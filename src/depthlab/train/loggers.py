@@ -28,6 +28,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def flatten_scalars(value: Any, prefix: str = ""):
+    """Yield (`a/b/layer_03`, number) pairs from nested dicts/lists of finite numbers."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        if math.isfinite(value):
+            yield prefix, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from flatten_scalars(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(value, (list, tuple)):
+        width = len(str(max(len(value) - 1, 0)))
+        for i, v in enumerate(value):
+            yield from flatten_scalars(v, f"{prefix}/{i:0{width}d}")
+
+
 class MetricLogger:
     """Writes every record to metrics.jsonl and scalar fields to TensorBoard/wandb."""
 
@@ -52,10 +68,7 @@ class MetricLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record["step"]
-        scalars = {
-            k: v for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
-        }
+        scalars = dict(flatten_scalars({k: v for k, v in record.items() if k != "step"}))
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)

