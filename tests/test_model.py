@@ -144,7 +144,7 @@ def test_moe_aux_loss_weights_identical_in_every_layer():
     for h in hooks:
         h.remove()
     expected = torch.zeros(())
-    for lay, x in zip(layers, inputs):
+    for lay, x in zip(layers, inputs, strict=True):
         r = lay.route(x.reshape(-1, 32))
         f = torch.stack([(r.experts == e).sum() for e in range(4)]).float() / (r.experts.numel())
         lb = 4 * (f * r.probs.mean(0)).sum()

@@ -241,7 +241,8 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        names_field = loc and (f"{loc}." in msg or msg.startswith(loc))
+        parts.append(f"{loc}: {msg}" if loc and not names_field else msg)
     return "invalid config: " + "; ".join(parts)
 
 

@@ -46,7 +46,7 @@ class DepthLMStack(LayerStack):
     def block_module(self, l: int) -> nn.Module:  # noqa: E741
         return self.model.blocks[self._check_layer(l)]
 
-    def run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
+    def _run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
         return self.model.blocks[l](h)
 
     def final_norm(self, h: Tensor) -> Tensor:
@@ -169,7 +169,8 @@ class HFStack(LayerStack):
         self.base = base
         self.layers: nn.ModuleList = getattr(base, self.spec.layers)
         self.lm_head: nn.Module = model.get_output_embeddings()
-        n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        n_pos = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None)
         super().__init__(model, len(self.layers), config.hidden_size, max_seq_len=n_pos,
                          dtype=dtype, device=device)
         self._cache: dict[tuple, object] = {}
@@ -222,7 +223,8 @@ class HFStack(LayerStack):
 
         dummy = torch.zeros((N, T, 1), dtype=h.dtype, device=h.device)
         pos = torch.arange(T, device=h.device).unsqueeze(0)
-        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        sliding = kind == "sliding_attention"
+        make = create_sliding_window_causal_mask if sliding else create_causal_mask
         with torch.no_grad():
             mask = make(config=self.config, inputs_embeds=dummy, attention_mask=None,
                         past_key_values=None, position_ids=pos)
@@ -235,7 +237,7 @@ class HFStack(LayerStack):
         self._cache[key] = (mask, pos, pe)
         return mask, pos, pe
 
-    def run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
+    def _run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
         layer = self.layers[l]
         mask, pos, pe = self._context(l, h)
         if self.spec.call == "gpt2":
@@ -249,6 +251,21 @@ class HFStack(LayerStack):
         block = self.block_module(l)
         a, m = self.spec.branch
         return {"attn": getattr(block, a), "mlp": getattr(block, m)}
+
+    @contextlib.contextmanager
+    def _forward_ad_context(self) -> Iterator[None]:
+        """SDPA math backend, and MoE experts in the eager (per-expert loop)
+        implementation: `grouped_mm` has no forward-AD formula."""
+        old = getattr(self.config, "_experts_implementation", None)
+        switch = old not in (None, "eager")
+        with super()._forward_ad_context():
+            if switch:
+                self.config._experts_implementation = "eager"
+            try:
+                yield
+            finally:
+                if switch:
+                    self.config._experts_implementation = old
 
     @contextlib.contextmanager
     def _eager_attention(self) -> Iterator[None]:

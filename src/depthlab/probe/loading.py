@@ -15,9 +15,12 @@ Anything else raises `DepthlabError` with a one-line message.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +80,9 @@ def _depthlab_paths(path: Path) -> tuple[Path, Path] | None:
             if (cfg_dir / "config.yaml").is_file():
                 return cfg_dir / "config.yaml", path
         return None
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+    if (path / "config.yaml").is_file() and (
+        (path / "checkpoints").is_dir() or not (path / "config.json").is_file()
+    ):
         return path / "config.yaml", path / "checkpoints"
     return None
 
@@ -98,7 +103,7 @@ def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: A
 
     run_dir = cfg_path.parent
     if ckpt.name == "checkpoints":
-        latest = _latest_checkpoint(ckpt)
+        latest = _latest_checkpoint(ckpt) if ckpt.is_dir() else None
         if latest is None:
             raise DepthlabError(f"{path} is a depthlab run without a checkpoint yet")
         ckpt = latest
@@ -157,14 +162,46 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _gguf_speedups(path: Path) -> Iterator[None]:
+    """Make transformers' GGUF loading ~2x faster without changing what it computes.
+
+    transformers parses the same file three times (config, weights, tokenizer) and
+    rebuilds gguf's tensor-name map once per submodule (hundreds of times). Within
+    this context the reader of `path` (read-only memmap) and the name maps are reused.
+    """
+    import gguf
+
+    orig_reader, orig_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    target = str(path.resolve())
+    readers: dict[tuple, Any] = {}
+
+    def reader(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        key = (str(Path(str(file)).resolve()), mode)
+        if key[0] != target or mode != "r" or args or kwargs:
+            return orig_reader(file, mode, *args, **kwargs)
+        if key not in readers:
+            readers[key] = orig_reader(file, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(orig_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = orig_reader, orig_map
+
+
 def _load_gguf(path: Path, dtype: Any, device: Any) -> tuple:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise DepthlabError("loading .gguf files needs the 'gguf' package (pip install gguf)") from None
+        raise DepthlabError(
+            "loading .gguf files needs the 'gguf' package (pip install gguf)") from None
     try:
-        model, tok = _hf_load(str(path.parent), dtype if dtype is not None else torch.float32,
-                              device, gguf_file=path.name)
+        with _gguf_speedups(path):
+            model, tok = _hf_load(str(path.parent), dtype if dtype is not None else torch.float32,
+                                  device, gguf_file=path.name)
     except DepthlabError:
         raise
     except Exception as err:  # noqa: BLE001
@@ -182,18 +219,52 @@ def _load_hf_dir(path: Path, dtype: Any, device: Any) -> tuple:
     return model, tok, {"kind": "hf", "path": str(path), "arch": model.config.model_type}
 
 
-def _load_hub(spec: str, dtype: Any, device: Any, local_files_only: bool | None) -> tuple:
-    kw = {} if local_files_only is None else {"local_files_only": local_files_only}
+def _hub_reachable() -> bool:
+    """Cheap offline check (DNS of the Hub endpoint) so an offline machine fails at
+    once instead of after huggingface_hub's retry back-off."""
+    import socket
+    from urllib.parse import urlparse
+
     try:
-        model, tok = _hf_load(spec, dtype, device, **kw)
-    except ValueError as err:  # e.g. an architecture transformers does not know
-        raise DepthlabError(f"cannot load hub model '{spec}': {str(err).splitlines()[0]}") from None
-    except Exception:  # noqa: BLE001  OSError / connection / repo-not-found
-        raise DepthlabError(
-            f"'{spec}' is no local path and could not be fetched from the Hugging Face Hub "
-            f"(offline, unknown id or no access); pass a local path (run dir, HF directory "
-            f"or .gguf file) instead"
-        ) from None
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return False
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except Exception:  # noqa: BLE001
+        host = "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _hub_error(spec: str) -> DepthlabError:
+    return DepthlabError(
+        f"'{spec}' is no local path and could not be fetched from the Hugging Face Hub "
+        f"(offline, unknown id or no access); pass a local path (run dir, HF directory "
+        f"or .gguf file) instead"
+    )
+
+
+def _load_hub(spec: str, dtype: Any, device: Any, local_files_only: bool | None) -> tuple:
+    attempts = [True] if local_files_only else [True, False]
+    for local in attempts:  # the local cache first, then the network
+        if not local and not _hub_reachable():
+            raise _hub_error(spec)
+        try:
+            model, tok = _hf_load(spec, dtype, device, local_files_only=local)
+            break
+        except ValueError as err:  # e.g. an architecture transformers does not know
+            if "local_files_only" in str(err) or "offline" in str(err).lower():
+                continue
+            raise DepthlabError(
+                f"cannot load hub model '{spec}': {str(err).splitlines()[0]}") from None
+        except Exception:  # noqa: BLE001  OSError / connection / repo-not-found
+            continue
+    else:
+        raise _hub_error(spec)
     return model, tok, {"kind": "hub", "hub_id": spec, "arch": model.config.model_type}
 
 

@@ -16,7 +16,8 @@ original module of that block), `None` (identity: `h_{l+1} = h_l`) or a callable
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,19 @@ class MoERouterInfo:
     """The whole sparse MLP (input = what is routed, output = branch update)."""
 
 
+def _forward_ad(h: Tensor) -> bool:
+    """Whether h is being differentiated in forward mode (torch.func or forward_ad)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(h):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(h).tangent is not None
+
+
 class LayerStack:
     """A causal LM seen as h0 = embed(ids); h_{l+1} = block_l(h_l); logits = head(final_norm(h_L)).
 
-    Subclasses (adapters) implement: `_embed`, `run_block`, `final_norm`, `head`,
-    `branch_modules`, `block_module`, and optionally `attention_probs`, `moe_router`, `weight_matrices`
-    (the defaults return None / the block's 2-D parameters).
+    Subclasses (adapters) implement: `_embed`, `_run_block`, `final_norm`, `head`,
+    `branch_modules`, `block_module`, and optionally `attention_probs`, `moe_router`,
+    `weight_matrices` (the defaults return None / the block's 2-D parameters).
     """
 
     arch: str = "generic"
@@ -101,7 +109,28 @@ class LayerStack:
         raise NotImplementedError
 
     def run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
-        """Apply the ORIGINAL block `l` to residual stream h [N, T, d] (positions 0..T-1)."""
+        """Apply the ORIGINAL block `l` to residual stream h [N, T, d] (positions 0..T-1).
+
+        Works under no_grad, autograd and forward-mode AD (`torch.func.jvp`,
+        `torch.autograd.forward_ad`): when h carries a tangent, SDPA is restricted
+        to its math backend (the fused CPU/GPU kernels have no forward-AD formula).
+        """
+        l = self._check_layer(l)  # noqa: E741
+        if _forward_ad(h):
+            with self._forward_ad_context():
+                return self._run_block(l, h)
+        return self._run_block(l, h)
+
+    @contextlib.contextmanager
+    def _forward_ad_context(self) -> Iterator[None]:
+        """Kernels with forward-AD formulas: SDPA's math backend (adapters may add more)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+
+    def _run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
+        """Adapter: apply block l (index already validated)."""
         raise NotImplementedError
 
     def final_norm(self, h: Tensor) -> Tensor:

@@ -1,0 +1,180 @@
+"""The corpus -> tokenizer -> token files pipeline, and the one call training uses.
+
+`prepare` is idempotent: its output directory (by default under the cache, keyed by
+corpus and tokenizer fingerprints) is reused when a complete manifest for the same
+corpus and tokenizer is already there, so every run after the first starts at once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from depthlab.config import DataConfig
+from depthlab.data.cache import cache_root, write_json
+from depthlab.data.corpus import Corpus, Split, is_token_dir, load_corpus
+from depthlab.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_path
+from depthlab.data.tokens import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    TokenSplits,
+    dtype_for_vocab,
+    dtype_name,
+    manifest_is_complete,
+    open_token_dir,
+    read_manifest,
+    write_tokens,
+)
+from depthlab.errors import DepthlabError
+
+BATCH_CHARS = 1 << 20
+"""Documents are encoded in batches of about this many characters."""
+
+
+def _token_dir_of(cfg: DataConfig) -> Path | None:
+    if cfg.corpus == "kjv":
+        return None
+    path = Path(cfg.corpus).expanduser()
+    return path if is_token_dir(path) else None
+
+
+def default_out_dir(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer) -> Path:
+    """`<cache>/tokens/<corpus>-<corpus fp>-<tokenizer>-<tokenizer fp>`."""
+    stem = "kjv" if corpus.kind == "kjv" else Path(corpus.name).stem
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:40] or "corpus"
+    name = f"{slug}-{corpus.fingerprint[:12]}-{tokenizer.kind}-{tokenizer.fingerprint[:12]}"
+    return cache_root(cfg.cache_dir) / "tokens" / name
+
+
+def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Tokenize `cfg.corpus` into train.bin/val.bin + manifest.json; returns the directory.
+
+    A corpus that already is a token directory is returned unchanged.
+    """
+    existing = _token_dir_of(cfg)
+    if existing is not None:
+        return existing
+    corpus = load_corpus(cfg)
+    tokenizer = load_tokenizer(cfg, corpus)
+    d = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(
+        cfg, corpus, tokenizer
+    )
+    if d.exists() and not d.is_dir():
+        raise DepthlabError(f"output path {d} exists and is not a directory")
+    if (d / MANIFEST).exists():
+        if manifest_is_complete(d):
+            m = read_manifest(d)
+            same = (
+                m.get("corpus", {}).get("fingerprint") == corpus.fingerprint
+                and m.get("tokenizer", {}).get("fingerprint") == tokenizer.fingerprint
+            )
+            if same:
+                return d
+            raise DepthlabError(
+                f"{d} already holds tokens of {m.get('corpus', {}).get('name')} with "
+                f"{m.get('tokenizer', {}).get('name')}; choose another output dir or delete it"
+            )
+        if not str(_quiet_manifest(d).get("created_by", "")).startswith("depthlab"):
+            raise DepthlabError(
+                f"{d} holds a manifest.json not written by depthlab; not overwriting it"
+            )
+    _write(d, corpus, tokenizer, progress)
+    return d
+
+
+def _quiet_manifest(d: Path) -> dict[str, Any]:
+    try:
+        return read_manifest(d)
+    except DepthlabError:
+        return {}
+
+
+def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    import depthlab
+
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    tokenizer.save(d / "tokenizer")
+    splits: dict[str, Any] = {}
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        for split in SPLITS:
+            task = bar.add_task(
+                f"tokenizing {corpus.name if corpus.kind == 'kjv' else Path(corpus.name).name}"
+                f" [{split}]",
+                total=corpus.n_split_documents(split),  # type: ignore[arg-type]
+            )
+            chunks = _encode(corpus, split, tokenizer, lambda n, t=task: bar.advance(t, n))  # type: ignore[arg-type]
+            splits[split] = write_tokens(d / f"{split}.bin", chunks, dtype)
+    if splits["train"]["n_tokens"] == 0 or splits["val"]["n_tokens"] == 0:
+        empty = "train" if splits["train"]["n_tokens"] == 0 else "val"
+        raise DepthlabError(f"corpus {corpus.name}: the {empty} split holds no text")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype_name(dtype),
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer": {
+            "name": tokenizer.name,
+            "kind": tokenizer.kind,
+            "fingerprint": tokenizer.fingerprint,
+            "path": "tokenizer",
+        },
+        "corpus": {
+            "name": corpus.name,
+            "kind": corpus.kind,
+            "fingerprint": corpus.fingerprint,
+            "split_rule": corpus.split_rule,
+            "n_documents": {s: corpus.n_split_documents(s) for s in SPLITS},  # type: ignore[arg-type]
+        },
+        "n_tokens": {s: splits[s]["n_tokens"] for s in SPLITS},
+        "splits": splits,
+        "created_by": f"depthlab {depthlab.__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(d / MANIFEST, manifest)  # last: its presence marks the directory complete
+
+
+def _encode(
+    corpus: Corpus, split: Split, tokenizer: Tokenizer, advance: Any
+) -> Iterator[np.ndarray]:
+    """Encoded id chunks of one split, in document order."""
+    batch: list[str] = []
+    chars = 0
+    for doc in corpus.documents(split):
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= BATCH_CHARS:
+            yield tokenizer.encode_documents(batch)
+            advance(len(batch))
+            batch, chars = [], 0
+    if batch:
+        yield tokenizer.encode_documents(batch)
+        advance(len(batch))
+
+
+def open_splits(cfg: DataConfig, progress: bool = True) -> TokenSplits:
+    """Train/val token memmaps for `cfg`: a token directory as is, else `prepare` first."""
+    token_dir = _token_dir_of(cfg)
+    if token_dir is None:
+        return open_token_dir(prepare(cfg, progress=progress))
+    tokenizer = None
+    if cfg.tokenizer not in ("byte", "bpe"):
+        tokenizer = load_tokenizer_path(cfg.tokenizer)
+    manifest = read_manifest(token_dir) if (token_dir / MANIFEST).exists() else {}
+    recorded = manifest.get("tokenizer", {})
+    if tokenizer is not None and recorded.get("fingerprint") not in (None, tokenizer.fingerprint):
+        raise DepthlabError(
+            f"{token_dir} was tokenized with {recorded.get('name')}, not {cfg.tokenizer}"
+        )
+    if cfg.tokenizer == "bpe" and recorded.get("kind") not in (None, "bpe"):
+        raise DepthlabError(f"{token_dir} was tokenized with {recorded.get('name')}, not bpe")
+    return open_token_dir(token_dir, tokenizer=tokenizer)

@@ -1,0 +1,708 @@
+"""Sweeps: one base config, a grid or list of overrides, one run directory per point.
+
+A sweep file (YAML)::
+
+    name: depth                     # default: the file's stem
+    base: ../cpu/tiny.yaml          # a run config path (relative to this file) or a mapping
+    out_dir: runs/sweeps/depth      # default: runs/sweeps/<name>
+    set:                            # overrides applied to every run
+      train.max_steps: 150
+      train.stats_interval: 10
+    grid:                           # cartesian product over dotted config keys
+      model.n_layers: [2, 4, 8]
+      train.weight_decay: [0.0, 0.1]
+    list:                           # and/or explicit points (each combined with every grid point)
+      - {model.n_kv_heads: 1}
+      - {name: mha, model.n_kv_heads: 4}   # `name` gives the run its name
+    diagnose: false                 # run `depthlab diagnose` on each finished run
+
+Runs are named from their overrides (`L8_wd0.1`), written to `OUT/NAME`, skipped when
+complete (`summary.json` and the same config), resumed when interrupted (the trainer
+resumes from its last checkpoint), run one at a time or `jobs` at a time as
+`depthlab train` subprocesses, or submitted to SLURM through submitit. Every expanded
+config is validated before anything runs. Progress is kept in `OUT/sweep_status.json`;
+a failing run is recorded there and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from depthlab.config import RunConfig, apply_overrides, build_config, read_yaml
+from depthlab.errors import ConfigError, DepthlabError
+
+STATUS_FILE = "sweep_status.json"
+SWEEP_FILE = "sweep.yaml"
+BASE_FILE = "base.yaml"
+LOG_DIR = "logs"
+SWEEP_KEYS = {"name", "base", "out_dir", "set", "grid", "list", "diagnose"}
+
+# Short names for the knobs the paper sweeps (depth x lambda x T x G x MoE).
+ABBREVIATIONS = {
+    "model.n_layers": "L",
+    "model.d_model": "d",
+    "model.n_heads": "H",
+    "model.n_kv_heads": "kv",
+    "model.moe": "moe",
+    "model.moe.num_experts": "E",
+    "model.moe.top_k": "k",
+    "model.norm_placement": "norm",
+    "model.init": "init",
+    "data.seq_len": "T",
+    "data.tokenizer": "tok",
+    "train.weight_decay": "wd",
+    "train.lr": "lr",
+    "train.max_steps": "steps",
+    "train.batch_size": "bs",
+    "train.seed": "seed",
+}
+_UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
+MAX_NAME = 100
+
+StatusCallback = Callable[["SweepRun", dict[str, Any]], None]
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`MoEConfig | None` -> MoEConfig)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _section_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def resolve_key(key: str) -> type[BaseModel] | None:
+    """Check that dotted `key` names a RunConfig field; return its section model (or None
+    for a leaf). Raises ConfigError naming the unknown part."""
+    model: type[BaseModel] | None = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if model is None or part not in model.model_fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"sweep key '{key}' is not a config key ({part!r} is not in {where})")
+        model = _section_model(model.model_fields[part].annotation)
+    return model
+
+
+def flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> values; a mapping given for a config *section* is merged key by key
+    (so `train: {max_steps: 5}` never wipes the rest of `train`). Keys are checked."""
+    out: dict[str, Any] = {}
+    for raw_key, value in overrides.items():
+        key = f"{prefix}{raw_key}"
+        section = resolve_key(key)
+        if section is not None and isinstance(value, dict) and value:
+            out.update(flatten_overrides(value, f"{key}."))
+        else:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def format_value(value: Any) -> str:
+    """A short, stable, filesystem-safe rendering of an override value."""
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        if value == int(value) and abs(value) < 1e6:
+            return str(int(value)) if value != 0 else "0"
+        return f"{value:g}"
+    if isinstance(value, dict):
+        if not value:
+            return "on"
+        return "-".join(
+            f"{_abbrev(str(k), str(k))}{format_value(v)}" for k, v in sorted(value.items())
+        )
+    if isinstance(value, (list, tuple)):
+        return "-".join(format_value(v) for v in value) or "none"
+    return str(value)
+
+
+def _abbrev(key: str, default: str) -> str:
+    short = {"num_experts": "E", "top_k": "k", "expert_hidden": "eh",
+             "shared_expert": "shared", "layers": "layers"}
+    return ABBREVIATIONS.get(key, short.get(key, default))
+
+
+def _safe(text: str, underscore: bool = False) -> str:
+    """Filesystem-safe: letters, digits, `.+-` (and `_` where asked), no leading dot."""
+    pattern = _UNSAFE_NAME if underscore else _UNSAFE
+    text = pattern.sub("-", text).strip("-.")
+    return text or "run"
+
+
+def part_name(key: str, value: Any, full: bool = False) -> str:
+    """`model.n_layers`, 8 -> `L8`; `model.norm_placement`, 'post' -> `norm-post`."""
+    label = key if full else ABBREVIATIONS.get(key, key.rsplit(".", 1)[-1])
+    shown = format_value(value)
+    sep = "" if (not full and key in ABBREVIATIONS and shown[:1].isdigit()) else "-"
+    return _safe(f"{label}{sep}{shown}")
+
+
+def run_name(overrides: dict[str, Any], full: bool = False) -> str:
+    """Stable name from a run's varying overrides, e.g. `L8_wd0.1` (`base` when none)."""
+    if not overrides:
+        return "base"
+    name = "_".join(part_name(k, v, full) for k, v in overrides.items())
+    if len(name) > MAX_NAME:
+        name = name[: MAX_NAME - 9] + "-" + _digest(overrides)
+    return name
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class SweepRun:
+    """One point of a sweep."""
+
+    name: str
+    overrides: dict[str, Any]
+    """The point's own overrides (grid/list), dotted keys."""
+    cfg: RunConfig
+    """The validated config (base + set + overrides, name and out_dir set)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+
+@dataclass
+class Sweep:
+    name: str
+    out_dir: Path
+    base: dict[str, Any]
+    """The raw base config (a mapping), before `set`."""
+    common: dict[str, Any] = field(default_factory=dict)
+    """`set`: dotted overrides applied to every run."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)
+    diagnose: bool = False
+    source: Path | None = None
+
+    # -- expansion
+    def expand(self) -> list[tuple[str | None, dict[str, Any]]]:
+        """(explicit name or None, overrides) for every point, in file order."""
+        keys = list(self.grid)
+        grid_points = [dict(zip(keys, combo, strict=True))
+                       for combo in itertools.product(*(self.grid[k] for k in keys))]
+        points = self.points or [{}]
+        out = []
+        for point in points:
+            point = dict(point)
+            explicit = point.pop("name", None)
+            for gp in grid_points:
+                ov = {**flatten_overrides(point), **gp}
+                name = None
+                if explicit is not None:
+                    name = _safe(str(explicit), underscore=True)
+                    if len(grid_points) > 1:
+                        name = f"{name}_{run_name(gp)}"
+                out.append((name, ov))
+        return out
+
+    def base_raw(self) -> dict[str, Any]:
+        """Base config with the common `set` overrides applied (written to OUT/base.yaml)."""
+        return apply_overrides(self.base, self.common) if self.common else copy.deepcopy(self.base)
+
+    def runs(self) -> list[SweepRun]:
+        """Every run, named and validated. Raises one DepthlabError listing every invalid
+        run (nothing has run yet) or duplicate names."""
+        expanded = self.expand()
+        varying = _varying_keys([ov for _, ov in expanded])
+
+        def names(full: bool) -> list[tuple[str, dict[str, Any]]]:
+            return [(n or run_name({k: v for k, v in ov.items() if k in varying}, full), ov)
+                    for n, ov in expanded]
+
+        named = names(full=False)
+        if len({n for n, _ in named}) < len(named):  # abbreviations collided: use full keys
+            named = names(full=True)
+        seen: dict[str, int] = {}
+        for n, _ in named:
+            seen[n] = seen.get(n, 0) + 1
+        dups = sorted(n for n, c in seen.items() if c > 1)
+        if dups:
+            raise DepthlabError(f"sweep {self.name}: runs share the name(s) {', '.join(dups)}; "
+                                "give list entries distinct `name`s or remove duplicate points")
+        base = self.base_raw()
+        runs, errors = [], []
+        for name, ov in named:
+            try:
+                cfg = build_config(base, {**ov, "name": name, "out_dir": str(self.out_dir)})
+            except ConfigError as err:
+                errors.append(f"run {name}: {err}")
+                continue
+            runs.append(SweepRun(name, ov, cfg))
+        if errors:
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            raise ConfigError(f"sweep {self.name}: {len(errors)} of {len(named)} runs are invalid, "
+                              f"nothing was run: {'; '.join(errors[:3])}{more}")
+        return runs
+
+
+def _varying_keys(points: list[dict[str, Any]]) -> set[str]:
+    """Keys whose value is not the same in every point (only these name the runs)."""
+    if len(points) <= 1:
+        return {k for p in points for k in p}
+    keys = {k for p in points for k in p}
+    missing = object()
+    return {k for k in keys
+            if len({json.dumps(p.get(k, missing), sort_keys=True, default=str)
+                    for p in points}) > 1}
+
+
+def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | None = None,
+               overrides: list[str] | dict[str, Any] | None = None) -> Sweep:
+    """Read and check a sweep (a YAML path or a mapping). `overrides` (`key=value`
+    strings or a dict) are added to the sweep's `set`."""
+    from depthlab.config import _split_override
+
+    path = None
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+        here = Path.cwd()
+    else:
+        path = Path(source)
+        raw = read_yaml(path)
+        here = path.parent
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep: unknown key(s) {', '.join(unknown)} "
+                          f"(expected {', '.join(sorted(SWEEP_KEYS))})")
+    name = _safe(str(raw.get("name") or (path.stem if path else "sweep")), underscore=True)
+    base = raw.get("base", {})
+    if isinstance(base, str):
+        base_path = Path(base)
+        if not base_path.is_absolute():
+            base_path = here / base_path if (here / base_path).is_file() else base_path
+        if not base_path.is_file():
+            raise ConfigError(f"sweep {name}: base config not found: {base}")
+        base = read_yaml(base_path)
+    elif base is None:
+        base = {}
+    elif not isinstance(base, dict):
+        raise ConfigError(f"sweep {name}: base must be a config path or a mapping")
+    common = raw.get("set") or {}
+    if not isinstance(common, dict):
+        raise ConfigError(f"sweep {name}: set must be a mapping of config keys to values")
+    common = flatten_overrides(common)
+    if overrides:
+        items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)
+        extra = dict(items)
+        common.update(flatten_overrides(extra))
+    for reserved in ("name", "out_dir"):
+        common.pop(reserved, None)
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"sweep {name}: grid must map config keys to lists of values")
+    for key, values in grid.items():
+        resolve_key(key)
+        if key in ("name", "out_dir"):
+            raise ConfigError(f"sweep {name}: grid key {key} is set by the sweep itself")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep {name}: grid.{key} must be a non-empty list of values")
+    points = raw.get("list") or []
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise ConfigError(f"sweep {name}: list must be a list of mappings (config key: value)")
+    for p in points:
+        flatten_overrides({k: v for k, v in p.items() if k != "name"})
+    out = Path(out_dir) if out_dir is not None else Path(raw.get("out_dir") or f"runs/sweeps/{name}")
+    diagnose = raw.get("diagnose", False)
+    if not isinstance(diagnose, bool):
+        raise ConfigError(f"sweep {name}: diagnose must be true or false")
+    return Sweep(name=name, out_dir=out, base=base, common=common, grid=grid, points=points,
+                 diagnose=diagnose, source=path)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def run_state(run: SweepRun) -> str:
+    """'complete', 'partial' (started, resumable), 'new' or 'conflict' (the run dir holds a
+    different config)."""
+    from depthlab.train.trainer import CONFIG_FILE, SUMMARY_FILE, config_differences
+
+    saved = run.run_dir / CONFIG_FILE
+    if not saved.is_file():
+        return "new"
+    theirs = yaml.safe_load(saved.read_text()) or {}
+    mine = run.cfg.to_dict()
+    if mine["model"].get("vocab_size") is None:
+        theirs.get("model", {}).pop("vocab_size", None)
+        mine["model"].pop("vocab_size", None)
+    if config_differences(theirs, mine):
+        return "conflict"
+    summary = run.run_dir / SUMMARY_FILE
+    if summary.is_file():
+        try:
+            done = json.loads(summary.read_text())
+        except json.JSONDecodeError:
+            return "partial"
+        if done.get("status") == "complete" and done.get("step", 0) >= run.cfg.train.max_steps:
+            return "complete"
+    return "partial"
+
+
+def read_status(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / STATUS_FILE
+    if not path.is_file():
+        return {"runs": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {"runs": {}}
+
+
+class StatusFile:
+    """`OUT/sweep_status.json`: one entry per run, rewritten atomically on every change."""
+
+    def __init__(self, sweep: Sweep, runs: list[SweepRun]) -> None:
+        self.path = sweep.out_dir / STATUS_FILE
+        old = read_status(sweep.out_dir).get("runs", {})
+        self.data: dict[str, Any] = {"sweep": sweep.name, "runs": {}}
+        for run in runs:
+            entry = dict(old.get(run.name, {}))
+            entry["overrides"] = run.overrides
+            entry["run_dir"] = str(run.run_dir)
+            self.data["runs"][run.name] = entry
+
+    def update(self, name: str, **fields: Any) -> None:
+        self.data["runs"][name].update(fields)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        counts: dict[str, int] = {}
+        for entry in self.data["runs"].values():
+            s = entry.get("status", "pending")
+            counts[s] = counts.get(s, 0) + 1
+        self.data["counts"] = counts
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def param_counts(cfg: RunConfig) -> tuple[int | None, int | None, str]:
+    """(total, active) parameter counts built on the meta device, and a note on the vocab."""
+    import torch
+
+    from depthlab.model import DepthLM
+
+    vocab, note = cfg.model.vocab_size, ""
+    if vocab is None:
+        tok = cfg.data.tokenizer
+        if tok == "byte":
+            vocab, note = 257, "byte vocab"
+        elif tok == "bpe":
+            vocab, note = cfg.data.bpe_vocab_size, "bpe vocab (target size)"
+        else:
+            try:
+                from tokenizers import Tokenizer
+
+                vocab, note = Tokenizer.from_file(tok).get_vocab_size(), "tokenizer.json vocab"
+            except Exception:
+                return None, None, f"vocab of {tok} unknown"
+    mcfg = cfg.model.model_copy(update={"vocab_size": vocab})
+    with torch.device("meta"):
+        model = DepthLM(mcfg)
+    return model.num_params(), model.num_params(active=True), note
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (macOS)
+        return os.cpu_count() or 1
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+def _cli_value(value: Any) -> str:
+    """A --set value that `depthlab.config.parse_value` (YAML) reads back unchanged."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return text.removesuffix("...").strip()
+
+
+def train_command(sweep: Sweep, run: SweepRun) -> list[str]:
+    """`depthlab train OUT/base.yaml --no-progress --set k=v ...` (as `python -m depthlab.cli`)."""
+    cmd = [sys.executable, "-m", "depthlab.cli", "train", str(sweep.out_dir / BASE_FILE),
+           "--no-progress"]
+    for key, value in {**run.overrides, "name": run.name, "out_dir": str(sweep.out_dir)}.items():
+        cmd += ["--set", f"{key}={_cli_value(value)}"]
+    return cmd
+
+
+def diagnose_command(run: SweepRun) -> list[str]:
+    return [sys.executable, "-m", "depthlab.cli", "diagnose", str(run.run_dir),
+            "--out", str(run.run_dir / "diagnose")]
+
+
+def _write_inputs(sweep: Sweep) -> None:
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    (sweep.out_dir / LOG_DIR).mkdir(exist_ok=True)
+    (sweep.out_dir / BASE_FILE).write_text(yaml.safe_dump(sweep.base_raw(), sort_keys=False))
+    (sweep.out_dir / SWEEP_FILE).write_text(yaml.safe_dump({
+        "name": sweep.name, "base": sweep.base, "out_dir": str(sweep.out_dir),
+        "set": sweep.common, "grid": sweep.grid, "list": sweep.points,
+        "diagnose": sweep.diagnose,
+    }, sort_keys=False))
+
+
+def _last_error(log: Path) -> str:
+    """The most useful line of a failed run's log (the CLI's one-line error, if any)."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    for ln in reversed(lines):
+        if ln.startswith("error:"):
+            return ln.removeprefix("error:").strip()
+    return lines[-1] if lines else "no output"
+
+
+@dataclass
+class _Job:
+    run: SweepRun
+    proc: subprocess.Popen
+    log: Any
+    started: float
+    phase: str = "train"
+
+
+def _prepare_data(runs: list[SweepRun]) -> None:
+    """Tokenize each distinct corpus once before parallel jobs (no two jobs race on a cache)."""
+    try:
+        from depthlab.data import prepare
+    except ImportError:
+        return
+    seen = set()
+    for run in runs:
+        d = run.cfg.data
+        key = (d.corpus, d.tokenizer, d.bpe_vocab_size, d.val_fraction, d.text_key, d.cache_dir)
+        if key in seen:
+            continue
+        seen.add(key)
+        prepare(d)
+
+
+def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int = 1,
+              diagnose: bool = False, on_status: StatusCallback | None = None,
+              poll: float = 0.2) -> None:
+    """Train `runs` as `depthlab train` subprocesses, at most `jobs` at a time, each with
+    cores // jobs torch threads. Failures are recorded; the sweep goes on."""
+    threads = max(1, available_cores() // max(jobs, 1))
+    queue = list(runs)
+    active: list[_Job] = []
+
+    def note(run: SweepRun, **fields: Any) -> None:
+        status.update(run.name, **fields)
+        if on_status is not None:
+            on_status(run, status.data["runs"][run.name])
+
+    def start(run: SweepRun, phase: str) -> _Job:
+        log_path = sweep.out_dir / LOG_DIR / f"{run.name}.log"
+        cmd = train_command(sweep, run) if phase == "train" else diagnose_command(run)
+        log = log_path.open("a" if phase != "train" else "w")
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads),
+                                cwd=os.getcwd())
+        if phase == "train":
+            note(run, status="running", pid=proc.pid, log=str(log_path), threads=threads,
+                 started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None, returncode=None)
+        return _Job(run, proc, log, time.time(), phase)
+
+    try:
+        while queue or active:
+            while queue and len(active) < max(jobs, 1):
+                active.append(start(queue.pop(0), "train"))
+            time.sleep(poll)
+            for job in list(active):
+                rc = job.proc.poll()
+                if rc is None:
+                    continue
+                active.remove(job)
+                job.log.close()
+                log_path = sweep.out_dir / LOG_DIR / f"{job.run.name}.log"
+                seconds = round(time.time() - job.started, 1)
+                if job.phase == "diagnose":
+                    ok = rc == 0
+                    note(job.run, diagnose="complete" if ok else "failed",
+                         diagnose_error=None if ok else _last_error(log_path))
+                    continue
+                if rc == 0 and run_state(job.run) == "complete":
+                    note(job.run, status="complete", returncode=0, seconds=seconds, pid=None)
+                    if diagnose:
+                        active.append(start(job.run, "diagnose"))
+                else:
+                    note(job.run, status="failed", returncode=rc, seconds=seconds, pid=None,
+                         error=_last_error(log_path))
+    except BaseException:
+        for job in active:  # only the processes this sweep started
+            if job.proc.poll() is None:
+                job.proc.terminate()
+        for job in active:
+            try:
+                job.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+            job.log.close()
+            if job.phase == "train":
+                status.update(job.run.name, status="interrupted", pid=None)
+        raise
+
+
+def submit_slurm(sweep: Sweep, runs: list[SweepRun], status: StatusFile, *,
+                 partition: str | None = None, timeout_min: int = 240, gpus: int = 0,
+                 cpus: int = 8, mem_gb: int | None = None, diagnose: bool = False,
+                 on_status: StatusCallback | None = None) -> list[str]:
+    """Submit one SLURM job per run through submitit; returns the job ids."""
+    try:
+        import submitit
+    except ImportError:
+        raise DepthlabError(
+            "SLURM submission needs submitit, which is not installed: "
+            "pip install 'depthlab[slurm]' (or pip install submitit)"
+        ) from None
+    executor = submitit.AutoExecutor(folder=str(sweep.out_dir / "slurm" / "%j"))
+    params: dict[str, Any] = {
+        "name": f"depthlab-{sweep.name}", "timeout_min": timeout_min, "nodes": 1,
+        "tasks_per_node": 1, "cpus_per_task": cpus,
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if mem_gb:
+        params["mem_gb"] = mem_gb
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    ids = []
+    for run in runs:
+        cmd = train_command(sweep, run)
+        if diagnose:
+            script = " && ".join(" ".join(_quote(c) for c in part)
+                                 for part in (cmd, diagnose_command(run)))
+            cmd = ["bash", "-c", script]
+        fn = submitit.helpers.CommandFunction(cmd, cwd=os.getcwd(), env=thread_env(cpus))
+        job = executor.submit(fn)
+        ids.append(str(job.job_id))
+        status.update(run.name, status="submitted", job_id=str(job.job_id),
+                      submitted=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
+        if on_status is not None:
+            on_status(run, status.data["runs"][run.name])
+    return ids
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+@dataclass
+class SweepOutcome:
+    runs: list[SweepRun]
+    states: dict[str, str]
+    """State of each run before this call: new / partial / complete."""
+    status: dict[str, Any]
+    """The final content of sweep_status.json."""
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, e in self.status["runs"].items() if e.get("status") == "failed"]
+
+
+def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = None,
+              diagnose: bool | None = None, only: list[str] | None = None,
+              on_status: StatusCallback | None = None) -> SweepOutcome:
+    """Validate every run, then train those that are not complete (resuming partial ones).
+
+    `slurm`: keyword arguments for `submit_slurm` (submit instead of running locally).
+    Raises DepthlabError before running anything when any config is invalid or a run
+    directory holds a different config.
+    """
+    if jobs < 1:
+        raise DepthlabError(f"--jobs must be >= 1, got {jobs}")
+    runs = sweep.runs()
+    if only:
+        unknown = sorted(set(only) - {r.name for r in runs})
+        if unknown:
+            raise DepthlabError(f"sweep {sweep.name} has no run(s) named {', '.join(unknown)}")
+        runs = [r for r in runs if r.name in only]
+    states = {r.name: run_state(r) for r in runs}
+    conflicts = [n for n, s in states.items() if s == "conflict"]
+    if conflicts:
+        raise DepthlabError(
+            f"sweep {sweep.name}: {', '.join(conflicts)} already hold(s) a different config in "
+            f"{sweep.out_dir}; delete those run dirs or use another --out"
+        )
+    _write_inputs(sweep)
+    status = StatusFile(sweep, runs)
+    todo = []
+    for run in runs:
+        if states[run.name] == "complete":
+            status.data["runs"][run.name].update(status="complete", skipped=True)
+        else:
+            status.data["runs"][run.name].update(
+                status="pending", skipped=False,
+                resumed=states[run.name] == "partial")
+            todo.append(run)
+    status.write()
+    for run in runs:
+        if on_status is not None:
+            on_status(run, status.data["runs"][run.name])
+    diagnose = sweep.diagnose if diagnose is None else diagnose
+    if todo:
+        if slurm is not None:
+            submit_slurm(sweep, todo, status, diagnose=diagnose, on_status=on_status, **slurm)
+        else:
+            if jobs > 1:
+                _prepare_data(todo)
+            run_local(sweep, todo, status, jobs=jobs, diagnose=diagnose, on_status=on_status)
+    return SweepOutcome(runs, states, status.data)

@@ -1,0 +1,314 @@
+"""Data layer: corpora and their fixed split, tokenizers, token files, loaders."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from depthlab.config import DataConfig
+from depthlab.data import (
+    ByteTokenizer,
+    TrainLoader,
+    corpus_text,
+    eval_batches,
+    load_corpus,
+    load_tokenizer,
+    open_splits,
+    open_token_files,
+    prepare,
+    read_tokens,
+    sample_sequences,
+    write_tokens,
+)
+from depthlab.data.tokens import dtype_for_vocab
+from depthlab.errors import DepthlabError
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPTHLAB_CACHE", str(tmp_path / "cache"))
+
+
+def _text_corpus(tmp_path, n_paragraphs=120):
+    """A small multi-paragraph text file with repeated words (so BPE has merges)."""
+    words = ["alpha", "beta", "gamma", "delta", "depth", "layer", "sparse", "the", "and"]
+    rng = np.random.default_rng(0)
+    paras = [" ".join(rng.choice(words, size=30)) + f" ünïcode {i}." for i in range(n_paragraphs)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paras), encoding="utf-8")
+    return path
+
+
+def _cfg(tmp_path, **kw):
+    return DataConfig(cache_dir=str(tmp_path / "cache"), **kw)
+
+
+# --------------------------------------------------------------------------- corpora
+
+
+def test_kjv_split_fixed_disjoint_and_small():
+    train, val = corpus_text(DataConfig())
+    assert (len(train), len(val)) == (1166, 23)  # 1189 chapters, every 50th is validation
+    assert val[0].startswith("And Joseph fell upon his father's face")  # Genesis 50
+    assert train[0].startswith("In the beginning God created")
+    assert not set(train) & set(val)
+    frac = sum(map(len, val)) / sum(map(len, train + val))
+    assert 0.015 < frac < 0.025
+    # fixed: same on a second read, and independent of val_fraction
+    assert corpus_text(DataConfig(val_fraction=0.3)) == (train, val)
+
+
+def test_text_and_jsonl_corpora_split_every_kth(tmp_path):
+    path = _text_corpus(tmp_path, n_paragraphs=100)
+    train, val = corpus_text(_cfg(tmp_path, corpus=str(path), val_fraction=0.1))
+    assert (len(train), len(val)) == (90, 10)
+    assert val[0].endswith("ünïcode 9.")  # paragraph index 9 = every 10th
+    rows = [{"body": f"doc {i}"} for i in range(20)]
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows))
+    train, val = corpus_text(_cfg(tmp_path, corpus=str(jl), text_key="body", val_fraction=0.25))
+    assert val == ["doc 3", "doc 7", "doc 11", "doc 15", "doc 19"]
+    with pytest.raises(DepthlabError, match="no string field 'text'"):
+        corpus_text(_cfg(tmp_path, corpus=str(jl), val_fraction=0.25))
+
+
+def test_folder_corpus_sorted_recursive(tmp_path):
+    root = tmp_path / "docs"
+    for i in range(10):
+        sub = root / ("b" if i % 2 else "a")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{i:02d}.md").write_text(f"file {i}")
+    (root / "skip.bin").write_bytes(b"\x00\x01")
+    corpus = load_corpus(_cfg(tmp_path, corpus=str(root), val_fraction=0.2))
+    assert corpus.kind == "folder" and corpus.n_documents == 10
+    assert corpus.texts("val") == ["file 8", "file 9"]  # a/00..a/08 then b/01..b/09
+
+
+def test_bad_corpus_paths(tmp_path):
+    with pytest.raises(DepthlabError, match="no such file"):
+        corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "nope.txt")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DepthlabError, match="no .txt or .md"):
+        corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "empty")))
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("one line only")
+    with pytest.raises(DepthlabError, match="at least 50"):
+        corpus_text(_cfg(tmp_path, corpus=str(tiny)))
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_roundtrips_unicode():
+    tok = ByteTokenizer()
+    text = "héllo wörld — 日本語 🙂\n"
+    ids = tok.encode(text)
+    assert max(ids) < 256 and len(ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    docs = tok.encode_documents(["ab", "ç"])
+    assert docs.tolist() == [97, 98, 256, 0xC3, 0xA7, 256]
+    assert (tok.vocab_size, tok.eos_id) == (257, 256)
+
+
+def test_bpe_trains_on_train_split_and_is_cached(tmp_path):
+    path = _text_corpus(tmp_path)
+    cfg = _cfg(tmp_path, corpus=str(path), tokenizer="bpe", bpe_vocab_size=300)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg)
+    first = time.perf_counter() - t0
+    assert tok.kind == "bpe" and 257 < tok.vocab_size <= 300 and tok.eos_id == 0
+    text = "the sparse layer ünïcode 🙂"
+    assert tok.decode(tok.encode(text)) == text
+    cached = list((tmp_path / "cache" / "tokenizers").glob("bpe-*-300/tokenizer.json"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = load_tokenizer(cfg)
+    assert again.fingerprint == tok.fingerprint
+    assert cached[0].stat().st_mtime_ns == mtime  # loaded, not retrained
+    assert time.perf_counter() - t0 < max(first, 0.5)
+
+
+def test_tokenizer_json_path_and_bad_path(tmp_path):
+    tok = load_tokenizer(_cfg(tmp_path, corpus=str(_text_corpus(tmp_path)), tokenizer="bpe",
+                              bpe_vocab_size=280))
+    saved = tok.save(tmp_path / "tok")
+    again = load_tokenizer(_cfg(tmp_path, tokenizer=str(saved / "tokenizer.json")))
+    assert again.eos_id == tok.eos_id and again.encode("alpha beta") == tok.encode("alpha beta")
+    with pytest.raises(DepthlabError, match="tokenizer"):
+        load_tokenizer(_cfg(tmp_path, tokenizer=str(tmp_path / "missing.json")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(DepthlabError, match="not a valid tokenizer.json"):
+        load_tokenizer(_cfg(tmp_path, tokenizer=str(bad)))
+
+
+# --------------------------------------------------------------------------- token files
+
+
+def test_prepare_writes_manifest_and_reopens_identically(tmp_path):
+    cfg = _cfg(tmp_path, corpus=str(_text_corpus(tmp_path)), val_fraction=0.1)
+    out = prepare(cfg, progress=False)
+    assert out.parent == tmp_path / "cache" / "tokens"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dtype"] == "uint16" and m["vocab_size"] == 257 and m["format_version"] == 1
+    assert m["n_tokens"]["train"] == (out / "train.bin").stat().st_size // 2
+    assert m["corpus"]["n_documents"] == {"train": 108, "val": 12}
+    splits = open_splits(cfg)
+    train_docs, val_docs = corpus_text(cfg)
+    assert splits.tokenizer.decode(splits.val).count("ünïcode") == len(val_docs)
+    assert int((splits.train == 256).sum()) == len(train_docs)  # one EOS per document
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    assert prepare(cfg, progress=False) == out
+    assert (out / "train.bin").stat().st_mtime_ns == mtime  # skipped: manifest valid
+    again = open_splits(_cfg(tmp_path, corpus=str(out)))  # the prepared dir itself
+    assert np.array_equal(again.train, splits.train) and np.array_equal(again.val, splits.val)
+    assert again.tokenizer is not None and again.tokenizer.name == "byte"
+
+
+def test_prepare_bpe_and_refuses_foreign_out_dir(tmp_path):
+    corpus = str(_text_corpus(tmp_path))
+    cfg = _cfg(tmp_path, corpus=corpus, tokenizer="bpe", bpe_vocab_size=300)
+    out = prepare(cfg, out_dir=tmp_path / "toks", progress=False)
+    splits = open_splits(_cfg(tmp_path, corpus=str(out)))
+    assert splits.vocab_size == splits.tokenizer.vocab_size and splits.tokenizer.kind == "bpe"
+    with pytest.raises(DepthlabError, match="already holds tokens"):
+        prepare(_cfg(tmp_path, corpus=corpus), out_dir=out, progress=False)
+
+
+def test_uint32_when_vocab_exceeds_uint16(tmp_path):
+    assert dtype_for_vocab(65536).itemsize == 2 and dtype_for_vocab(70000).itemsize == 4
+    d = tmp_path / "big"
+    ids = np.array([0, 65535, 65536, 69999] * 50, dtype=np.int64)
+    info = write_tokens(d / "train.bin", [ids], dtype_for_vocab(70000))
+    write_tokens(d / "val.bin", [ids[:40]], dtype_for_vocab(70000))
+    assert info["bytes"] == 4 * len(ids)
+    (d / "manifest.json").write_text(json.dumps({"dtype": "uint32", "vocab_size": 70000}))
+    splits = open_splits(_cfg(tmp_path, corpus=str(d)))
+    assert splits.train.dtype == np.uint32 and splits.vocab_size == 70000
+    assert splits.train.tolist() == ids.tolist() and splits.tokenizer is None
+
+
+def test_user_raw_bin_and_npy(tmp_path):
+    rng = np.random.default_rng(1)
+    train, val = rng.integers(0, 1000, 5000), rng.integers(0, 1000, 700)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    train.astype("<u2").tofile(raw / "train.bin")  # as OLMo writes it: no header
+    val.astype("<u2").tofile(raw / "val.bin")
+    (raw / "manifest.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 1024}))
+    s = open_splits(_cfg(tmp_path, corpus=str(raw)))
+    assert s.vocab_size == 1024 and np.array_equal(s.train, train)
+    s = open_token_files(raw / "train.bin", raw / "val.bin", dtype="uint16")
+    assert s.vocab_size == int(max(train.max(), val.max())) + 1  # inferred
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    np.save(npy / "train.npy", train.astype(np.uint32))
+    np.save(npy / "val.npy", val.astype(np.uint32))
+    s = open_splits(_cfg(tmp_path, corpus=str(npy)))
+    assert isinstance(s.train, np.memmap) and np.array_equal(s.val, val)
+
+
+def test_corrupt_and_missing_token_files(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "train.bin").write_bytes(b"\x01\x00" * 100 + b"\x07")  # odd size
+    (d / "manifest.json").write_text(json.dumps({"dtype": "uint16"}))
+    with pytest.raises(DepthlabError, match=r"201 bytes is not a multiple of 2 \(uint16\)"):
+        read_tokens(d / "train.bin", "uint16")
+    with pytest.raises(DepthlabError, match="no val.bin or val.npy"):
+        open_splits(_cfg(tmp_path, corpus=str(d)))
+    with pytest.raises(DepthlabError, match="token file not found"):
+        read_tokens(d / "nothing.bin", "uint16")
+    (d / "train.bin").write_bytes(b"\x01\x00" * 100)
+    (d / "val.bin").write_bytes(b"\x01\x00" * 10)
+    with pytest.raises(DepthlabError, match="needs a dtype"):
+        read_tokens(d / "val.bin")
+    (d / "manifest.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 1}))
+    with pytest.raises(DepthlabError, match="token id 1 outside vocabulary of 1"):
+        open_splits(_cfg(tmp_path, corpus=str(d)))
+    manifest = {"dtype": "uint16", "splits": {"train": {"file": "train.bin", "n_tokens": 99}}}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DepthlabError, match="manifest.json says 99"):
+        open_splits(_cfg(tmp_path, corpus=str(d)))
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(DepthlabError, match="not valid JSON"):
+        open_splits(_cfg(tmp_path, corpus=str(d)))
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+TOKENS = np.arange(10_000, dtype=np.uint32)  # distinct values: a window is its first token / T
+
+
+def _take(loader, n):
+    return [loader.next_batch() for _ in range(n)]
+
+
+def test_loader_windows_and_determinism():
+    a, b = TrainLoader(TOKENS, 16, 4, seed=3), TrainLoader(TOKENS, 16, 4, seed=3)
+    x, y = a.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, -1], x[:, 0] + 16)
+    assert (x[:, 0] % 16 == 0).all()  # windows start at multiples of T
+    bx, _ = b.next_batch()
+    assert torch.equal(x, bx)
+    other = TrainLoader(TOKENS, 16, 4, seed=4).next_batch()[0]
+    assert not torch.equal(x, other)
+
+
+def test_loader_ranks_partition_an_epoch():
+    loaders = [TrainLoader(TOKENS, 16, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    n = loaders[0].batches_per_epoch
+    assert n == (len(TOKENS) - 1) // 16 // 8
+    seen = [int(s) // 16 for ld in loaders for x, _ in _take(ld, n) for s in x[:, 0]]
+    assert len(seen) == len(set(seen)) == n * 8
+    assert loaders[0].epoch == 1 and loaders[0].cursor == 0
+    # the next epoch is a different order
+    assert not np.array_equal(loaders[0].epoch_windows(0), loaders[0].epoch_windows(1))
+
+
+def test_loader_resume_is_exact():
+    ref = TrainLoader(TOKENS, 32, 8, seed=7)  # 39 batches per epoch
+    expected = _take(ref, 45)
+    run = TrainLoader(TOKENS, 32, 8, seed=7)
+    _take(run, 37)
+    state = json.loads(json.dumps(run.state_dict()))  # survives serialisation
+    resumed = TrainLoader(TOKENS, 32, 8, seed=7)
+    resumed.load_state_dict(state)
+    for (x, y), (ex, ey) in zip(_take(resumed, 8), expected[37:], strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    with pytest.raises(DepthlabError, match="seq_len was 32"):
+        TrainLoader(TOKENS, 16, 8, seed=7).load_state_dict(state)
+
+
+def test_eval_batches_fixed():
+    first = eval_batches(TOKENS, 64, 4, 3)
+    again = eval_batches(TOKENS, 64, 4, 3)
+    assert len(first) == 3
+    for (x, y), (x2, y2) in zip(first, again, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert first[0][0][:, 0].tolist() == [0, 64, 128, 192]  # the first windows, in order
+    with pytest.raises(DepthlabError, match="validation split has 10,000 tokens"):
+        eval_batches(TOKENS, 1024, 4, 3)
+
+
+def test_seq_len_too_large_names_it():
+    with pytest.raises(DepthlabError, match=r"train split has 10,000 tokens.*seq_len=4096"):
+        TrainLoader(TOKENS, 4096, 4, seed=0)
+    with pytest.raises(DepthlabError, match=r"N=20 sequences of T=1000 tokens from 10,000"):
+        sample_sequences(TOKENS, 20, 1000, seed=0)
+
+
+def test_sample_sequences_fixed_seed():
+    a = sample_sequences(TOKENS, 8, 100, seed=1)
+    assert a.shape == (8, 100) and a.dtype == torch.long
+    assert torch.equal(a, sample_sequences(TOKENS, 8, 100, seed=1))
+    assert not torch.equal(a, sample_sequences(TOKENS, 8, 100, seed=2))
+    starts = a[:, 0].tolist()
+    assert len(set(starts)) == 8 and all(s % 100 == 0 for s in starts)
