@@ -175,6 +175,11 @@ def _jvp_check(stack: LayerStack, l: int, h: torch.Tensor) -> None:  # noqa: E74
     with torch.no_grad():
         _close(out, stack.run_block(l, h))
     _close(tangent, ref, atol=1e-4)
+    # metrics batch tangents with vmap(jvp)
+    vs = torch.stack([v, 2 * v])
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda t: torch.func.jvp(f, (h,), (t,))[1])(vs)
+    _close(batched[1], 2 * tangent, atol=1e-4)
 
 
 def _branch_check(stack: LayerStack, l: int, h: torch.Tensor) -> None:  # noqa: E741

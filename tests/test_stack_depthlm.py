@@ -92,6 +92,9 @@ def test_depthlm_hooks(variant: str) -> None:
     _close(tangent, ref, atol=1e-4)
     with torch.no_grad():
         _close(out, stack.run_block(1, h))
+        batched = torch.func.vmap(lambda t: torch.func.jvp(f, (h,), (t,))[1])(
+            torch.stack([v, 2 * v]))
+    _close(batched[1], 2 * tangent, atol=1e-4)
 
     # branch modules: their outputs are the residual updates (pre-LN style placements)
     seen: dict[str, torch.Tensor] = {}

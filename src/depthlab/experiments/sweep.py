@@ -156,7 +156,7 @@ def _abbrev(key: str, default: str) -> str:
 def _safe(text: str, underscore: bool = False) -> str:
     """Filesystem-safe: letters, digits, `.+-` (and `_` where asked), no leading dot."""
     pattern = _UNSAFE_NAME if underscore else _UNSAFE
-    text = pattern.sub("-", text).strip("-.")
+    text = re.sub(r"-{2,}", "-", pattern.sub("-", text)).strip("-.")
     return text or "run"
 
 
@@ -460,6 +460,7 @@ def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
+    env.setdefault("COLUMNS", "200")  # rich wraps at 80 columns in a log file otherwise
     return env
 
 
@@ -500,9 +501,9 @@ def _last_error(log: Path) -> str:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return "no log"
-    for ln in reversed(lines):
-        if ln.startswith("error:"):
-            return ln.removeprefix("error:").strip()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error:"):  # the CLI's one-line error (rejoined if wrapped)
+            return " ".join(lines[i:]).removeprefix("error:").strip()[:2000]
     return lines[-1] if lines else "no output"
 
 
@@ -528,7 +529,10 @@ def _prepare_data(runs: list[SweepRun]) -> None:
         if key in seen:
             continue
         seen.add(key)
-        prepare(d)
+        try:
+            prepare(d, progress=False)
+        except DepthlabError:
+            pass  # that run fails on its own and is recorded as failed
 
 
 def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int = 1,

@@ -284,10 +284,11 @@ def depthlab_to_hf(sd: StateDict, cfg: ModelConfig, arch: str) -> StateDict:
             ref = sd[b + "mlp.router.weight"]
             d = cfg.d_model
             if cfg.moe.shared_expert:
-                out[h + "mlp.shared_expert.gate_proj.weight"] = sd[b + "mlp.shared_expert.gate_proj.weight"]
-                out[h + "mlp.shared_expert.up_proj.weight"] = sd[b + "mlp.shared_expert.up_proj.weight"]
+                src, dst = b + "mlp.shared_expert.", h + "mlp.shared_expert."
+                out[dst + "gate_proj.weight"] = sd[src + "gate_proj.weight"]
+                out[dst + "up_proj.weight"] = sd[src + "up_proj.weight"]
                 # sigmoid(0) = 0.5 exactly; x2 is exact in floating point.
-                out[h + "mlp.shared_expert.down_proj.weight"] = sd[b + "mlp.shared_expert.down_proj.weight"] * 2
+                out[dst + "down_proj.weight"] = sd[src + "down_proj.weight"] * 2
             else:
                 out[h + "mlp.shared_expert.gate_proj.weight"] = torch.zeros(1, d, dtype=ref.dtype)
                 out[h + "mlp.shared_expert.up_proj.weight"] = torch.zeros(1, d, dtype=ref.dtype)

@@ -124,7 +124,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 def run_tokenizer(run_dir: Path | None, cfg: RunConfig):  # -> depthlab Tokenizer
@@ -187,10 +187,7 @@ def to_hf_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg: ModelConfig = model.cfg
-    try:
-        arch = choose_arch(cfg, arch)
-    except ValueError as err:
-        raise DepthlabError(f"cannot export to Hugging Face: {err}; {NATIVE_HINT}") from None
+    arch = _choose_or_raise(cfg, arch)
     hf_cfg = AutoConfig.for_model(
         arch, **hf_config_kwargs(cfg, arch),
         eos_token_id=eos_token_id, bos_token_id=bos_token_id, pad_token_id=None,
@@ -329,4 +326,8 @@ def _choose_or_raise(cfg: ModelConfig, arch: str) -> str:
     try:
         return choose_arch(cfg, arch)
     except ValueError as err:
-        raise DepthlabError(f"cannot export to Hugging Face: {err}; {NATIVE_HINT}") from None
+        hint = NATIVE_HINT
+        if arch != "auto":
+            with contextlib.suppress(ValueError):
+                hint = f"--arch {choose_arch(cfg)} represents it exactly"
+        raise DepthlabError(f"cannot export to Hugging Face: {err}; {hint}") from None

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthlab.model.norms import make_norm
+from depthlab.model.fused import QKVRopeFunction, RotaryFunction, fused_autograd_ok
+from depthlab.model.norms import RMSNorm, make_norm, rms_norm
 
 
 class Rotary(nn.Module):
@@ -24,6 +25,25 @@ class Rotary(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self._freqs_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def freqs_cis(self, T: int, n_heads: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e^{i t w_j}, e^{-i t w_j}) tiled over heads: complex [T, n_heads * head_dim / 2],
+        for features stored in interleaved pairs (see Attention._qkv)."""
+        if T > self.cos.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cos.shape[0]}")
+        key = (T, n_heads, dtype, self.cos.device, self.cos.data_ptr())
+        hit = self._freqs_cache.get(key)
+        if hit is None:
+            half = self.cos.shape[1] // 2
+            cos = self.cos[:T, :half].to(dtype)
+            sin = self.sin[:T, :half].to(dtype)
+            hit = (torch.complex(cos, sin).repeat(1, n_heads),
+                   torch.complex(cos, -sin).repeat(1, n_heads))
+            if len(self._freqs_cache) > 16:
+                self._freqs_cache.clear()
+            self._freqs_cache[key] = hit
+        return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x of shape [B, H, T, head_dim] by its positions 0..T-1."""
@@ -35,6 +55,19 @@ class Rotary(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return x * cos + rotated * sin
+
+    def rotate_bthd(self, x: torch.Tensor) -> torch.Tensor:
+        """Same rotation for x of shape [B, T, heads, head_dim] (positions 0..T-1)."""
+        T = x.shape[-3]
+        if T > self.cos.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cos.shape[0]}")
+        cos = self.cos[:T, None].to(x.dtype)
+        if fused_autograd_ok(x):
+            sin_half = self.sin[:T, None, : x.shape[-1] // 2].to(x.dtype)
+            return RotaryFunction.apply(x, cos, sin_half)
+        sin = self.sin[:T, None].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -62,15 +95,74 @@ class Attention(nn.Module):
         self.k_norm = make_norm(norm_kind, self.head_dim, norm_eps) if qk_norm else None
         # Not a submodule: one Rotary is shared by every block of the model.
         object.__setattr__(self, "rotary", rotary)
+        # Training fast path (_qkv_interleaved): q/k features in interleaved RoPE pairs
+        # (2j, 2j + 1) instead of halves (j, j + head_dim / 2), by permuting the q/k weight
+        # rows (and QK-norm gains) at call time. The same permutation of q and k leaves q.k,
+        # hence the attention output, unchanged; parameters and checkpoints keep the
+        # half-split layout.
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, hd], k and v [B, H_kv, T, hd] (normed and rotated as configured).
+
+        One matmul with the q/k/v weights concatenated per call (the parameters stay
+        separate); QK-norm and RoPE run on q and k together in [B, T, heads, hd] layout.
+        """
+        if self._interleaved_ok(x):
+            return self._qkv_interleaved(x)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qk, v = F.linear(x, w).view(B, T, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.rotary(q), self.rotary(k), v
+            qk = self._qk_norm(qk)
+        q, k = self.rotary.rotate_bthd(qk).split([H, Hkv], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _interleaved_ok(self, x: torch.Tensor) -> bool:
+        return (
+            x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(x.device.type)
+            and fused_autograd_ok(x, self.q_proj.weight)
+            and (self.q_norm is None or self._rms_qk_norm())
+        )
+
+    def _rms_qk_norm(self) -> bool:
+        qn, kn = self.q_norm, self.k_norm
+        return isinstance(qn, RMSNorm) and isinstance(kn, RMSNorm) and qn.eps == kn.eps
+
+    def _qkv_interleaved(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        d = x.shape[-1]
+
+        def pairs(w: torch.Tensor, n: int) -> torch.Tensor:  # [n*hd, ...] -> [n, hd/2, 2, ...]
+            return w.view(n, 2, hd // 2, *w.shape[1:]).transpose(1, 2)
+
+        w = torch.cat([
+            pairs(self.q_proj.weight, H), pairs(self.k_proj.weight, Hkv),
+            self.v_proj.weight.view(Hkv, hd // 2, 2, d),  # v keeps its order
+        ]).view(-1, d)
+        qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, hd)
+        freqs, freqs_conj = self.rotary.freqs_cis(T, H + Hkv, qkv.dtype)
+        gains, eps = None, 0.0
+        if self.q_norm is not None:
+            qn, kn = self.q_norm, self.k_norm
+            gains = torch.cat([
+                pairs(qn.weight, 1).expand(H, -1, -1), pairs(kn.weight, 1).expand(Hkv, -1, -1)
+            ]).view(H + Hkv, hd).to(qkv.dtype)
+            eps = qn.eps
+        q, k, v = QKVRopeFunction.apply(qkv, gains, freqs, freqs_conj, H, Hkv, eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qn, kn = self.q_norm, self.k_norm
+        if self._rms_qk_norm():
+            # per-head gains [H + H_kv, hd]: one norm call for all q and k heads
+            w = torch.cat([qn.weight.expand(H, -1), kn.weight.expand(Hkv, -1)])
+            return rms_norm(qk, w, qn.eps)
+        q, k = qk.split([H, Hkv], dim=2)
+        return torch.cat([qn(q), kn(k)], dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

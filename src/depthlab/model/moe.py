@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthlab.config import MoEConfig
+from depthlab.model.fused import (
+    ExpertsFunction,
+    TopKRoutingFunction,
+    fused_autograd_ok,
+    grouped_mm_available,
+)
 from depthlab.model.mlp import SwiGLU
 
 
@@ -28,6 +34,7 @@ class Routing:
     probs: torch.Tensor  # [N, E] softmax over all experts
     weights: torch.Tensor  # [N, k] mixing weights of the chosen experts
     experts: torch.Tensor  # [N, k] chosen expert indices
+    lse: torch.Tensor | None = None  # [N] logsumexp(logits) when already computed
 
 
 class Experts(nn.Module):
@@ -66,6 +73,11 @@ class MoE(nn.Module):
     def route(self, x_flat: torch.Tensor) -> Routing:
         """Route tokens [N, d]; exactly the computation of the forward pass."""
         logits = self.router(x_flat).float()
+        if fused_autograd_ok(logits):
+            probs, weights, experts, lse = TopKRoutingFunction.apply(
+                logits, self.top_k, self.renormalize
+            )
+            return Routing(logits=logits, probs=probs, weights=weights, experts=experts, lse=lse)
         probs = logits.softmax(dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
@@ -74,37 +86,73 @@ class MoE(nn.Module):
 
     def aux_losses(self, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balancing loss, router z-loss), unweighted."""
+        return self._aux_losses(r, self._expert_counts(r.experts.flatten()))
+
+    def _expert_counts(self, flat_experts: torch.Tensor) -> torch.Tensor:
+        """Assignments per expert [E] (int64), without a device sync."""
+        if flat_experts.device.type == "cpu":
+            return torch.bincount(flat_experts, minlength=self.num_experts)
+        counts = flat_experts.new_zeros(self.num_experts)
+        return counts.index_add_(0, flat_experts, torch.ones_like(flat_experts))
+
+    def _aux_losses(self, r: Routing, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_tokens = r.experts.shape[0]
-        counts = torch.zeros(self.num_experts, device=r.probs.device)
-        counts.index_add_(0, r.experts.flatten(), torch.ones_like(r.experts.flatten(), dtype=counts.dtype))
-        frac = counts / (n_tokens * self.top_k)
+        frac = counts.to(r.probs.dtype) / (n_tokens * self.top_k)
         lb = self.num_experts * (frac * r.probs.mean(dim=0)).sum()
-        z = torch.logsumexp(r.logits, dim=-1).pow(2).mean()
+        lse = r.lse if r.lse is not None else torch.logsumexp(r.logits, dim=-1)
+        z = lse.pow(2).mean()
         return lb, z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])
         r = self.route(x_flat)
-        out = torch.zeros_like(x_flat)
         flat_expert = r.experts.flatten()
+        counts = self._expert_counts(flat_expert)
+        ex = self.experts
+        if fused_autograd_ok(x_flat, ex.gate_proj, ex.up_proj, ex.down_proj):
+            out = self._forward_grouped(x_flat, r, flat_expert, counts)
+        else:
+            out = self._forward_loop(x_flat, r, flat_expert, counts)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x_flat)
+        if self.training:
+            lb, z = self._aux_losses(r, counts)
+            self.aux_loss = self.lb_loss_weight * lb + self.z_loss_weight * z
+        else:
+            self.aux_loss = None
+        return out.view(shape)
+
+    def _forward_grouped(self, x_flat: torch.Tensor, r: Routing, flat_expert: torch.Tensor,
+                         counts: torch.Tensor) -> torch.Tensor:
+        """Training path: sort the (token, slot) pairs by expert once, run all experts as
+        grouped matmuls and mix each token's k outputs, all in one autograd node."""
+        with torch.no_grad():
+            order = flat_expert.argsort(stable=True)
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(order.numel(), device=order.device)
+            token_of = order // self.top_k
+            offs = counts.cumsum(0).to(torch.int32)
+            # host-side counts only where the grouped matmul kernel is missing
+            counts_list = None if grouped_mm_available() else counts.tolist()
+        ex = self.experts
+        out = ExpertsFunction.apply(x_flat, r.weights, ex.gate_proj, ex.up_proj, ex.down_proj,
+                                    token_of, order, inv, offs, counts_list)
+        return out.to(x_flat.dtype)
+
+    def _forward_loop(self, x_flat: torch.Tensor, r: Routing, flat_expert: torch.Tensor,
+                      counts: torch.Tensor) -> torch.Tensor:
+        """Reference path (no backward wanted, or under torch.func transforms)."""
+        out = torch.zeros_like(x_flat)
         order = flat_expert.argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        w_sorted = r.weights.flatten()[order].to(x.dtype).unsqueeze(-1)
+        w_sorted = r.weights.flatten()[order].to(x_flat.dtype).unsqueeze(-1)
         start = 0
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
             idx = token_of[start : start + n]
             y = self.experts.forward_expert(e, x_flat[idx]) * w_sorted[start : start + n]
             out.index_add_(0, idx, y)
             start += n
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x_flat)
-        if self.training:
-            lb, z = self.aux_losses(r)
-            self.aux_loss = self.lb_loss_weight * lb + self.z_loss_weight * z
-        else:
-            self.aux_loss = None
-        return out.view(shape)
+        return out

@@ -17,8 +17,9 @@ from torch import nn
 
 from depthlab.config import ModelConfig
 from depthlab.model.attention import Attention, Rotary
+from depthlab.model.fused import CrossEntropyFunction, fused_autograd_ok
 from depthlab.model.mlp import SwiGLU
-from depthlab.model.moe import MoE, Experts
+from depthlab.model.moe import Experts, MoE
 from depthlab.model.norms import make_norm
 
 
@@ -56,15 +57,19 @@ class Block(nn.Module):
             return {"attn": self.attn_out_norm, "mlp": self.mlp_out_norm}
         return {"attn": self.attn, "mlp": self.mlp}
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        # x * 1.0 is x: skip the elementwise pass (and its backward) unless LN-scaling
+        return x if self.norm_scale == 1.0 else x * self.norm_scale
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.post_ln:
             h = self.attn_norm(h + self.attn(h))
             return self.mlp_norm(h + self.mlp(h))
-        a = self.attn(self.attn_norm(h) * self.norm_scale)
+        a = self.attn(self._scaled(self.attn_norm(h)))
         if self.peri_ln:
             a = self.attn_out_norm(a)
         h = h + a
-        m = self.mlp(self.mlp_norm(h) * self.norm_scale)
+        m = self.mlp(self._scaled(self.mlp_norm(h)))
         if self.peri_ln:
             m = self.mlp_out_norm(m)
         return h + m
@@ -110,7 +115,11 @@ class DepthLM(nn.Module):
         logits = self.head(self.norm_f(h))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            flat = logits.float().flatten(0, 1)
+            if fused_autograd_ok(flat):
+                loss = CrossEntropyFunction.apply(flat, targets.flatten())
+            else:
+                loss = F.cross_entropy(flat, targets.flatten())
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return LMOutput(logits, loss, torch.stack(aux).sum() if aux else None)
 

@@ -36,9 +36,9 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from depthlab.train.trainer import Trainer
 
-DEFAULT_PROBE_SEQUENCES = 8
+DEFAULT_PROBE_SEQUENCES = 2
 """Sequences in the probe batch (taken from the fixed validation batches)."""
-DEFAULT_ATTN_SEQUENCES = 2
+DEFAULT_ATTN_SEQUENCES = 1
 """Sequences of the probe batch whose attention maps are sampled for the entropy."""
 STAT_KEYS = (
     "var", "attn_var", "mlp_var", "embed_var", "update_ratio", "grad_norm", "param_norm",
@@ -177,6 +177,9 @@ class LayerStatsCallback:
 
     def install(self) -> LayerStatsCallback:
         if self.interval > 0:
+            import depthlab.probe.adapters  # noqa: F401  (import once now, not at the first stats step)
+            import depthlab.probe.metrics  # noqa: F401
+
             self.trainer.grad_callbacks.append(self.on_grads)
             self.trainer.callbacks.append(self.on_step)
         return self
@@ -187,7 +190,7 @@ class LayerStatsCallback:
 
     def on_grads(self, trainer: Trainer, step: int) -> None:
         if self.due(step):
-            self._grad_norms = {step: _block_norms(trainer.model.blocks, grads=True)}
+            self._grad_norms = {step: _block_norms(_unwrap(trainer.model).blocks, grads=True)}
 
     def on_step(self, trainer: Trainer, step: int) -> None:
         if not self.due(step) or trainer.logger is None:
@@ -207,7 +210,7 @@ class LayerStatsCallback:
         """All statistics at `step` (model in eval mode for the pass, train mode after)."""
         from depthlab.probe import build_stack
 
-        model = self.trainer.model
+        model = _unwrap(self.trainer.model)
         was_training = model.training
         try:
             if self._stack is None:
@@ -224,6 +227,15 @@ class LayerStatsCallback:
         stats["grad_norm"] = grads if grads is not None else [None] * len(model.blocks)
         self._grad_norms.clear()
         return {k: stats[k] for k in STAT_KEYS if k in stats}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The DepthLM inside a DDP / torch.compile wrapper."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return _unwrap(inner)
+    return model
 
 
 def _is_main_process() -> bool:

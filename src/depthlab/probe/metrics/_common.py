@@ -75,8 +75,7 @@ def counting(stack: Any, counter: BlockCounter) -> Iterator[BlockCounter]:
     """Count every `stack.run_block` call (also those made by `stack.run`).
 
     Installs a counting wrapper as an instance attribute for the duration of the
-    block; nested use (a suite around a metric) counts into the innermost counter
-    and forwards the totals outward when it exits.
+    block (removed afterwards); nested contexts each count every call.
     """
     had_own = "run_block" in vars(stack)
     original = stack.run_block
@@ -150,9 +149,13 @@ class HiddenStateCache:
         self._store: list[tuple[Tensor, list[Tensor]]] = []
 
     def get(self, ids: Tensor) -> list[Tensor] | None:
+        """States of exactly these sequences: a stored chunk, or its first rows."""
+        n = ids.shape[0]
         for stored_ids, states in self._store:
-            if stored_ids.shape == ids.shape and torch.equal(stored_ids, ids.to(stored_ids.device)):
-                return states
+            if stored_ids.shape[1] != ids.shape[1] or stored_ids.shape[0] < n:
+                continue
+            if torch.equal(stored_ids[:n], ids.to(stored_ids.device)):
+                return states if stored_ids.shape[0] == n else [s[:n] for s in states]
         return None
 
     def put(self, ids: Tensor, states: list[Tensor]) -> bool:

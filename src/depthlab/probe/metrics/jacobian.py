@@ -76,10 +76,19 @@ class JacobianResult(MetricResult):
     """The J_l themselves when requested (keep_matrices=True)."""
 
 
-def _auto_tangent_chunk(stack, b: int, T: int, budget: int) -> int:
+def _auto_tangent_chunk(stack, b: int, T: int, budget: int | None) -> int:
+    """Tangents per vmap call so that their activations fit in `budget` bytes (None: half
+    the free memory of a CUDA device, 2 GiB on the CPU). Per tangent a block holds about
+    24 d-wide activations per token plus 3 attention maps per head."""
+    if budget is None:
+        budget = 2 * 1024**3
+        if stack.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(stack.device)
+            budget = free // 2
     d = stack.d_model
     heads = max(1, d // 64)
-    per_tangent = 4 * b * T * (40 * d + 4 * heads * T)
+    item = torch.empty((), dtype=stack.compute_dtype).element_size()
+    per_tangent = item * b * T * (24 * d + 3 * heads * T)
     return int(max(1, min(d, budget // max(per_tangent, 1))))
 
 
@@ -142,13 +151,16 @@ def compute_jacobian(
     stack, ids: Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: ProgressFn | None = None,
     counter: BlockCounter | None = None, cache: HiddenStateCache | None = None,
     mode: str = "exact", probes: int = 64, seed: int = 0, layers: list[int] | None = None,
-    tangent_chunk: int | None = None, memory_budget: int = 2 * 1024**3,
+    tangent_chunk: int | None = None, memory_budget: int | None = None,
     keep_matrices: bool = False, use_vmap: bool | None = None,
 ) -> JacobianResult:
     """Per-layer token-summed Jacobian J_l vs the identity.
 
     mode: "exact" (d JVPs per layer), "hutchinson" (`probes` Rademacher JVPs per
-    layer: estimate of ||J_l - I||_F with standard error) or "both".
+    layer: estimate of ||J_l - I||_F with standard error) or "both". seed: the probes'.
+    layers: measure only these blocks. tangent_chunk: tangents per vmap call (default:
+    from memory_budget bytes). keep_matrices: return the J_l. use_vmap: None = detect
+    (falls back to one JVP per tangent when the block cannot be vmapped).
     Cost: `L*N` block forwards (hidden states, 0 with a warm cache) plus
     `d*L*N` (exact) and/or `probes*L*N` JVP block forwards.
     """

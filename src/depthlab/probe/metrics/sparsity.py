@@ -269,7 +269,9 @@ def compute_attention_sparsity(
     layer_frac = [mean_or_none(x) if x is not None else None for x in frac]
     return AttentionSparsityResult(
         metric="attention_sparsity", info=model_info(stack, sample),
-        cost=cost_dict(counter, n_layers=L, n_sequences=sample.shape[0], formula="L*n_sample"),
+        cost=cost_dict(counter, n_layers=L, n_sequences=sample.shape[0],
+                       formula="L*n_sample (0 with a warm cache) + attention_probs calls "
+                               "(Hugging Face: each reruns one block eagerly, counted)"),
         mass=mass, sample_sequences=int(sample.shape[0]),
         queries_per_sequence=n_q // max(sample.shape[0], 1),
         normalized_entropy=ent, top_mass_fraction=frac,

@@ -61,6 +61,11 @@ class UsefulnessResult(MetricResult):
     """"same" (fit and evaluate on the same sequences) or "disjoint"."""
     fit_sequences: int
     eval_sequences: int
+    fit_tokens: int
+    underdetermined: bool
+    """True when the fit has fewer tokens than d + 1 unknowns per output: the affine map
+    then interpolates the fit tokens exactly and (with split="same") loss_ratio is ~1 by
+    construction. Use more tokens or a disjoint evaluation set."""
 
 
 def affine_map(W: Tensor, b: Tensor) -> Callable[[Tensor], Tensor]:
@@ -179,4 +184,5 @@ def compute_usefulness(
         fit_relative_error=[math.sqrt(nu / de) if de > 0 else 0.0
                             for nu, de in zip(err_num, err_den, strict=True)],
         split=split, fit_sequences=N_fit, eval_sequences=N_eval,
+        fit_tokens=int(fit_ids.numel()), underdetermined=bool(fit_ids.numel() < d + 1),
     )

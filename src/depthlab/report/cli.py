@@ -1,0 +1,38 @@
+"""`depthlab report DIR... --out OUT`: figures and one self-contained HTML page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report)
+
+
+def report(
+    dirs: Annotated[list[Path], typer.Argument(
+        metavar="DIR...", help="Runs, sweep dirs, diagnose output dirs (found recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("report"),
+    ladder: Annotated[Path | None, typer.Option(
+        help="Ablation-ladder data (JSON/YAML list of {name, ppl|accuracy, usefulness}).")] = None,
+    title: Annotated[str | None, typer.Option(help="Page title.")] = None,
+    svg: Annotated[bool, typer.Option("--svg/--no-svg", help="Also write SVG figures.")] = True,
+    dpi: Annotated[int, typer.Option(help="PNG resolution.")] = 120,
+) -> None:
+    """Write OUT/report.html (self-contained), OUT/figures/*.png|svg and OUT/tables/*.md|csv."""
+    from rich.console import Console
+
+    from depthlab.report.html import build_report
+
+    console = Console()
+    rep = build_report(dirs, out, ladder=ladder, title=title,
+                       formats=("png", "svg") if svg else ("png",), dpi=dpi)
+    console.print(f"report: [bold]{rep.html}[/]  ({len(rep.data.runs)} runs, "
+                  f"{len(rep.drawn)} figures, {len(rep.tables)} tables)")
+    for f in rep.skipped:
+        console.print(f"  [dim]skipped {f.name}: {f.note}[/]")
+    for w in rep.data.warnings:
+        console.print(f"  [yellow]warning:[/] {w}", highlight=False)

@@ -1,0 +1,396 @@
+"""What a report is drawn from: runs (found by config.yaml), diagnose results, ladder data.
+
+A directory passed to `depthlab report` may be a run, a sweep (any folder holding runs),
+a `depthlab diagnose` output folder (results.json), or a folder holding ladder.json.
+Everything is read leniently: missing pieces become `None` and the page says what was
+skipped; only "nothing at all to report" is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from depthlab.errors import DepthlabError
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+LADDER_FILE = "ladder.json"
+SKIP_DIRS = {"checkpoints", "tensorboard", "tokenizer", "logs", "slurm", ".git", "__pycache__"}
+IGNORED_KNOBS = {"name", "out_dir", "model.vocab_size", "train.device", "train.tensorboard",
+                 "train.wandb", "train.wandb_project", "data.cache_dir"}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of a metrics.jsonl (bad lines skipped and counted)."""
+    records, bad = [], 0
+    if not path.is_file():
+        return records, bad
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+            records.append(rec)
+        else:
+            bad += 1
+    return records, bad
+
+
+def metric_results(results: Any) -> dict[str, dict[str, Any]]:
+    """The per-metric dicts of a diagnose results.json (run_suite output or a flat dict)."""
+    if not isinstance(results, dict):
+        return {}
+    metrics = results.get("metrics", results)
+    if not isinstance(metrics, dict):
+        return {}
+    return {k: v for k, v in metrics.items() if isinstance(v, dict)}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def num(x: Any) -> float | None:
+    """A finite float, or None."""
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+@dataclass
+class Diagnosis:
+    """One `depthlab diagnose` results.json."""
+
+    path: Path
+    label: str
+    metrics: dict[str, dict[str, Any]]
+    raw: dict[str, Any]
+
+    def get(self, metric: str, key: str) -> Any:
+        return self.metrics.get(metric, {}).get(key)
+
+    def layer_list(self, metric: str, key: str) -> list[float | None] | None:
+        v = self.get(metric, key)
+        if isinstance(v, list) and v and all(not isinstance(x, list) for x in v):
+            return [num(x) for x in v]
+        return None
+
+    def matrix(self, metric: str) -> list[list[float | None]] | None:
+        m = self.get(metric, "matrix")
+        if isinstance(m, list) and m and all(isinstance(r, list) for r in m):
+            return [[num(x) for x in r] for r in m]
+        return None
+
+    def scalar(self, metric: str, key: str) -> float | None:
+        return num(self.get(metric, key))
+
+    @property
+    def n_layers(self) -> int | None:
+        info = self.raw.get("model") if isinstance(self.raw.get("model"), dict) else None
+        if info and isinstance(info.get("n_layers"), int):
+            return info["n_layers"]
+        for m in self.metrics.values():
+            n = (m.get("info") or {}).get("n_layers") if isinstance(m.get("info"), dict) else None
+            if isinstance(n, int):
+                return n
+        return None
+
+
+@dataclass
+class RunData:
+    path: Path
+    label: str
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    diagnosis: Diagnosis | None = None
+    bad_lines: int = 0
+    knobs: dict[str, Any] = field(default_factory=dict)
+    """The config values that differ between the report's runs."""
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of a scalar key over the records (last record per step wins)."""
+        by_step: dict[int, float] = {}
+        for r in self.records:
+            v = num(r.get(key))
+            if v is not None:
+                by_step[int(r["step"])] = v
+        steps = sorted(by_step)
+        return steps, [by_step[s] for s in steps]
+
+    @property
+    def stats(self) -> list[dict[str, Any]]:
+        """Stats records in step order (the last one wins per step)."""
+        by_step: dict[int, dict[str, Any]] = {}
+        for r in self.records:
+            if isinstance(r.get("stats"), dict):
+                by_step[int(r["step"])] = r["stats"]
+        return [dict(by_step[s], _step=s) for s in sorted(by_step)]
+
+    @property
+    def final_step(self) -> int:
+        steps = [int(r["step"]) for r in self.records]
+        if self.summary and isinstance(self.summary.get("step"), int):
+            steps.append(self.summary["step"])
+        return max(steps, default=0)
+
+    @property
+    def max_steps(self) -> int | None:
+        v = (self.config.get("train") or {}).get("max_steps")
+        return v if isinstance(v, int) else None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.summary) and self.summary.get("status") == "complete"
+
+    @property
+    def n_layers(self) -> int | None:
+        v = (self.config.get("model") or {}).get("n_layers")
+        return v if isinstance(v, int) else None
+
+    def val_loss(self) -> float | None:
+        if self.summary and num(self.summary.get("val_loss")) is not None:
+            return num(self.summary.get("val_loss"))
+        _, vals = self.series("val_loss")
+        return vals[-1] if vals else None
+
+    def val_ppl(self) -> float | None:
+        if self.summary and num(self.summary.get("val_ppl")) is not None:
+            return num(self.summary.get("val_ppl"))
+        v = self.val_loss()
+        return math.exp(min(v, 50.0)) if v is not None else None
+
+    def params(self) -> int | None:
+        if self.summary and isinstance(self.summary.get("params"), int):
+            return self.summary["params"]
+        return None
+
+
+@dataclass
+class ReportData:
+    runs: list[RunData]
+    diagnoses: list[Diagnosis]
+    """results.json files not inside a run (e.g. a diagnosed Hugging Face model)."""
+    ladder: list[dict[str, Any]] | None
+    ladder_source: Path | None
+    knob_keys: list[str]
+    warnings: list[str]
+    sources: list[Path]
+
+    @property
+    def all_diagnoses(self) -> list[tuple[str, Diagnosis]]:
+        out = [(r.label, r.diagnosis) for r in self.runs if r.diagnosis is not None]
+        return out + [(d.label, d) for d in self.diagnoses]
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict) and "train" in data
+
+
+def _walk(root: Path, name: str) -> list[Path]:
+    """Files called `name` under root, not descending into run internals."""
+    found = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(d.iterdir())
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_dir() and e.name not in SKIP_DIRS and not e.name.startswith("."):
+                stack.append(e)
+            elif e.is_file() and e.name == name:
+                found.append(e)
+    return sorted(found)
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories under (or at) root: those holding a run config.yaml."""
+    if (root / CONFIG_FILE).is_file() and _is_run_config(root / CONFIG_FILE):
+        return [root]
+    return [p.parent for p in _walk(root, CONFIG_FILE) if _is_run_config(p)]
+
+
+def _diagnosis_of_run(run: Path) -> Path | None:
+    for cand in (run / "diagnose" / RESULTS_FILE, run / RESULTS_FILE):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _unique_labels(paths: list[Path]) -> list[str]:
+    """Shortest path suffixes that tell the paths apart (`L8`, or `depth/L8` and `wd/L8`)."""
+    parts = [p.resolve().parts for p in paths]
+    depth = 1
+    while True:
+        labels = ["/".join(pp[-depth:]) for pp in parts]
+        if len(set(labels)) == len(labels) or depth >= max((len(pp) for pp in parts), default=1):
+            return labels
+        depth += 1
+
+
+def _sort_key(value: Any) -> tuple:
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, bool):
+        return (1, float(value), "")
+    if isinstance(value, (int, float)):
+        return (1, float(value), "")
+    return (2, 0.0, json.dumps(value, sort_keys=True, default=str))
+
+
+def read_ladder(path: Path) -> list[dict[str, Any]]:
+    """Ladder steps from JSON/YAML: a list, or {"steps": [...]} / {"ladder": [...]}.
+    Each step: name/label, a score (ppl/val_ppl, accuracy/avg_accuracy) and usefulness."""
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise DepthlabError(f"cannot read ladder data {path}: {err.__class__.__name__}") from None
+    if isinstance(data, dict):
+        data = data.get("steps", data.get("ladder", data.get("rows")))
+    if not isinstance(data, list) or not all(isinstance(s, dict) for s in data):
+        raise DepthlabError(f"ladder data {path} must be a list of steps (mappings)")
+    return data
+
+
+def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportData:
+    """Find and read every run, diagnosis and ladder under `dirs`."""
+    roots = [Path(d) for d in dirs]
+    missing = [str(r) for r in roots if not r.exists()]
+    if missing:
+        raise DepthlabError(f"no such directory: {', '.join(missing)}")
+    warnings: list[str] = []
+    run_paths: list[Path] = []
+    for r in roots:
+        if r.is_file():
+            continue
+        for p in find_runs(r):
+            if p.resolve() not in {q.resolve() for q in run_paths}:
+                run_paths.append(p)
+    run_set = {p.resolve() for p in run_paths}
+
+    diag_paths: list[Path] = []
+    for r in roots:
+        cands = [r] if r.is_file() and r.name == RESULTS_FILE else (
+            _walk(r, RESULTS_FILE) if r.is_dir() else [])
+        for c in cands:
+            inside_run = any(parent in run_set for parent in c.resolve().parents)
+            if not inside_run and c.resolve() not in {d.resolve() for d in diag_paths}:
+                diag_paths.append(c)
+
+    ladder_path = Path(ladder) if ladder is not None else None
+    if ladder_path is None:
+        for r in roots:
+            if r.is_dir() and (r / LADDER_FILE).is_file():
+                ladder_path = r / LADDER_FILE
+                break
+    ladder_rows = None
+    if ladder_path is not None:
+        if not ladder_path.is_file():
+            raise DepthlabError(f"ladder file not found: {ladder_path}")
+        ladder_rows = read_ladder(ladder_path)
+
+    if not run_paths and not diag_paths and ladder_rows is None:
+        raise DepthlabError(
+            f"no depthlab runs (config.yaml) or diagnose results (results.json) under "
+            f"{', '.join(str(r) for r in roots)}"
+        )
+
+    labels = _unique_labels(run_paths) if run_paths else []
+    runs = []
+    for path, label in zip(run_paths, labels, strict=True):
+        try:
+            config = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            config = {}
+        records, bad = read_records(path / METRICS_FILE)
+        summary = _read_json(path / SUMMARY_FILE)
+        if not isinstance(summary, dict):
+            summary = None
+        diag = None
+        dpath = _diagnosis_of_run(path)
+        if dpath is not None:
+            raw = _read_json(dpath)
+            if isinstance(raw, dict):
+                diag = Diagnosis(dpath, label, metric_results(raw), raw)
+            else:
+                warnings.append(f"{label}: {dpath} is not readable JSON; diagnose figures skip it")
+        run = RunData(path, label, config, records, summary, diag, bad)
+        if bad:
+            warnings.append(f"{label}: {bad} unreadable line(s) in metrics.jsonl were skipped")
+        if not records:
+            warnings.append(f"{label}: no metrics recorded yet")
+        runs.append(run)
+
+    diag_labels = _unique_labels([p.parent for p in diag_paths]) if diag_paths else []
+    diagnoses = []
+    for p, label in zip(diag_paths, diag_labels, strict=True):
+        raw = _read_json(p)
+        if not isinstance(raw, dict):
+            warnings.append(f"{p} is not readable JSON; skipped")
+            continue
+        name = raw.get("model_name") or raw.get("source") or label
+        diagnoses.append(Diagnosis(p, str(name) if isinstance(name, str) else label,
+                                   metric_results(raw), raw))
+
+    # the knobs: config values that differ between runs
+    flat = [flatten(r.config) for r in runs]
+    keys = sorted({k for f in flat for k in f} - IGNORED_KNOBS)
+    knob_keys = [k for k in keys
+                 if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+    for r, f in zip(runs, flat, strict=True):
+        r.knobs = {k: f.get(k) for k in knob_keys}
+    runs.sort(key=lambda r: (tuple(_sort_key(r.knobs[k]) for k in knob_keys), r.label))
+
+    # step bookkeeping
+    if runs:
+        finals = {r.label: r.final_step for r in runs}
+        if len(set(finals.values())) > 1:
+            shown = ", ".join(f"{k} {v}" for k, v in finals.items())
+            warnings.append(f"runs end at different steps ({shown}); curves show what each run "
+                            "logged, final-step numbers are not at equal training budgets")
+        for r in runs:
+            if not r.complete and r.records:
+                target = f" of {r.max_steps}" if r.max_steps else ""
+                warnings.append(f"{r.label}: incomplete (no summary.json), last logged step "
+                                f"{r.final_step}{target}")
+    return ReportData(runs, diagnoses, ladder_rows, ladder_path, knob_keys, warnings, roots)

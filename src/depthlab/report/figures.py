@@ -1,0 +1,406 @@
+"""Report figures (matplotlib, object API: no pyplot state, no display needed).
+
+Each `fig_*` function takes the collected `ReportData` and a run -> colour map and
+returns a `Figure`, or a string saying why the figure was skipped (missing data never
+raises). `make_figures` writes PNG and SVG files for each drawn figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from depthlab.report.data import Diagnosis, ReportData, RunData, num
+
+NAN = float("nan")
+STYLE = {
+    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+    "svg.fonttype": "none",
+}
+VAR_LABEL = "variance across hidden dim (activation units²)"
+
+
+@dataclass
+class FigureOut:
+    name: str
+    title: str
+    caption: str
+    png: Path | None = None
+    svg: Path | None = None
+    note: str | None = None
+    """Why the figure was skipped (png/svg are None then)."""
+
+
+def palette(labels: list[str]) -> dict[str, str]:
+    """One colour per run/model, the same in every figure (tab10, then tab20, then hsv)."""
+    from matplotlib import colormaps
+
+    n = len(labels)
+    if n <= 10:
+        cols = [colormaps["tab10"](i) for i in range(n)]
+    elif n <= 20:
+        cols = [colormaps["tab20"](i) for i in range(n)]
+    else:
+        cols = [colormaps["hsv"](i / n) for i in range(n)]
+    from matplotlib.colors import to_hex
+
+    return {lab: to_hex(c) for lab, c in zip(labels, cols, strict=True)}
+
+
+def _fig(w: float = 6.4, h: float = 3.8, ncols: int = 1, nrows: int = 1) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(w, h), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _vals(xs: list[Any]) -> list[float]:
+    return [NAN if num(x) is None else float(x) for x in xs]
+
+
+def _positive(xs: list[float]) -> list[float]:
+    return [x if (not math.isnan(x) and x > 0) else NAN for x in xs]
+
+
+def _layer_axis(ax: Any) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend(ax: Any, n: int) -> None:
+    if n and ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", ncols=1 if n <= 8 else 2, frameon=False)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def fig_loss_curves(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    runs = [r for r in data.runs if r.series("loss")[0] or r.series("val_loss")[0]]
+    if not runs:
+        return "no training or validation loss recorded in the runs"
+    fig, axes = _fig(10, 3.8, ncols=2)
+    ax_t, ax_v = axes[0]
+    for r in runs:
+        s, v = r.series("loss")
+        if s:
+            ax_t.plot(s, v, color=colors[r.label], label=r.label, lw=1.4)
+        s, v = r.series("val_loss")
+        if s:
+            ax_v.plot(s, v, color=colors[r.label], label=r.label, lw=1.4, marker="o", ms=3)
+    ax_t.set(title="training loss", xlabel="training step",
+             ylabel="cross-entropy (nats/token)")
+    ax_v.set(title="validation loss", xlabel="training step",
+             ylabel="cross-entropy (nats/token)")
+    _legend(ax_t, len(runs))
+    return fig
+
+
+def fig_last_layer_variance(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    runs = [r for r in data.runs if r.stats]
+    if not runs:
+        return "no layer statistics in the runs (train with train.stats_interval > 0)"
+    fig, axes = _fig(6.4, 4.0)
+    ax = axes[0][0]
+    for r in runs:
+        steps, vals = [], []
+        for s in r.stats:
+            v = s.get("var")
+            if isinstance(v, list) and v:
+                steps.append(s["_step"])
+                vals.append(num(v[-1]))
+        ax.plot(steps, _positive(_vals(vals)), color=colors[r.label], label=r.label, lw=1.4,
+                marker="o", ms=2.5)
+    ax.set_yscale("log")
+    ax.set(title="last-layer variance over training (pre-final-norm, var_{L-1})",
+           xlabel="training step", ylabel=VAR_LABEL + ", log scale")
+    _legend(ax, len(runs))
+    return fig
+
+
+def _final_stats(r: RunData) -> dict[str, Any] | None:
+    return r.stats[-1] if r.stats else None
+
+
+def fig_variance_profile(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    lines = []
+    for r in data.runs:
+        st = _final_stats(r)
+        if st and isinstance(st.get("var"), list):
+            lines.append((f"{r.label} (stats, step {st['_step']})", r.label, st["var"], "-", "o"))
+    for label, d in data.all_diagnoses:
+        v = d.layer_list("variance", "variance")
+        if v:
+            lines.append((f"{label} (diagnose)", label, v, "--", "s"))
+    if not lines:
+        return "no variance profile: no stats records and no diagnose results"
+    fig, axes = _fig(6.4, 4.0)
+    ax = axes[0][0]
+    for text, label, vals, ls, marker in lines:
+        ax.plot(range(len(vals)), _positive(_vals(vals)), ls=ls, marker=marker, ms=3,
+                color=colors.get(label, "black"), label=text, lw=1.3)
+    ax.set_yscale("log")
+    ax.set(title="per-layer variance profile var_l (output of block l, pre-final-norm)",
+           xlabel="layer index l", ylabel=VAR_LABEL + ", log scale")
+    _layer_axis(ax)
+    _legend(ax, len(lines))
+    return fig
+
+
+def fig_layer_stats(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    runs = [r for r in data.runs if _final_stats(r)]
+    if not runs:
+        return "no layer statistics in the runs (train with train.stats_interval > 0)"
+    panels = [
+        ("update_ratio", "residual update ||h_{l+1}-h_l|| / ||h_l||", "ratio (token mean)", True),
+        ("grad_norm", "gradient norm per block", "L2 norm (after clipping)", True),
+        ("weight_sparsity", "weight sparsity (|w| < tau) per block", "fraction of entries", False),
+        ("attn_entropy", "attention entropy per layer", "entropy / log(visible keys)", False),
+    ]
+    fig, axes = _fig(10, 6.4, ncols=2, nrows=2)
+    for ax, (key, title, ylabel, log) in zip(axes.flat, panels, strict=True):
+        drawn = 0
+        for r in runs:
+            v = _final_stats(r).get(key)
+            if isinstance(v, list) and any(num(x) is not None for x in v):
+                y = _vals(v)
+                ax.plot(range(len(y)), _positive(y) if log else y, marker="o", ms=3,
+                        color=colors[r.label], label=r.label, lw=1.3)
+                drawn += 1
+        if log and drawn:
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="layer index l", ylabel=ylabel)
+        _layer_axis(ax)
+        if not drawn:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+    _legend(axes[0][0], len(runs))
+    fig.suptitle("layer statistics at each run's last stats step")
+    return fig
+
+
+# ----------------------------------------------------------------------------- diagnose
+
+
+def _jacobian(d: Diagnosis) -> list[float | None] | None:
+    v = d.layer_list("jacobian", "jacobian_norm")
+    if v:
+        return v
+    h = d.get("jacobian", "hutchinson")
+    if isinstance(h, dict) and isinstance(h.get("fro"), list):
+        n = d.get("jacobian", "info") or {}
+        dm = n.get("d_model") if isinstance(n, dict) else None
+        if dm:
+            return [num(x) / dm if num(x) is not None else None for x in h["fro"]]
+    return None
+
+
+def fig_jacobian(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    lines = [(label, v) for label, d in data.all_diagnoses if (v := _jacobian(d))]
+    if not lines:
+        return "no Jacobian results (run `depthlab diagnose RUN --out RUN/diagnose`)"
+    fig, axes = _fig(6.4, 4.0)
+    ax = axes[0][0]
+    for label, vals in lines:
+        ax.plot(range(len(vals)), _vals(vals), marker="o", ms=3, color=colors.get(label, "black"),
+                label=label, lw=1.3)
+    ax.set(title="Jacobian deviation from identity per layer",
+           xlabel="layer index l", ylabel="||J_l - I||_F / d (dimensionless)")
+    _layer_axis(ax)
+    _legend(ax, len(lines))
+    return fig
+
+
+def _bar_values(data: ReportData) -> list[tuple[str, dict[str, float | None]]]:
+    out = []
+    for label, d in data.all_diagnoses:
+        out.append((label, {
+            "usefulness": d.scalar("usefulness", "usefulness"),
+            "causal": d.scalar("causal", "causal_pairs"),
+            "permutation": d.scalar("permutation", "permutation"),
+        }))
+    return out
+
+
+def fig_diagnostic_bars(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    rows = [(lab, v) for lab, v in _bar_values(data) if any(x is not None for x in v.values())]
+    if not rows:
+        return "no usefulness / causal / permutation results from `depthlab diagnose`"
+    panels = [("usefulness", "usefulness", "fraction of useful layers"),
+              ("causal", "causal score (causal_pairs)", "mean relative change of updates"),
+              ("permutation", "permutation score", "mean relative loss change")]
+    fig, axes = _fig(max(9.0, min(3 + 1.2 * len(rows), 15)), 3.8, ncols=3)
+    labels = [lab for lab, _ in rows]
+    tilt = len(rows) > 3 or max(len(lab) for lab in labels) > 8
+    for ax, (key, title, ylabel) in zip(axes[0], panels, strict=True):
+        vals = [v[key] for _, v in rows]
+        xs = list(range(len(rows)))
+        ax.bar(xs, [NAN if x is None else x for x in vals],
+               color=[colors.get(lab, "grey") for lab in labels])
+        for x, val in zip(xs, vals, strict=True):
+            ax.text(x, 0 if val is None else val, "n/a" if val is None else f"{val:.3g}",
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs, labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
+        ax.set(title=title, ylabel=ylabel, xlabel="run")
+        if key == "usefulness":
+            ax.set_ylim(0, 1.08)
+        ax.grid(axis="x", visible=False)
+    return fig
+
+
+def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: str,
+              colors: dict[str, str]) -> Figure | str:
+    mats = [(label, m) for label, d in data.all_diagnoses if (m := d.matrix(metric))]
+    if not mats:
+        return f"no {metric} matrices from `depthlab diagnose`"
+    n = len(mats)
+    ncols = min(n, 4)
+    nrows = math.ceil(n / ncols)
+    fig, axes = _fig(3.3 * ncols + 0.6, 3.1 * nrows, ncols=ncols, nrows=nrows)
+    vmax = max((x for _, m in mats for row in m for x in row if x is not None), default=1.0) or 1.0
+    image = None
+    for ax, (label, m) in zip(axes.flat, mats, strict=False):
+        grid = [[NAN if x is None else x for x in row] for row in m]
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, origin="upper",
+                          interpolation="nearest")
+        ax.set_title(label, color=colors.get(label, "black"))
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        L = len(grid)
+        if L <= 16:
+            ax.set_xticks(range(L))
+            ax.set_yticks(range(L))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(False)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=title)
+    return fig
+
+
+def fig_causal_heatmaps(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    return _heatmaps(data, "causal", "causal score C[s, l]", "later block l",
+                     "skipped block s", colors)
+
+
+def fig_permutation_heatmaps(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    return _heatmaps(data, "permutation", "permutation score P(l1, l2)", "block l2",
+                     "block l1", colors)
+
+
+# ----------------------------------------------------------------------------- ladder
+
+
+def ladder_rows(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float | None,
+                                                                     float | None]]]:
+    """(score name, [(step name, score, usefulness)]) of ladder data."""
+    score_keys = [("avg_accuracy", "average accuracy (%)"), ("accuracy", "accuracy (%)"),
+                  ("val_ppl", "validation perplexity"), ("ppl", "perplexity")]
+    key, name = next(((k, n) for k, n in score_keys if any(k in r for r in rows)),
+                     ("score", "score"))
+    out = []
+    for i, r in enumerate(rows):
+        label = str(r.get("name", r.get("label", r.get("step", f"step {i}"))))
+        out.append((label, num(r.get(key)), num(r.get("usefulness"))))
+    return name, out
+
+
+def fig_ladder(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    if not data.ladder:
+        return "no ladder data (pass --ladder FILE or put ladder.json in a report directory)"
+    score_name, rows = ladder_rows(data.ladder)
+    if not any(s is not None for _, s, _ in rows):
+        return "ladder data has no scores (ppl / val_ppl / accuracy / avg_accuracy)"
+    fig, axes = _fig(max(5.0, 1.2 * len(rows) + 2), 4.0)
+    ax = axes[0][0]
+    xs = list(range(len(rows)))
+    scores = [NAN if s is None else s for _, s, _ in rows]
+    bars = ax.bar(xs, scores, color="#4c72b0", label=score_name)
+    for b, s in zip(bars, scores, strict=True):
+        if not math.isnan(s):
+            ax.text(b.get_x() + b.get_width() / 2, s, f"{s:.1f}", ha="center", va="bottom",
+                    fontsize=7)
+    ax.set_xticks(xs, [lab for lab, _, _ in rows], rotation=20, ha="right")
+    ax.set(title="ablation ladder", xlabel="recipe step (cumulative)", ylabel=score_name)
+    finite = [s for s in scores if not math.isnan(s)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        pad = (hi - lo) * 0.5 or abs(hi) * 0.05 or 1.0
+        ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
+    ax.grid(axis="x", visible=False)
+    use = [u for _, _, u in rows]
+    if any(u is not None for u in use):
+        ax2 = ax.twinx()
+        ax2.plot(xs, [NAN if u is None else u for u in use], color="#dd8452", marker="D",
+                 ls="--", lw=1.2, label="usefulness")
+        ax2.set_ylabel("usefulness (fraction of useful layers)")
+        ax2.set_ylim(0, 1.05)
+        ax2.grid(False)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper left", frameon=False)
+    return fig
+
+
+# ----------------------------------------------------------------------------- driver
+
+FIGURES: list[tuple[str, str, str, Callable[[ReportData, dict[str, str]], Figure | str]]] = [
+    ("loss_curves", "Training and validation loss",
+     "Token-mean next-token cross-entropy; validation on the run's fixed validation batches.",
+     fig_loss_curves),
+    ("last_layer_variance", "Last-layer variance over training",
+     "var_{L-1}: mean over probe tokens of the variance across the hidden dimension of the "
+     "last block's output, before the final norm (metrics.md section 1), log scale.",
+     fig_last_layer_variance),
+    ("variance_profile", "Per-layer variance profile",
+     "Solid: the last training-time stats step (fixed probe batch). Dashed: `depthlab diagnose` "
+     "(its evaluation set).", fig_variance_profile),
+    ("layer_stats", "Layer statistics at the last stats step",
+     "Residual-update ratio, per-block gradient norm, weight sparsity and attention entropy "
+     "from the training-time stats (docs/reporting.md).", fig_layer_stats),
+    ("jacobian", "Jacobian norm per layer",
+     "||J_l - I||_F / d of each block (metrics.md section 2), from `depthlab diagnose`.",
+     fig_jacobian),
+    ("diagnostic_bars", "Usefulness, causal and permutation scores",
+     "usefulness = useful layers / L (loss ratio > 1.1 when the block is replaced by its best "
+     "affine map); causal = causal_pairs; permutation = mean over all block pairs.",
+     fig_diagnostic_bars),
+    ("causal_heatmaps", "Causal score matrices",
+     "C[s, l]: relative change of block l's update when block s is skipped (zero on and below "
+     "the diagonal).", fig_causal_heatmaps),
+    ("permutation_heatmaps", "Permutation score matrices",
+     "P(l1, l2) = |L_base - L_swap| / L_base for swapping blocks l1 < l2.",
+     fig_permutation_heatmaps),
+    ("ladder", "Ablation ladder",
+     "Bars: the score of each cumulative recipe step; markers: usefulness.", fig_ladder),
+]
+
+
+def make_figures(data: ReportData, out_dir: Path, colors: dict[str, str],
+                 formats: tuple[str, ...] = ("png", "svg"), dpi: int = 120) -> list[FigureOut]:
+    """Draw every figure that has data; write `out_dir/NAME.{png,svg}`."""
+    import matplotlib
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outs = []
+    for name, title, caption, fn in FIGURES:
+        with matplotlib.rc_context(STYLE):
+            result = fn(data, colors)
+            if isinstance(result, str):
+                outs.append(FigureOut(name, title, caption, note=result))
+                continue
+            fo = FigureOut(name, title, caption)
+            if "png" in formats:
+                fo.png = out_dir / f"{name}.png"
+                result.savefig(fo.png, dpi=dpi)
+            if "svg" in formats:
+                fo.svg = out_dir / f"{name}.svg"
+                result.savefig(fo.svg)
+        outs.append(fo)
+    return outs

@@ -1,0 +1,159 @@
+"""Report tables: one row per run (validation PPL, usefulness, ...) in the paper's layout.
+
+Each table renders to HTML (for the page), GitHub markdown and CSV (written beside it).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from depthlab.report.data import ReportData, num
+
+ABBREV = {
+    "model.n_layers": "L", "model.d_model": "d", "model.n_heads": "heads",
+    "model.n_kv_heads": "kv heads", "model.moe": "MoE", "model.moe.num_experts": "E",
+    "model.moe.top_k": "top-k", "data.seq_len": "T", "train.weight_decay": "λ (wd)",
+    "train.lr": "lr", "train.max_steps": "steps", "train.batch_size": "batch",
+    "model.norm_placement": "norm",
+}
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def to_markdown(self) -> str:
+        cells = [self.headers] + self.rows
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.headers))]
+
+        def line(r: list[str]) -> str:
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+
+        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        out = [f"**{self.title}**", "", line(self.headers), sep, *(line(r) for r in self.rows)]
+        if self.note:
+            out += ["", self.note]
+        return "\n".join(out) + "\n"
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(self.headers)
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+    def to_html(self) -> str:
+        e = html.escape
+        head = "".join(f"<th>{e(h)}</th>" for h in self.headers)
+        body = "".join(
+            "<tr>" + "".join(
+                f'<td class="{"num" if i else "name"}">{e(c)}</td>' for i, c in enumerate(r)
+            ) + "</tr>" for r in self.rows)
+        note = f'<p class="caption">{e(self.note)}</p>' if self.note else ""
+        return (f'<table id="table-{e(self.name)}"><caption>{e(self.title)}</caption>'
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}")
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number for a table cell: `digits` significant digits, `–` when missing."""
+    v = num(x)
+    if v is None:
+        return "–"
+    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+        return f"{v:.{max(digits - 2, 1)}e}"
+    if abs(v) >= 10 ** digits:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def fmt_value(v: Any) -> str:
+    if v is None:
+        return "off"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items())
+    return str(v)
+
+
+def fmt_params(n: int | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def knob_name(key: str) -> str:
+    return ABBREV.get(key, key.rsplit(".", 1)[-1])
+
+
+def runs_table(data: ReportData) -> Table | None:
+    """Paper-style table: the knobs, then validation PPL and usefulness per run."""
+    if not data.runs:
+        return None
+    knobs = data.knob_keys[:6]
+    headers = ["run", *(knob_name(k) for k in knobs), "params", "steps", "val loss",
+               "val PPL ↓", "usefulness ↑", "causal", "permutation", "last-layer var"]
+    rows = []
+    for r in data.runs:
+        d = r.diagnosis
+        st = r.stats[-1] if r.stats else None
+        last_var = st["var"][-1] if st and isinstance(st.get("var"), list) and st["var"] else None
+        if last_var is None and d is not None:
+            last_var = d.scalar("variance", "last_layer_variance")
+        steps = str(r.final_step) + ("" if r.complete else " (incomplete)")
+        rows.append([
+            r.label, *(fmt_value(r.knobs.get(k)) for k in knobs), fmt_params(r.params()), steps,
+            fmt(r.val_loss()), fmt(r.val_ppl()),
+            fmt(d.scalar("usefulness", "usefulness")) if d else "–",
+            fmt(d.scalar("causal", "causal_pairs")) if d else "–",
+            fmt(d.scalar("permutation", "permutation")) if d else "–",
+            fmt(last_var),
+        ])
+    note = ("val PPL: exp(validation loss) at the run's last evaluation. usefulness, causal "
+            "(causal_pairs) and permutation come from `depthlab diagnose` (– when not run). "
+            "last-layer var: the last stats step (pre-final-norm).")
+    if len(data.knob_keys) > len(knobs):
+        note += f" Further differing keys: {', '.join(data.knob_keys[len(knobs):])}."
+    return Table("runs", "Validation perplexity and layer usefulness per run", headers, rows,
+                 note)
+
+
+def diagnoses_table(data: ReportData) -> Table | None:
+    """Models diagnosed outside any run (e.g. Hugging Face checkpoints)."""
+    if not data.diagnoses:
+        return None
+    headers = ["model", "layers", "usefulness ↑", "causal", "permutation", "mean ||J-I||/d",
+               "last-layer var"]
+    rows = []
+    for d in data.diagnoses:
+        jac = d.get("jacobian", "mean")
+        jac_mean = jac.get("jacobian_norm") if isinstance(jac, dict) else None
+        rows.append([d.label, str(d.n_layers or "–"), fmt(d.scalar("usefulness", "usefulness")),
+                     fmt(d.scalar("causal", "causal_pairs")),
+                     fmt(d.scalar("permutation", "permutation")), fmt(jac_mean),
+                     fmt(d.scalar("variance", "last_layer_variance"))])
+    return Table("diagnoses", "Diagnosed models", headers, rows)
+
+
+def ladder_table(data: ReportData) -> Table | None:
+    if not data.ladder:
+        return None
+    from depthlab.report.figures import ladder_rows
+
+    score_name, rows = ladder_rows(data.ladder)
+    return Table("ladder", "Ablation ladder", ["step", score_name, "usefulness ↑"],
+                 [[lab, fmt(s), fmt(u)] for lab, s, u in rows])
+
+
+def make_tables(data: ReportData) -> list[Table]:
+    return [t for t in (runs_table(data), diagnoses_table(data), ladder_table(data)) if t]

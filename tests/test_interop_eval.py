@@ -1,0 +1,173 @@
+"""`depthlab eval`: lm-evaluation-harness end to end on local data, native adapter, perplexity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from depthlab.cli import main
+from depthlab.config import build_config
+from depthlab.errors import DepthlabError
+from depthlab.model import DepthLM
+from depthlab.train.checkpoint import model_state
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO / ".." / "shared" / "data" / "downstream").resolve()
+needs_data = pytest.mark.skipif(
+    not DATA.is_dir(), reason=f"downstream eval sets not found at {DATA} (../shared/data/downstream)"
+)
+V = 257
+
+
+def write_run(root: Path, name: str = "run", **overrides) -> Path:
+    """A tiny byte-level run dir made by hand (config.yaml + one safetensors checkpoint)."""
+    raw = {"name": name, "out_dir": str(root), "model.vocab_size": V, "model.n_layers": 2,
+           "model.d_model": 32, "model.n_heads": 4, "model.max_seq_len": 128,
+           "data.seq_len": 32, "train.batch_size": 4, **overrides}
+    cfg = build_config({}, raw)
+    torch.manual_seed(0)
+    model = DepthLM(cfg.model)
+    run = root / name
+    ckpt = run / "checkpoints" / "step_0000005"
+    ckpt.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    save_file(model_state(model), str(ckpt / "model.safetensors"))
+    return run
+
+
+@needs_data
+def test_cli_eval_runs_lm_eval_on_local_arc_piqa_copa(tmp_path, capsys):
+    run = write_run(tmp_path, **{"model.max_seq_len": 256})  # the first 8 piqa answers fit
+    out = tmp_path / "eval"
+    main(["eval", str(run), "--tasks", "arc_easy,piqa,copa", "--limit", "8",
+          "--data-dir", str(DATA), "--out", str(out), "--batch-size", "16"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "hf backend" in printed and "average (3 tasks)" in printed
+    summary = json.loads(next(out.glob("summary_*.json")).read_text())
+    full = json.loads(next(out.glob("lm_eval_results_*.json")).read_text())
+    assert summary["backend"] == "hf" and summary["tasks"] == ["arc_easy", "piqa", "copa"]
+    by_task: dict[str, dict] = {}
+    for row in summary["rows"]:
+        by_task.setdefault(row["task"], {})[row["metric"]] = row
+        assert 0.0 <= row["value"] <= 1.0 and row["n"] == 8
+    assert set(by_task) == {"arc_easy", "piqa", "copa"}
+    assert set(by_task["arc_easy"]) == {"acc", "acc_norm"} and set(by_task["copa"]) == {"acc"}
+    for task in by_task:
+        assert full["n-samples"][task] == {"original": full["n-samples"][task]["original"],
+                                           "effective": 8}
+        assert full["results"][task]["acc,none"] == by_task[task]["acc"]["value"]
+    assert full["n-samples"]["copa"]["original"] == 100
+    accs = [by_task[t]["acc"]["value"] for t in by_task]
+    assert summary["averages"]["acc"] == pytest.approx(sum(accs) / 3)
+    paper = [by_task[t].get("acc_norm", by_task[t]["acc"])["value"] for t in by_task]
+    assert summary["averages"]["acc_norm|acc"] == pytest.approx(sum(paper) / 3)
+
+
+def test_native_adapter_matches_lm_eval_hflm_on_the_export(tmp_path):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from depthlab.data import ByteTokenizer
+    from depthlab.interop.hf_export import byte_level_tokenizer, export_model
+    from depthlab.interop.lm_eval_adapter import DepthLMEval
+
+    cfg = build_config({}, {"model.vocab_size": V, "model.n_layers": 2, "model.d_model": 32,
+                            "model.n_heads": 4, "model.max_seq_len": 48, "data.seq_len": 32})
+    torch.manual_seed(1)
+    model = DepthLM(cfg.model).eval()
+    export_model(model, tmp_path / "hf", byte_level_tokenizer(48))
+    pairs = [("Question: who?\nAnswer:", " Moses"), ("", "In the beginning"),
+             ("The man turned on the faucet therefore", " water flowed"),
+             ("x" * 60, " overflowing context is truncated from the left")]
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    native = DepthLMEval(model, ByteTokenizer(), batch_size=3).loglikelihood(reqs, True)
+    hflm = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=2)
+    stock = hflm.loglikelihood(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(native, stock, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    rolling = [Instance("loglikelihood_rolling", {}, ("In the beginning God " * 8,), 0)]
+    assert DepthLMEval(model, ByteTokenizer()).loglikelihood_rolling(rolling)[0] == \
+        pytest.approx(hflm.loglikelihood_rolling(rolling, disable_tqdm=True)[0], abs=1e-3)
+
+
+@needs_data
+def test_eval_falls_back_to_native_adapter_for_post_ln(tmp_path):
+    from depthlab.interop.evaluate import run_lm_eval
+
+    run = write_run(tmp_path, **{"model.norm_placement": "post"})
+    report = run_lm_eval(run, "copa", limit=4, data_dir=DATA, out_dir=tmp_path / "out")
+    assert report.backend == "native" and "post-LN" in report.notes[0]
+    [row] = report.rows
+    assert row["task"] == "copa" and row["n"] == 4 and 0.0 <= row["value"] <= 1.0
+    assert len(report.files) == 2
+
+
+def test_eval_bad_input_is_one_line(tmp_path, capsys):
+    from depthlab.interop.evaluate import resolve_hub_tasks, run_lm_eval
+
+    run = write_run(tmp_path)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    if DATA.is_dir():
+        (partial / "piqa").symlink_to(DATA / "piqa")
+    with pytest.raises(DepthlabError, match="unknown task 'hellaswag' for --data-dir.*copa"):
+        run_lm_eval(run, "piqa,hellaswag", data_dir=partial)
+    with pytest.raises(DepthlabError, match="has no copa/ for task 'copa'"):
+        run_lm_eval(run, "copa", data_dir=partial)
+    with pytest.raises(DepthlabError, match="no such directory"):
+        run_lm_eval(run, "copa", data_dir=tmp_path / "nope")
+    with pytest.raises(DepthlabError, match="unknown task 'arc_eazy'; did you mean arc_easy"):
+        resolve_hub_tasks(["arc_eazy"])
+    for argv, needle in [
+        (["eval", str(run)], "nothing to evaluate"),
+        (["eval", str(tmp_path / "missing"), "--tasks", "piqa", "--data-dir", str(partial)],
+         "no such run"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert needle in " ".join(capsys.readouterr().err.split())
+
+
+def test_perplexity_run_split_kjv_and_hf_export_agree(tmp_path, monkeypatch):
+    from depthlab.data.corpus import kjv_path
+    from depthlab.interop.evaluate import run_perplexity
+    from depthlab.interop.hf_export import export_hf
+
+    try:
+        kjv_path()
+    except DepthlabError as err:
+        pytest.skip(str(err))
+    monkeypatch.setenv("DEPTHLAB_CACHE", str(tmp_path / "cache"))
+    run = write_run(tmp_path)
+    own = run_perplexity(run, limit=8)
+    kjv = run_perplexity(run, data="kjv", limit=8)
+    export_hf(run, tmp_path / "hf")
+    hf = run_perplexity(tmp_path / "hf", data="kjv", limit=8, seq_len=32)
+    assert own.tokens == kjv.tokens == hf.tokens == 8 * 32
+    assert own.loss == pytest.approx(kjv.loss, abs=1e-5)  # kjv val split, same windows
+    assert hf.loss == pytest.approx(kjv.loss, abs=1e-5)
+    assert 100 < kjv.ppl < 1000  # an untrained byte model: about exp(log 257)
+
+
+@needs_data
+def test_eval_any_hf_model_dir(tmp_path):
+    from depthlab.interop.evaluate import run_lm_eval
+    from depthlab.interop.hf_export import export_hf
+
+    export_hf(write_run(tmp_path, **{"model.qk_norm": True}), tmp_path / "hf")
+    report = run_lm_eval(tmp_path / "hf", "social_i_qa,copa", limit=4, data_dir=DATA,
+                         batch_size=8)
+    assert report.backend == "hf" and report.files == []  # no --out: nothing written
+    assert [r["task"] for r in report.rows] == ["social_iqa", "copa"]
+    assert all(r["n"] == 4 and 0.0 <= r["value"] <= 1.0 for r in report.rows)
+    with pytest.raises(DepthlabError, match="--backend native needs a depthlab run"):
+        run_lm_eval(tmp_path / "hf", "copa", limit=2, data_dir=DATA, backend="native")

@@ -1,0 +1,257 @@
+"""The metric suite (registry, shared hidden states, costs) and the metrics on Hugging Face
+models through `build_stack`, against the HF models' own forward passes."""
+
+# ruff: noqa: E741
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depthlab.config import ModelConfig, MoEConfig
+from depthlab.errors import DepthlabError
+from depthlab.model.transformer import DepthLM
+from depthlab.probe import build_stack
+from depthlab.probe.metrics import (
+    compute_attention_sparsity,
+    compute_causal,
+    compute_jacobian,
+    compute_layer_drop,
+    compute_moe,
+    compute_permutation,
+    compute_usefulness,
+    compute_variance,
+    compute_weight_sparsity,
+)
+from depthlab.probe.suite import METRICS, resolve_metrics, run_suite
+
+V, D, L, T, N, BS = 101, 32, 4, 10, 5, 2
+
+NAMES = ["variance", "jacobian", "usefulness", "causal", "permutation", "layer_drop",
+         "block_influence", "angular_distance", "layer_similarity", "weight_sparsity",
+         "attention_sparsity", "moe"]
+
+
+def _depthlm(**kw) -> DepthLM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=V, n_layers=L, d_model=D, n_heads=4, n_kv_heads=2, max_seq_len=64,
+               init="normal", init_std=0.15)
+    cfg.update(kw)
+    return DepthLM(ModelConfig(**cfg)).eval()
+
+
+def _ids(n: int = N, t: int = T, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+# -------------------------------------------------------------------- suite
+
+
+def test_registry_names():
+    assert list(METRICS) == NAMES
+    assert resolve_metrics("all") == NAMES
+    assert resolve_metrics("causal,layer-drop") == ["causal", "layer_drop"]
+    with pytest.raises(DepthlabError, match="unknown metric"):
+        resolve_metrics(["causal", "nope"])
+
+
+def test_suite_shares_states_and_matches_standalone_metrics():
+    model = _depthlm(moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16, layers=[1, 3]))
+    stack = build_stack(model)
+    ids = _ids()
+    buf = io.StringIO()
+    from rich.console import Console
+
+    out = run_suite(stack, ids, "all", batch_size=BS, progress=True,
+                    console=Console(file=buf, force_terminal=False, width=100))
+    assert "causal" in buf.getvalue()
+    json.dumps(out)  # JSON-ready
+    m = out["metrics"]
+    assert list(m) == NAMES
+    for name in NAMES:
+        assert m[name]["wall_s"] >= 0 and "block_forwards" in m[name]["cost"]
+    # variance makes the one real pass that fills the cache; MoE needs its own (router hooks)
+    assert m["variance"]["cost"]["block_forwards"] == L * N
+    for name in ("block_influence", "angular_distance", "layer_similarity", "attention_sparsity"):
+        assert m[name]["cost"]["block_forwards"] == 0
+    assert m["causal"]["cost"]["block_forwards"] == N * L * (L - 1) // 2
+    assert m["usefulness"]["cost"]["block_forwards"] == N * L * (L - 1) // 2
+    assert m["permutation"]["cost"]["block_forwards"] == N * (L - 1) * L * (L + 1) // 3
+    assert m["jacobian"]["cost"]["jvp_block_forwards"] == D * L * N
+    assert m["layer_drop"]["source"] == "causal" and m["layer_drop"]["cost"]["block_forwards"] == 0
+    assert m["moe"]["cost"]["block_forwards"] == L * N + N * ((L - 1) + (L - 3))
+    assert out["cost"]["block_forwards"] == sum(v["cost"]["block_forwards"] for v in m.values())
+
+    # the same numbers as each metric run on its own (no cache, no sharing)
+    alone = {
+        "causal": compute_causal(stack, ids, batch_size=3).to_dict(),
+        "permutation": compute_permutation(stack, ids, batch_size=3).to_dict(),
+        "usefulness": compute_usefulness(stack, ids, batch_size=3).to_dict(),
+        "variance": compute_variance(stack, ids, batch_size=3).to_dict(),
+        "layer_drop": compute_layer_drop(stack, ids, batch_size=3).to_dict(),
+        "moe": compute_moe(stack, ids, batch_size=3).to_dict(),
+    }
+    for name, key in [("causal", "matrix"), ("permutation", "scores"), ("usefulness", "loss_ratio"),
+                      ("variance", "variance"), ("variance", "mlp_variance"),
+                      ("layer_drop", "loss"), ("moe", "importance")]:
+        got = torch.tensor(m[name][key], dtype=torch.float64)
+        torch.testing.assert_close(got, torch.tensor(alone[name][key], dtype=torch.float64),
+                                   atol=1e-6, rtol=1e-5)
+    assert m["moe"]["expert_counts"] == alone["moe"]["expert_counts"]
+    assert m["moe"]["moe_layers"] == [1, 3]
+
+
+def test_suite_options_and_subset():
+    stack = build_stack(_depthlm())
+    out = run_suite(stack, _ids(), ["permutation", "jacobian"], batch_size=BS, progress=False,
+                    options={"permutation": {"pairs": "adjacent"},
+                             "jacobian": {"mode": "hutchinson", "probes": 8}})
+    assert list(out["metrics"]) == ["permutation", "jacobian"]
+    assert out["metrics"]["permutation"]["pair_set"] == "adjacent"
+    assert out["metrics"]["jacobian"]["jacobian_norm"] is None
+    assert len(out["metrics"]["jacobian"]["hutchinson"]["fro"]) == L
+    with pytest.raises(DepthlabError):
+        run_suite(stack, _ids(), "causal", progress=False, options={"bogus": {}})
+
+
+def test_costs_against_published_reference():
+    stack = build_stack(_depthlm())
+    ids = _ids(8)
+    n = 8
+    c = compute_causal(stack, ids, batch_size=4).cost
+    assert c["block_forwards"] == L * n + n * L * (L - 1) // 2
+    assert c["reference_full_forwards"] == (L + 2) * math.ceil(n / 4)
+    assert c["reference_block_forwards"] == (L + 2) * n * L
+    p = compute_permutation(stack, ids, batch_size=4).cost
+    assert p["reference_block_forwards"] == (1 + L * (L - 1) // 2) * n * L
+    assert p["block_forwards"] < p["reference_block_forwards"]
+    u = compute_usefulness(stack, ids, batch_size=4).cost
+    assert u["reference_block_forwards"] == (1 + 2 * L) * n * L
+    assert u["block_forwards"] < u["reference_block_forwards"]
+
+
+# ----------------------------------------------------------- Hugging Face
+
+transformers = pytest.importorskip("transformers")
+
+
+class HFSkip(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _hf(name: str, impl: str = "sdpa"):
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=D, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if name == "llama":
+        cfg = transformers.LlamaConfig(**common, intermediate_size=64)
+    else:
+        cfg = transformers.MixtralConfig(**common, intermediate_size=16, num_local_experts=4,
+                                         num_experts_per_tok=2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim >= 2 and "embed" not in n:
+                p.mul_(10.0)
+    return model.eval()
+
+
+@torch.no_grad()
+def _hf_run(model, ids):
+    """(pre-final-norm states h_0..h_L via hooks on the model's own forward, loss)."""
+    layers = model.model.layers
+    states = []
+    hooks = [layers[0].register_forward_pre_hook(lambda _m, a: states.append(a[0]))]
+    hooks += [lay.register_forward_hook(lambda _m, _a, o: states.append(o[0] if isinstance(o, tuple) else o))
+              for lay in layers]
+    logits = model(ids).logits
+    for h in hooks:
+        h.remove()
+    lg = logits[:, :-1].float()
+    return states, float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+def test_hf_llama_causal_permutation_jacobian_against_model_forward():
+    model = _hf("llama")
+    stack = build_stack(model)
+    Lh = 3
+    ids = _ids(3, 8)
+    states, base = _hf_run(model, ids)
+    assert len(states) == Lh + 1
+
+    causal = compute_causal(stack, ids, batch_size=2)
+    assert causal.base_loss == pytest.approx(base, rel=1e-5)
+    for s in range(Lh):
+        mod = copy.deepcopy(model)
+        mod.model.layers[s] = HFSkip()
+        st2, loss2 = _hf_run(mod, ids)
+        assert causal.skip_loss[s] == pytest.approx(loss2, rel=1e-5)
+        for l in range(s + 1, Lh):
+            d0, d1 = states[l + 1] - states[l], st2[l + 1] - st2[l]
+            ref = ((d1 - d0).norm(dim=-1).mean() / d0.norm(dim=-1).mean()).item()
+            assert causal.matrix[s][l] == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+    perm = compute_permutation(stack, ids, batch_size=2)
+    for (l1, l2), p in zip(perm.pairs, perm.scores, strict=True):
+        mod = copy.deepcopy(model)
+        mod.model.layers[l1], mod.model.layers[l2] = mod.model.layers[l2], mod.model.layers[l1]
+        assert p == pytest.approx(abs(base - _hf_run(mod, ids)[1]) / base, rel=1e-4, abs=1e-6)
+
+    small = ids[:2, :5]
+    jac = compute_jacobian(stack, small, batch_size=2, keep_matrices=True, layers=[1])
+    h1 = stack.hidden_states(small)[1]
+    full = torch.autograd.functional.jacobian(lambda x: stack.run_block(1, x), h1)
+    J = full.sum(dim=(0, 1, 3, 4)) / small.numel()
+    torch.testing.assert_close(torch.tensor(jac.matrices[0]), J, atol=1e-5, rtol=1e-5)
+
+    ws = compute_weight_sparsity(stack)
+    assert "attn.q_proj" in ws.per_kind and len(ws.per_block) == Lh
+
+
+def test_hf_attention_sparsity_against_output_attentions():
+    model = _hf("llama", impl="eager")
+    ids = _ids(2, 8)
+    with torch.no_grad():
+        att = model(ids, output_attentions=True).attentions
+    res = compute_attention_sparsity(build_stack(model), ids, batch_size=2)
+    for l, P in enumerate(att):
+        P = P.double()
+        ents, fracs = [], []
+        for t in range(1, 8):
+            p = P[:, :, t, : t + 1]
+            ents.append(-(p * p.clamp_min(1e-300).log()).sum(-1) / math.log(t + 1))
+            k = (p.sort(dim=-1, descending=True).values.cumsum(-1) < 0.9).sum(-1) + 1
+            fracs.append(k.double() / (t + 1))
+        assert res.normalized_entropy[l] == pytest.approx(torch.stack(ents).mean((0, 1)).tolist(), rel=1e-5)
+        assert res.top_mass_fraction[l] == pytest.approx(torch.stack(fracs).mean((0, 1)).tolist(), rel=1e-5)
+    assert res.group_size == 2
+
+
+def test_hf_mixtral_moe_counts_from_real_forward():
+    model = _hf("mixtral")
+    ids = _ids(3, 8)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, lay in enumerate(model.model.layers):
+        def hook(_m, _a, out, i=i):
+            seen[i] = torch.bincount(out[2].reshape(-1), minlength=4)
+        hooks.append(lay.mlp.gate.register_forward_hook(hook))
+    _, base = _hf_run(model, ids)
+    for h in hooks:
+        h.remove()
+    res = compute_moe(build_stack(model), ids, batch_size=2)
+    assert res.moe_layers == [0, 1, 2] and res.top_k == [2, 2, 2]
+    for i in range(3):
+        assert res.expert_counts[i] == seen[i].tolist()
+    assert res.base_loss == pytest.approx(base, rel=1e-5)
+    mod = copy.deepcopy(model)
+    mod.model.layers[1].mlp.forward = lambda h: torch.zeros_like(h)
+    assert res.importance[1] == pytest.approx(_hf_run(mod, ids)[1] - base, rel=1e-4, abs=1e-5)

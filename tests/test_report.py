@@ -1,0 +1,271 @@
+"""`depthlab report`: figures, one self-contained HTML page, tables, and bad input."""
+
+# ruff: noqa: E741  (l is the layer index, as in metrics.md)
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+from depthlab.errors import DepthlabError
+from depthlab.report import build_report, collect
+
+
+class PageParser(HTMLParser):
+    """Images (src), tables (id -> body row count), links and scripts of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.tables: dict[str, int] = {}
+        self.external: list[str] = []
+        self.scripts = 0
+        self._table: str | None = None
+        self._body = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        if tag == "script":
+            self.scripts += 1
+        if tag == "table":
+            self._table = a.get("id", f"table{len(self.tables)}")
+            self.tables[self._table] = 0
+        if tag == "tbody":
+            self._body = True
+        if tag == "tr" and self._body and self._table:
+            self.tables[self._table] += 1
+        for key in ("src", "href"):
+            if a.get(key, "").startswith(("http:", "https:", "//")):
+                self.external.append(a[key])
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self._body = False
+        if tag == "table":
+            self._table = None
+
+
+def parse(path: Path) -> PageParser:
+    p = PageParser()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+# ----------------------------------------------------------------------------- fake runs
+
+
+def fake_run(root: Path, name: str, *, n_layers: int = 3, wd: float = 0.1, steps: int = 20,
+             stats: bool = True, complete: bool = True, diagnose: bool = False,
+             interval: int = 5) -> Path:
+    """A run directory with the trainer's layout (config.yaml, metrics.jsonl, summary.json)."""
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {"name": name, "out_dir": str(root),
+           "model": {"n_layers": n_layers, "d_model": 32, "n_heads": 4, "vocab_size": 257},
+           "data": {"corpus": "kjv", "seq_len": 32},
+           "train": {"max_steps": steps, "weight_decay": wd, "stats_interval": interval}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = []
+    for s in range(1, steps + 1):
+        if s % 5 == 0:
+            lines.append({"step": s, "loss": 5.0 / math.sqrt(s), "lr": 1e-3, "grad_norm": 1.0})
+        if s % 10 == 0:
+            lines.append({"step": s, "val_loss": 5.2 / math.sqrt(s), "val_ppl": 10.0})
+        if stats and s % interval == 0:
+            L = n_layers
+            lines.append({"step": s, "stats_seconds": 0.01, "stats": {
+                "var": [0.01 * (l + 1) * s for l in range(L)],
+                "attn_var": [0.001] * L, "mlp_var": [0.002] * L, "embed_var": 0.001,
+                "update_ratio": [1.0 / (l + 1) for l in range(L)],
+                "grad_norm": [0.1] * L, "param_norm": [5.0] * L,
+                "weight_sparsity": [0.03] * L, "weight_hoyer": [0.2] * L,
+                "attn_entropy": [0.9] * L, "attn_top90": [0.8] * L}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if complete:
+        (run / "summary.json").write_text(json.dumps({
+            "status": "complete", "step": steps, "train_loss": 1.2, "val_loss": 1.3,
+            "val_ppl": math.exp(1.3), "tokens": 1000, "seconds": 1.0, "params": 50_000,
+            "active_params": 50_000}))
+    if diagnose:
+        L = n_layers
+        (run / "diagnose").mkdir()
+        (run / "diagnose" / "results.json").write_text(json.dumps(fake_results(L)))
+    return run
+
+
+def fake_results(L: int) -> dict:
+    causal = [[0.0 if l <= s else 0.1 * (l - s) for l in range(L)] for s in range(L)]
+    perm = [[None if a == b else 0.01 * abs(a - b) for b in range(L)] for a in range(L)]
+    return {"model": {"arch": "depthlm", "n_layers": L, "d_model": 32}, "metrics": {
+        "variance": {"variance": [0.1 * (l + 1) for l in range(L)], "last_layer_variance": 0.1 * L},
+        "jacobian": {"jacobian_norm": [0.5 / (l + 1) for l in range(L)],
+                     "mean": {"jacobian_norm": 0.3}},
+        "usefulness": {"usefulness": 2 / 3, "loss_ratio": [1.5, 1.2, 1.05][:L]},
+        "causal": {"matrix": causal, "causal_pairs": 0.15, "causal_rows": 0.2},
+        "permutation": {"matrix": perm, "permutation": 0.013, "pair_set": "all"},
+    }}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "L2", n_layers=2, diagnose=True)
+    fake_run(sweep, "L3", n_layers=3, diagnose=True)
+    fake_run(sweep, "L8", n_layers=8)
+    (sweep / "logs").mkdir()  # sweep bookkeeping is not a run
+    (sweep / "base.yaml").write_text("model: {n_layers: 2}\n")
+    rep = build_report([sweep], tmp_path / "out", title="depth sweep")
+    assert [r.label for r in rep.data.runs] == ["L2", "L3", "L8"]  # sorted by the knob
+    assert rep.data.knob_keys == ["model.n_layers"]
+    names = {f.name for f in rep.drawn}
+    assert names == {"loss_curves", "last_layer_variance", "variance_profile", "layer_stats",
+                     "jacobian", "diagnostic_bars", "causal_heatmaps", "permutation_heatmaps"}
+    for f in rep.drawn:
+        assert f.png.is_file() and f.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f.svg.is_file() and b"<svg" in f.svg.read_bytes()[:500]
+    assert [f.name for f in rep.skipped] == ["ladder"]
+
+    page = parse(rep.html)
+    assert len(page.images) == len(rep.drawn)
+    assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert page.tables == {"table-runs": 3}
+    assert not page.external and page.scripts == 0
+    text = rep.html.read_text()
+    assert "<style>" in text and "Skipped <b>Ablation ladder</b>" in text
+    md = (tmp_path / "out" / "tables" / "runs.md").read_text()
+    assert md.count("\n| L") == 3 and "val PPL" in md and "usefulness" in md
+    assert "0.6667" in md  # L2/L3 usefulness from results.json
+    csv = (tmp_path / "out" / "tables" / "runs.csv").read_text().splitlines()
+    assert len(csv) == 4 and csv[0].startswith("run,L,")
+
+
+def test_missing_data_is_skipped_with_notes_never_a_crash(tmp_path):
+    run = fake_run(tmp_path / "runs", "nostats", stats=False)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write("{not json\n")
+        f.write(json.dumps({"step": 21, "stats": {"var": [None, float("nan")]}}) + "\n")
+    rep = build_report([tmp_path / "runs"], tmp_path / "out")
+    skipped = {f.name for f in rep.skipped}
+    assert {"jacobian", "diagnostic_bars", "causal_heatmaps", "ladder"} <= skipped
+    text = rep.html.read_text()
+    assert "unreadable line" in text
+    assert text.count('class="note"') >= len(skipped)
+    assert parse(rep.html).tables == {"table-runs": 1}
+
+
+def test_mismatched_steps_warn_on_the_page(tmp_path):
+    fake_run(tmp_path / "s", "a", steps=20)
+    fake_run(tmp_path / "s", "b", steps=10, complete=False)
+    rep = build_report([tmp_path / "s"], tmp_path / "out")
+    text = rep.html.read_text()
+    assert "runs end at different steps (b 10, a 20)" in text  # sorted by the knob max_steps
+    assert "b: incomplete (no summary.json), last logged step 10 of 10" in text
+    assert "loss_curves" in {f.name for f in rep.drawn}
+    assert "10 (incomplete)" in (tmp_path / "out" / "tables" / "runs.md").read_text()
+
+
+def test_empty_directory_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DepthlabError) as err:
+        collect([tmp_path / "empty"])
+    assert "no depthlab runs" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DepthlabError, match="no such directory"):
+        collect([tmp_path / "nope"])
+
+
+def test_cli_report_errors_exit_2(tmp_path, capsys):
+    from depthlab.cli import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no depthlab runs" in err
+
+
+def test_cli_report_and_ladder_and_standalone_diagnosis(tmp_path, capsys):
+    from depthlab.cli import main
+
+    fake_run(tmp_path / "runs", "wd0", wd=0.0)
+    fake_run(tmp_path / "runs", "wd0.1", wd=0.1)
+    hf = tmp_path / "smollm2"
+    hf.mkdir()
+    (hf / "results.json").write_text(json.dumps(fake_results(4)))
+    ladder = tmp_path / "ladder.yaml"
+    ladder.write_text(yaml.safe_dump([
+        {"name": "baseline", "avg_accuracy": 39.5, "usefulness": 0.56},
+        {"name": "+lambda=0.3", "avg_accuracy": 41.4, "usefulness": 0.7},
+        {"name": "+MoE", "avg_accuracy": 44.1}]))
+    main(["report", str(tmp_path / "runs"), str(hf), "--out", str(tmp_path / "out"),
+          "--ladder", str(ladder), "--no-svg"])
+    assert "report:" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert (out / "figures" / "ladder.png").is_file()
+    assert not list((out / "figures").glob("*.svg"))
+    page = parse(out / "report.html")
+    assert page.tables == {"table-runs": 2, "table-diagnoses": 1, "table-ladder": 3}
+    assert "λ (wd)" in (out / "report.html").read_text()
+
+
+def test_colours_are_consistent_across_figures(tmp_path):
+    from depthlab.report.figures import palette
+
+    fake_run(tmp_path / "s", "a")
+    fake_run(tmp_path / "s", "b", wd=0.3)
+    data = collect([tmp_path / "s"])
+    colours = palette([r.label for r in data.runs])
+    assert len(set(colours.values())) == 2
+    rep = build_report([tmp_path / "s"], tmp_path / "out")
+    text = rep.html.read_text()
+    for c in colours.values():  # the legend swatches use the figures' colours
+        assert f"background:{c}" in text
+    assert re.search(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', text)
+
+
+def test_report_on_real_training_runs(tmp_path):
+    """Two real tiny runs (trainer + stats) and a real diagnose result for one of them."""
+    from depthlab.config import build_config
+    from depthlab.data import kjv_chapters, open_splits, sample_sequences
+    from depthlab.probe import build_stack
+    from depthlab.probe.suite import run_suite
+    from depthlab.train import Trainer, load_run_model
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(kjv_chapters()[:30]))
+    for L in (2, 3):
+        cfg = build_config({
+            "name": f"L{L}", "out_dir": str(tmp_path / "sweep"),
+            "model": {"n_layers": L, "d_model": 32, "n_heads": 4, "max_seq_len": 32},
+            "data": {"corpus": str(corpus), "seq_len": 32, "cache_dir": str(tmp_path / "c")},
+            "train": {"max_steps": 6, "batch_size": 4, "warmup_steps": 1, "eval_interval": 3,
+                      "eval_batches": 1, "log_interval": 2, "stats_interval": 3,
+                      "ckpt_interval": 6, "tensorboard": False}})
+        Trainer(cfg, progress=False).fit()
+    run = tmp_path / "sweep" / "L3"
+    model, cfg, _ = load_run_model(run)
+    ids = sample_sequences(open_splits(cfg.data, progress=False).val, 2, 16)
+    res = run_suite(build_stack(model), ids, metrics="variance,jacobian,usefulness,causal,"
+                    "permutation", progress=False)
+    (run / "diagnose").mkdir()
+    (run / "diagnose" / "results.json").write_text(json.dumps(res))
+
+    rep = build_report([tmp_path / "sweep"], tmp_path / "out")
+    assert [r.label for r in rep.data.runs] == ["L2", "L3"]
+    assert {"loss_curves", "last_layer_variance", "variance_profile", "jacobian",
+            "diagnostic_bars", "causal_heatmaps", "permutation_heatmaps"} <= \
+        {f.name for f in rep.drawn}
+    page = parse(rep.html)
+    assert page.tables == {"table-runs": 2}
+    assert len(page.images) == len(rep.drawn)
+    assert not rep.data.warnings

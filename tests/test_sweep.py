@@ -1,0 +1,275 @@
+"""Sweeps: expansion, names, validation before running, skip/resume, failures, SLURM, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from depthlab.config import parse_value
+from depthlab.errors import ConfigError, DepthlabError
+from depthlab.experiments.sweep import (
+    STATUS_FILE,
+    _cli_value,
+    load_sweep,
+    run_name,
+    run_state,
+    run_sweep,
+    train_command,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _corpus(tmp: Path) -> Path:
+    from depthlab.data import kjv_chapters
+
+    path = tmp / "corpus.txt"
+    if not path.is_file():
+        path.write_text("\n\n".join(kjv_chapters()[:30]))
+    return path
+
+
+def _base(tmp: Path) -> dict:
+    return {
+        "model": {"n_layers": 2, "d_model": 32, "n_heads": 4, "max_seq_len": 64},
+        "data": {"corpus": str(_corpus(tmp)), "seq_len": 32, "cache_dir": str(tmp / "cache")},
+        "train": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_interval": 2,
+                  "eval_batches": 1, "ckpt_interval": 2, "log_interval": 2,
+                  "stats_interval": 2, "tensorboard": False},
+    }
+
+
+def _sweep(tmp: Path, **extra) -> dict:
+    return {"name": "t", "base": _base(tmp), "out_dir": str(tmp / "sweep"), **extra}
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def test_grid_expands_cartesian_with_stable_names(tmp_path):
+    sw = load_sweep(_sweep(tmp_path, grid={"model.n_layers": [2, 4],
+                                           "train.weight_decay": [0.0, 0.1]}))
+    runs = sw.runs()
+    assert [r.name for r in runs] == ["L2_wd0", "L2_wd0.1", "L4_wd0", "L4_wd0.1"]
+    assert runs[3].cfg.model.n_layers == 4 and runs[3].cfg.train.weight_decay == 0.1
+    assert runs[3].run_dir == tmp_path / "sweep" / "L4_wd0.1"
+    assert [r.name for r in load_sweep(_sweep(tmp_path, grid={
+        "model.n_layers": [2, 4], "train.weight_decay": [0.0, 0.1]})).runs()] == \
+        [r.name for r in runs]  # stable
+
+
+def test_list_points_named_and_combined_with_grid(tmp_path):
+    sw = load_sweep(_sweep(tmp_path, list=[
+        {"name": "mha", "model.n_kv_heads": 4},
+        {"model.n_kv_heads": 1, "model.moe": {"num_experts": 4, "top_k": 2}},
+    ], grid={"data.seq_len": [16, 32]}))
+    names = [r.name for r in sw.runs()]
+    assert names[:2] == ["mha_T16", "mha_T32"]
+    assert names[2] == "kv1_E4_k2_T16"  # a section mapping in a list entry is merged key by key
+    assert all("/" not in n and " " not in n for n in names)
+    assert sw.runs()[2].cfg.model.moe.num_experts == 4
+
+
+def test_names_are_filesystem_safe_and_bounded():
+    assert run_name({"data.corpus": "/a b/c.txt"}) == "corpus-a-b-c.txt"
+    assert run_name({"model.norm_placement": "post", "model.qk_norm": True}) == \
+        "norm-post_qk-norm-on"
+    assert run_name({"train.lr": 3e-4, "model.moe": None}) == "lr0.0003_moe-off"
+    long = run_name({"data.corpus": "x" * 300})
+    assert len(long) <= 100
+
+
+@pytest.mark.parametrize("value", [1e-10, 0.1, 3, True, None, [1, 2], {"a": 1, "b": [0.5]},
+                                   "pre", 0.0, "1e-3"])
+def test_cli_values_round_trip(value):
+    assert parse_value(_cli_value(value)) == value
+
+
+def test_set_section_mappings_merge_not_replace(tmp_path):
+    sw = load_sweep(_sweep(tmp_path, set={"train": {"max_steps": 3}}))
+    cfg = sw.runs()[0].cfg
+    assert cfg.train.max_steps == 3 and cfg.train.batch_size == 4  # rest of train kept
+    assert sw.runs()[0].name == "base"
+
+
+def test_base_path_relative_to_the_sweep_file(tmp_path):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "base.yaml").write_text(yaml.safe_dump(_base(tmp_path)))
+    (tmp_path / "cfgs" / "s.yaml").write_text(yaml.safe_dump(
+        {"base": "base.yaml", "grid": {"model.n_layers": [2, 3]}}))
+    sw = load_sweep(tmp_path / "cfgs" / "s.yaml")
+    assert sw.name == "s" and sw.out_dir == Path("runs/sweeps/s")
+    assert [r.name for r in sw.runs()] == ["L2", "L3"]
+
+
+@pytest.mark.parametrize("name", ["depth", "weight_decay"])
+def test_shipped_sweeps(name):
+    sw = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml")
+    runs = sw.runs()
+    expected = {"depth": ["L2", "L4", "L8"], "weight_decay": ["wd0", "wd0.1", "wd0.3"]}[name]
+    assert [r.name for r in runs] == expected
+    for r in runs:
+        assert r.cfg.train.max_steps == 150 and r.cfg.train.stats_interval == 10
+        assert r.cfg.data.corpus == "kjv" and r.cfg.model.d_model == 128
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_sweep_key_is_an_error_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="model.n_layer.*not a config key"):
+        load_sweep(_sweep(tmp_path, grid={"model.n_layer": [2, 4]}))
+    with pytest.raises(ConfigError, match="not a config key"):
+        load_sweep(_sweep(tmp_path, set={"train.max_stepz": 3}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_sweep(_sweep(tmp_path, gird={"model.n_layers": [2]}))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_sweep(_sweep(tmp_path, grid={"model.n_layers": 4}))
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_every_expanded_config_is_validated_before_running(tmp_path):
+    sw = load_sweep(_sweep(tmp_path, grid={"model.n_heads": [4, 3, 5]}))
+    with pytest.raises(ConfigError) as err:
+        run_sweep(sw)
+    msg = str(err.value)
+    assert "\n" not in msg and "2 of 3 runs are invalid" in msg
+    assert "run H3" in msg and "run H5" in msg and "divisible" in msg
+    assert not (tmp_path / "sweep").exists()  # nothing ran, nothing written
+
+
+def test_conflicting_run_dir_stops_the_sweep_before_running(tmp_path):
+    sw = load_sweep(_sweep(tmp_path, grid={"model.n_layers": [2, 3]}))
+    other = sw.runs()[1]
+    other.run_dir.mkdir(parents=True)
+    (other.run_dir / "config.yaml").write_text(yaml.safe_dump(
+        {**other.cfg.to_dict(), "train": {**other.cfg.to_dict()["train"], "lr": 0.5}}))
+    assert run_state(other) == "conflict"
+    with pytest.raises(DepthlabError, match="L3 already hold"):
+        run_sweep(sw)
+    assert not (tmp_path / "sweep" / STATUS_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _statuses(out: Path) -> dict[str, str]:
+    data = json.loads((out / STATUS_FILE).read_text())
+    return {k: v["status"] for k, v in data["runs"].items()}
+
+
+def test_runs_skip_resume_and_failures(tmp_path):
+    sw = load_sweep(_sweep(tmp_path, list=[
+        {"name": "ok2", "model.n_layers": 2},
+        {"name": "bad", "data.corpus": str(tmp_path / "missing.txt")},
+        {"name": "ok3", "model.n_layers": 3},
+    ]))
+    out = sw.out_dir
+    outcome = run_sweep(sw, jobs=2)
+    assert _statuses(out) == {"ok2": "complete", "bad": "failed", "ok3": "complete"}
+    assert outcome.failed == ["bad"]
+    status = json.loads((out / STATUS_FILE).read_text())
+    assert status["runs"]["bad"]["returncode"] != 0
+    assert "missing.txt" in status["runs"]["bad"]["error"]  # the trainer's one-line error
+    assert status["runs"]["ok2"]["threads"] >= 1
+    for name in ("ok2", "ok3"):
+        assert json.loads((out / name / "summary.json").read_text())["step"] == 4
+    assert (out / "base.yaml").is_file() and (out / "logs" / "ok2.log").is_file()
+
+    # interrupt ok3 after step 2: its last checkpoint and summary are gone
+    shutil.rmtree(out / "ok3" / "checkpoints" / "step_0000004")
+    (out / "ok3" / "summary.json").unlink()
+    seen = {}
+    outcome = run_sweep(sw, only=["ok2", "ok3"],
+                        on_status=lambda run, entry: seen.setdefault(run.name, dict(entry)))
+    assert outcome.states == {"ok2": "complete", "ok3": "partial"}
+    assert seen["ok2"]["skipped"] is True and seen["ok3"]["resumed"] is True
+    assert _statuses(out) == {"ok2": "complete", "ok3": "complete"}
+    log = (out / "logs" / "ok3.log").read_text()
+    assert "--set name=ok3" in log
+    steps = [json.loads(x)["step"] for x in (out / "ok3" / "metrics.jsonl").read_text().splitlines()
+             if '"stats"' in x]
+    assert steps == [2, 4]  # resumed from step 2, no duplicates
+
+
+def test_train_command_carries_overrides(tmp_path):
+    sw = load_sweep(_sweep(tmp_path, grid={"train.lr": [1e-10]}))
+    cmd = train_command(sw, sw.runs()[0])
+    assert cmd[1:4] == ["-m", "depthlab.cli", "train"] and "--no-progress" in cmd
+    sets = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
+    assert "train.lr=1.0e-10" in sets and "name=lr1e-10" in sets
+    assert f"out_dir={tmp_path / 'sweep'}" in sets
+
+
+def test_slurm_without_submitit_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    sw = load_sweep(_sweep(tmp_path))
+    with pytest.raises(DepthlabError, match="pip install 'depthlab\\[slurm\\]'"):
+        run_sweep(sw, slurm={})
+
+
+def test_slurm_submission_through_submitit(tmp_path, monkeypatch):
+    submitted = []
+
+    class Job:
+        def __init__(self, n):
+            self.job_id = f"100{n}"
+
+    class Executor:
+        def __init__(self, folder):
+            self.folder, self.params = folder, {}
+
+        def update_parameters(self, **kw):
+            self.params.update(kw)
+
+        def submit(self, fn):
+            submitted.append((fn, dict(self.params)))
+            return Job(len(submitted))
+
+    class CommandFunction:
+        def __init__(self, command, cwd=None, env=None):
+            self.command, self.cwd, self.env = command, cwd, env
+
+    fake = types.SimpleNamespace(AutoExecutor=Executor,
+                                 helpers=types.SimpleNamespace(CommandFunction=CommandFunction))
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    sw = load_sweep(_sweep(tmp_path, grid={"model.n_layers": [2, 3]}))
+    run_sweep(sw, slurm={"partition": "gpu", "gpus": 1, "cpus": 4, "timeout_min": 30})
+    assert len(submitted) == 2
+    fn, params = submitted[0]
+    assert params["slurm_partition"] == "gpu" and params["gpus_per_node"] == 1
+    assert "train" in fn.command and fn.env["OMP_NUM_THREADS"] == "4"
+    status = json.loads((sw.out_dir / STATUS_FILE).read_text())["runs"]
+    assert status["L2"]["status"] == "submitted" and status["L3"]["job_id"] == "1002"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_dry_run_lists_runs_and_params(tmp_path, capsys):
+    from depthlab.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_sweep(tmp_path, grid={"model.n_layers": [2, 4]})))
+    main(["sweep", str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "L2" in out and "L4" in out and "params" in out and "new" in out
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_cli_bad_key_is_one_line_exit_2(tmp_path, capsys):
+    from depthlab.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_sweep(tmp_path, grid={"model.n_layerz": [2]})))
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", str(path), "--dry-run"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "model.n_layerz" in err.replace("\n", "")
