@@ -48,6 +48,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch

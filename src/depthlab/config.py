@@ -158,6 +158,12 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     """Micro-batch size in sequences (per process)."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimiser step (per process). Derived from global_batch_size when
+    that is set (leave grad_accum at 1 then)."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Sequences per optimiser step over all processes. When set, grad_accum =
+    global_batch_size / (batch_size x world size), which must be a whole number; when
+    None, the global batch is batch_size x grad_accum x world size."""
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Cosine/WSD floor as a fraction of lr (the paper decays to 0.1 x lr)."""
@@ -200,7 +206,32 @@ class TrainConfig(_Strict):
                 f"train.warmup_steps ({self.warmup_steps}) must be < train.max_steps "
                 f"({self.max_steps})"
             )
+        if self.global_batch_size is not None:
+            if self.grad_accum != 1:
+                raise ValueError(
+                    f"train.grad_accum ({self.grad_accum}) and train.global_batch_size "
+                    f"({self.global_batch_size}) are both set: set one (grad_accum is derived "
+                    "from global_batch_size)"
+                )
+            if self.global_batch_size % self.batch_size:
+                raise ValueError(
+                    f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                    f"train.batch_size ({self.batch_size}) x the number of processes"
+                )
         return self
+
+    def accumulation(self, world_size: int) -> tuple[int, int]:
+        """(grad_accum, global batch in sequences) for `world_size` processes."""
+        if self.global_batch_size is None:
+            return self.grad_accum, self.batch_size * self.grad_accum * world_size
+        per_micro = self.batch_size * world_size
+        if self.global_batch_size % per_micro:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
+                f"train.batch_size ({self.batch_size}) x world size ({world_size}) = {per_micro}; "
+                "choose a global batch that is a multiple of it, or another batch_size"
+            )
+        return self.global_batch_size // per_micro, self.global_batch_size
 
 
 class RunConfig(_Strict):

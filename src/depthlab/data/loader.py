@@ -3,12 +3,17 @@
 The stream is cut into non-overlapping windows of T+1 tokens at stride T (window i
 is tokens[i*T : i*T+T+1]; x = window[:-1], y = window[1:], so consecutive windows
 share one boundary token and every token is a target once). Epoch e visits the
-windows in a permutation seeded by (seed, e). Each epoch uses the first
-`n_windows // (B * world_size) * (B * world_size)` entries of that permutation and
-rank r takes every world_size-th of them, so ranks run the same number of steps and
-no window is seen twice per epoch; the few windows left over differ every epoch.
-A position is just (epoch, cursor), so `state_dict` / `load_state_dict` resume with
-exactly the batches an uninterrupted run would have produced.
+windows in a permutation seeded by (seed, e). With a global batch of
+G = B * world_size * grad_accum windows per optimiser step, each epoch uses the first
+`n_windows // G * G` entries of that permutation, cut into blocks of B: optimiser
+step s takes entries [s*G, (s+1)*G), and within it micro-batch a of rank r is block
+a * world_size + r. So ranks run the same number of steps, no window is seen twice per
+epoch (the few left over differ every epoch), and the windows of each optimiser step
+depend only on (seed, G): 1 process x 2B, 2 processes x B and 1 process x B x 2
+accumulation see the same global batches, the last two even the same micro-batches
+(which matters for per-micro-batch quantities such as MoE load-balancing losses). The state is a global position (epoch, windows consumed in it), so
+`state_dict` / `load_state_dict` resume exactly, also at another world size or
+micro-batch as long as G is the same.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from depthlab.errors import DepthlabError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
@@ -44,20 +49,26 @@ class TrainLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum: int = 1,
     ) -> None:
         if seq_len < 1 or batch_size < 1:
             raise DepthlabError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1")
         if not 0 <= rank < world_size:
             raise DepthlabError(f"rank {rank} must be in [0, world_size={world_size})")
+        if grad_accum < 1:
+            raise DepthlabError(f"grad_accum ({grad_accum}) must be >= 1")
         self.tokens = tokens
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.grad_accum = grad_accum
         self.n_windows = max(0, (len(tokens) - 1) // seq_len)
-        per_step = batch_size * world_size
-        self.batches_per_epoch = self.n_windows // per_step
+        per_step = self.global_batch = batch_size * world_size * grad_accum
+        self.steps_per_epoch = self.n_windows // per_step
+        self.batches_per_epoch = self.steps_per_epoch * grad_accum
+        """Micro-batches per epoch (each rank)."""
         if self.batches_per_epoch == 0:
             raise DepthlabError(
                 f"train split has {len(tokens):,} tokens: too few for one batch of "
@@ -74,8 +85,9 @@ class TrainLoader:
         if self._order_epoch != self.epoch or self._order is None:
             rng = np.random.default_rng([self.seed, self.epoch])
             perm = rng.permutation(self.n_windows)
-            used = perm[: self.batches_per_epoch * self.batch_size * self.world_size]
-            self._order = used[self.rank :: self.world_size]
+            used = perm[: self.steps_per_epoch * self.global_batch]
+            blocks = used.reshape(-1, self.world_size, self.batch_size)
+            self._order = blocks[:, self.rank, :].reshape(-1)
             self._order_epoch = self.epoch
         return self._order
 
@@ -103,30 +115,58 @@ class TrainLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.next_batch()
 
+    @property
+    def position(self) -> int:
+        """Windows consumed so far in this epoch, over all ranks."""
+        return self.cursor * self.batch_size * self.world_size
+
     def state_dict(self) -> dict[str, Any]:
+        """The global position (the same on every rank); the geometry is kept for checks."""
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
-            "cursor": self.cursor,
+            "position": self.position,
+            "global_batch": self.global_batch,
             "seed": self.seed,
             "seq_len": self.seq_len,
+            "n_windows": self.n_windows,
+            "cursor": self.cursor,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
-            "n_windows": self.n_windows,
+            "grad_accum": self.grad_accum,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where `state` left off; the data and batch geometry must be the same."""
-        for key in ("seed", "seq_len", "batch_size", "world_size", "n_windows"):
+        """Continue where `state` left off. The data (seed, seq_len, windows) and the global
+        batch must be the same; world size, micro-batch and accumulation may differ."""
+        version = int(state.get("version", 1))
+        keys = ["seed", "seq_len", "n_windows"]
+        if version < 2:  # a per-rank cursor: only the same geometry can continue it
+            keys += ["batch_size", "world_size"]
+        for key in keys:
             if key in state and int(state[key]) != getattr(self, key):
                 raise DepthlabError(
                     f"cannot resume data position: {key} was {state[key]}, now "
                     f"{getattr(self, key)} (resume with the same data and batch settings)"
                 )
-        cursor = int(state["cursor"])
-        if not 0 <= cursor < self.batches_per_epoch:
-            raise DepthlabError(f"cannot resume data position: cursor {cursor} out of range")
-        self.epoch, self.cursor = int(state["epoch"]), cursor
+        if version < 2:
+            position = int(state["cursor"]) * self.batch_size * self.world_size
+        else:
+            if int(state["global_batch"]) != self.global_batch:
+                raise DepthlabError(
+                    f"cannot resume data position: the global batch was {state['global_batch']} "
+                    f"sequences per step, now {self.global_batch} (batch_size {self.batch_size} x "
+                    f"grad_accum {self.grad_accum} x world size {self.world_size}); keep it, e.g. "
+                    "with train.global_batch_size, to resume at another world size"
+                )
+            position = int(state["position"])
+        per_call = self.batch_size * self.world_size
+        if position % per_call or not 0 <= position // per_call < self.batches_per_epoch:
+            raise DepthlabError(
+                f"cannot resume data position: position {position} is not a micro-batch "
+                f"boundary in range for {per_call} windows per micro-batch"
+            )
+        self.epoch, self.cursor = int(state["epoch"]), position // per_call
 
 
 def eval_batches(

@@ -1,15 +1,30 @@
-"""Checkpoints: safetensors weights + optimizer + RNG + data position, atomically.
+"""Checkpoints: safetensors weights + sharded model/optimizer state + RNG + data position.
 
-Layout: `RUN_DIR/checkpoints/step_0000100/{model.safetensors, optimizer.pt, state.pt}`.
-A checkpoint is written into a temporary sibling directory and renamed into place,
-so a crash never leaves a half-written `step_*` directory behind.
+Layout of `RUN_DIR/checkpoints/step_0000100/`:
+
+    model.safetensors  the full weights (tied tensors once), written by rank 0: what
+                       inference, probes and export read; tensor names as the model's
+    dcp/               torch.distributed.checkpoint of {"model", "optim"} with
+                       fully-qualified names (get_state_dict/set_state_dict): each rank
+                       writes its shard; it loads into any world size and DDP or FSDP2
+    state.pt           step, the data loader's global position, rank 0's RNG, geometry
+
+Single-process runs write the same layout (DCP without a process group), so a run can
+move between 1 and N processes at any checkpoint. A checkpoint is written into a
+temporary sibling directory and renamed into place by rank 0 after every rank has
+finished writing, so a crash never leaves a half-written `step_*` directory behind.
+Multi-node runs need the run directory on a filesystem every node sees.
+Checkpoints of earlier versions (`optimizer.pt` instead of `dcp/`) still resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +34,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from depthlab.errors import DepthlabError
+from depthlab.train import distributed as D
 
 CKPT_DIR = "checkpoints"
+DCP_DIR = "dcp"
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -50,6 +67,33 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def export_names(model: nn.Module) -> list[str]:
+    """The tensor names `model_state` keeps (tied tensors under their first name), for a
+    plain, DDP-wrapped or FSDP2-sharded model."""
+    names, seen = [], set()
+    for name, t in D.unwrap(model).state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        names.append(name)
+    return names
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model_state` of the whole model on rank 0 ({} elsewhere). Under a process group
+    this gathers the (sharded) weights: every rank must call it."""
+    if not D.is_distributed():
+        return model_state(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not D.is_main():
+        return {}
+    return {n: full[n].detach().contiguous().cpu() for n in export_names(model)}
+
+
 def rng_state() -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
@@ -57,7 +101,10 @@ def rng_state() -> dict[str, Any]:
         "numpy": np.random.get_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        if D.is_distributed():  # this process's GPU only (no context on the others)
+            state["cuda_current"] = torch.cuda.get_rng_state()
+        else:
+            state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -65,8 +112,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return
+    if "cuda" in state and not D.is_distributed() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    elif "cuda_current" in state:
+        torch.cuda.set_rng_state(state["cuda_current"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it 'assumes' single-process use when there is no process group:
+    that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
 
 
 def save_checkpoint(
@@ -77,22 +144,41 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep_last`."""
+    """Write checkpoint `step` atomically and prune to the newest `keep_last`.
+
+    Under a process group every rank must call this (the weights are gathered and each
+    rank writes its DCP shard); rank 0 writes the rest and renames the directory.
+    `state` is rank 0's (the data position is global, the same on every rank).
+    """
+    import torch.distributed.checkpoint as dcp
+
     root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "rng": rng_state(), **state}, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / D.broadcast_object(f".tmp_step_{step:07d}_{os.getpid()}")
+    if D.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    D.barrier()
+    weights = full_model_state(model)
+    if D.is_main():
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    del weights
+    with _single_process_quiet():
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR),
+                 no_dist=not D.is_distributed())
+    if D.is_main():
+        torch.save({"step": step, "rng": rng_state(), "world_size": D.world_size(), **state},
+                   tmp / "state.pt")
+    D.barrier()
+    if D.is_main():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
     return final
 
 
@@ -120,10 +206,52 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 
 
 def load_training_state(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(optimizer state dict, trainer state) of a checkpoint."""
+    """(optimizer state dict, trainer state) of a checkpoint in the earlier single-process
+    format (optimizer.pt + state.pt)."""
     try:
-        opt = torch.load(Path(ckpt_dir) / "optimizer.pt", weights_only=False)
+        opt = torch.load(Path(ckpt_dir) / "optimizer.pt", weights_only=False, map_location="cpu")
         state = torch.load(Path(ckpt_dir) / "state.pt", weights_only=False)
     except Exception as err:
         raise DepthlabError(f"cannot read training state in {ckpt_dir}: {err}") from None
     return opt, state
+
+
+def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer (resharded to this world size and strategy) and return
+    the trainer state (step, data position, RNG). Every rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / DCP_DIR).is_dir():
+        try:
+            state = torch.load(ckpt_dir / "state.pt", weights_only=False)
+        except Exception as err:
+            raise DepthlabError(f"cannot read training state in {ckpt_dir}: {err}") from None
+        sd = _dcp_state(model, optimizer)
+        try:
+            with _single_process_quiet():
+                dcp.load(sd, checkpoint_id=str(ckpt_dir / DCP_DIR),
+                         no_dist=not D.is_distributed())
+        except Exception as err:  # a missing shard, another model shape, ...
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DepthlabError(
+                f"cannot load the model/optimizer state in {ckpt_dir / DCP_DIR}: {first}"
+            ) from None
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        return state
+    if not (ckpt_dir / "optimizer.pt").is_file():
+        raise DepthlabError(
+            f"{ckpt_dir} holds weights only (no {DCP_DIR}/ or optimizer.pt): it can be "
+            "loaded for inference or export but not resumed"
+        )
+    if D.is_distributed():
+        raise DepthlabError(
+            f"{ckpt_dir} is in the single-process format of earlier depthlab versions "
+            "(optimizer.pt): resume it with one process first; its next checkpoints can "
+            "then be resumed at any world size"
+        )
+    opt_state, state = load_training_state(ckpt_dir)
+    load_weights(model, ckpt_dir)
+    optimizer.load_state_dict(opt_state)
+    return state

@@ -1,4 +1,8 @@
-"""Metric sinks: JSONL (always), TensorBoard and wandb (optional)."""
+"""Metric sinks: JSONL (always), TensorBoard and wandb (optional).
+
+In a multi-process run only rank 0 writes: `open_logger` gives the other ranks a
+`NullLogger`, so the run directory has one metrics.jsonl and one event file.
+"""
 
 from __future__ import annotations
 
@@ -81,3 +85,23 @@ class MetricLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class NullLogger:
+    """The logger of ranks other than 0: records are dropped (rank 0 logs global values)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_logger(run_dir: Path, tensorboard: bool, wandb_project: str | None, run_name: str,
+                config: dict[str, Any], resume_step: int) -> MetricLogger | NullLogger:
+    """A MetricLogger on rank 0 (or without a process group), a NullLogger elsewhere."""
+    from depthlab.train.distributed import is_main
+
+    if not is_main():
+        return NullLogger()
+    return MetricLogger(run_dir, tensorboard, wandb_project, run_name, config, resume_step)

@@ -5,8 +5,13 @@ RUN_DIR/
   tokenizer/          the tokenizer used (when the data has one)
   metrics.jsonl       one record per log/eval step
   tensorboard/        the same scalars for TensorBoard
-  checkpoints/        step_XXXXXXX/{model.safetensors, optimizer.pt, state.pt}
+  checkpoints/        step_XXXXXXX/{model.safetensors, dcp/, state.pt}
   summary.json        written when the run completes
+
+Under `torchrun` with several processes the same loop runs data-parallel (DDP or
+FSDP2, `train.distributed`; see depthlab.train.distributed and docs/distributed.md):
+each process takes its share of every global batch, the logged losses are global
+means, and rank 0 alone writes the run directory, logs and the progress bar.
 """
 
 from __future__ import annotations
@@ -26,19 +31,22 @@ import yaml
 from depthlab.config import RunConfig, TrainConfig, build_config
 from depthlab.errors import DepthlabError
 from depthlab.model import DepthLM
+from depthlab.train import distributed as D
 from depthlab.train.checkpoint import (
     latest_checkpoint,
-    load_training_state,
+    load_checkpoint,
     load_weights,
     save_checkpoint,
     set_rng_state,
 )
-from depthlab.train.loggers import MetricLogger
+from depthlab.train.loggers import MetricLogger, NullLogger, open_logger
 from depthlab.train.optim import build_optimizer
 from depthlab.train.schedule import lr_at
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+RUNTIME_KEYS = frozenset({"train.distributed"})
+"""Config keys a run may change between resumes (checkpoints do not depend on them)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,10 +58,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (dtype auto/bf16), plain fp32 otherwise."""
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(cfg, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -93,14 +104,25 @@ StepCallback = Callable[["Trainer", int], None]
 
 
 class Trainer:
-    """Builds data, model and optimiser for a config and runs (or resumes) training."""
+    """Builds data, model and optimiser for a config and runs (or resumes) training.
+
+    Under torchrun (WORLD_SIZE > 1) it joins the process group, shards the data by rank
+    and wraps the model per `train.distributed`; `self.model` is then the DDP/FSDP2
+    module and `self.raw_model` the DepthLM inside (the same object for FSDP2 and for
+    single-process runs).
+    """
 
     def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
         from depthlab.data import TrainLoader, eval_batches, open_splits
 
-        self.progress = progress
-        self.device = resolve_device(cfg.train.device)
-        self.splits = open_splits(cfg.data)
+        tc = cfg.train
+        self.dist = D.setup(tc.distributed, tc.device, resolve_device)
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device
+        if self.dist.enabled:
+            self.splits = D.main_first(lambda: open_splits(cfg.data, progress=D.is_main()))
+        else:
+            self.splits = open_splits(cfg.data)
         if cfg.model.vocab_size is None:
             cfg = build_config(cfg.to_dict(), {"model.vocab_size": self.splits.vocab_size})
         elif cfg.model.vocab_size < self.splits.vocab_size:
@@ -110,34 +132,73 @@ class Trainer:
             )
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        tc = cfg.train
-        self.loader = TrainLoader(self.splits.train, cfg.data.seq_len, tc.batch_size, tc.seed)
+        world = self.dist.world_size
+        self.grad_accum, self.global_batch = tc.accumulation(world)
+        self.loader = TrainLoader(self.splits.train, cfg.data.seq_len, tc.batch_size, tc.seed,
+                                  rank=self.dist.rank, world_size=world,
+                                  grad_accum=self.grad_accum)
         self.val_batches = eval_batches(
             self.splits.val, cfg.data.seq_len, tc.batch_size, tc.eval_batches
         )
         torch.manual_seed(tc.seed)
-        self.model = DepthLM(cfg.model).to(self.device)
+        self.raw_model = DepthLM(cfg.model).to(self.device)
+        self.n_params = self.raw_model.num_params()
+        self.n_active_params = self.raw_model.num_params(active=True)
+        self.model = D.wrap_model(self.raw_model, self.dist, uses_bf16(tc, self.device))
         self.optimizer = build_optimizer(self.model, tc)
         self.forward = torch.compile(self.model) if tc.compile else self.model
+        # evaluation runs rank-locally except under FSDP2 (whose forward is collective)
+        local = self.raw_model if self.dist.strategy == "ddp" else self.model
+        self._eval_forward = (
+            self.forward if local is self.model else torch.compile(local) if tc.compile else local
+        )
         self.step = 0
         self.logger: MetricLogger | None = None
         # grad_callbacks run after backward/clipping, before the optimiser step (grads live);
         # callbacks run after each completed step. Both get (trainer, step about to finish / finished).
+        # They run on every rank; rank 0 alone has a logger (self.logger is None elsewhere).
         self.grad_callbacks: list[StepCallback] = []
         self.callbacks: list[StepCallback] = []
         if cfg.train.stats_interval > 0:
-            from depthlab.train.stats import LayerStatsCallback
+            from depthlab.train import stats
 
-            LayerStatsCallback(self).install()
+            if self.dist.strategy == "fsdp" and not getattr(stats, "FSDP_READY", False):
+                D.print_main(
+                    "warning: train.stats_interval is ignored under train.distributed=fsdp "
+                    "(layer statistics are not FSDP-aware yet); use ddp for statistics"
+                )
+            else:
+                stats.LayerStatsCallback(self).install()
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimiser step over all processes."""
+        return self.global_batch * self.cfg.data.seq_len
+
+    def describe(self) -> str:
+        """One line: strategy, processes and how the global batch is made."""
+        tc, d = self.cfg.train, self.dist
+        where = f"{d.strategy} over {d.world_size} processes ({d.backend}, {self.device.type})"
+        return (
+            f"{where if d.enabled else f'single process ({self.device})'}: global batch "
+            f"{self.global_batch} sequences = {tc.batch_size} per micro-batch x "
+            f"{self.grad_accum} accumulation x {d.world_size} processes "
+            f"({self.tokens_per_step:,} tokens/step)"
+        )
 
     # ---------------------------------------------------------------- run directory
     def _claim_run_dir(self) -> None:
-        """Create the run dir, or check that an existing one holds this same config."""
+        """Create the run dir, or check that an existing one holds this same config
+        (rank 0 checks and writes; every rank raises its error)."""
+        D.on_main_then_share(self._claim_run_dir_main)
+
+    def _claim_run_dir_main(self) -> None:
         path = self.run_dir / CONFIG_FILE
         mine = self.cfg.to_dict()
         if path.is_file():
             theirs = yaml.safe_load(path.read_text()) or {}
-            diffs = config_differences(theirs, mine)
+            diffs = [d for d in config_differences(theirs, mine)
+                     if d.split(":")[0] not in RUNTIME_KEYS]
             if diffs:
                 raise DepthlabError(
                     f"{self.run_dir} already holds a different config ({'; '.join(diffs[:3])}); "
@@ -151,12 +212,10 @@ class Trainer:
             tok.save(self.run_dir / "tokenizer")
 
     def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = D.broadcast_object(latest_checkpoint(self.run_dir))
         if ckpt is None:
             return
-        load_weights(self.model, ckpt)
-        opt_state, state = load_training_state(ckpt)
-        self.optimizer.load_state_dict(opt_state)
+        state = load_checkpoint(ckpt, self.model, self.optimizer)
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -164,30 +223,37 @@ class Trainer:
     def _save(self) -> Path:
         return save_checkpoint(
             self.run_dir, self.step, self.model, self.optimizer,
-            {"loader": self.loader.state_dict()}, self.cfg.train.keep_last,
+            {"loader": self.loader.state_dict(), "global_batch": self.global_batch},
+            self.cfg.train.keep_last,
         )
 
     # ---------------------------------------------------------------- steps
     def train_step(self, lr: float) -> tuple[float, float, float | None]:
-        """One optimiser step over grad_accum micro-batches: (ce loss, grad norm, aux)."""
+        """One optimiser step over grad_accum micro-batches: (ce loss, grad norm, aux), the
+        losses averaged over micro-batches and processes (the global batch mean)."""
         tc = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        accum = self.grad_accum
         ce_total, aux_total = 0.0, 0.0
         has_aux = False
-        for _ in range(tc.grad_accum):
+        for i in range(accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
-            with autocast_context(tc, self.device):
-                out = self.forward(x, y)
-            loss = out.loss
-            if out.aux_loss is not None:
-                has_aux = True
-                aux_total += out.aux_loss.item() / tc.grad_accum
-                loss = loss + out.aux_loss
-            (loss / tc.grad_accum).backward()
-            ce_total += out.loss.item() / tc.grad_accum
+            with D.set_grad_sync(self.model, i == accum - 1):
+                with autocast_context(tc, self.device):
+                    out = self.forward(x, y)
+                loss = out.loss
+                if out.aux_loss is not None:
+                    has_aux = True
+                    aux_total += out.aux_loss.item() / accum
+                    loss = loss + out.aux_loss
+                (loss / accum).backward()
+            ce_total += out.loss.item() / accum
+        if self.dist.enabled:
+            mean = D.all_reduce_mean(torch.tensor([ce_total, aux_total], dtype=torch.float64))
+            ce_total, aux_total = mean.tolist()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = D.total_grad_norm(self.model.parameters(), max_norm)
         for callback in self.grad_callbacks:
             callback(self, self.step + 1)
         if not (math.isfinite(ce_total) and math.isfinite(grad_norm)):
@@ -199,15 +265,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss over the fixed validation batches."""
+        """Mean next-token loss over the fixed validation batches (shared out over ranks)."""
         self.model.eval()
-        total = 0.0
-        for x, y in self.val_batches:
-            with autocast_context(self.cfg.train, self.device):
-                out = self.forward(x.to(self.device), y.to(self.device))
-            total += out.loss.item()
-        self.model.train()
-        return total / len(self.val_batches)
+        try:
+            if not self.dist.enabled:
+                total = 0.0
+                for x, y in self.val_batches:
+                    total += self._eval_loss(x, y).item()
+                return total / len(self.val_batches)
+            n, world, rank = len(self.val_batches), self.dist.world_size, self.dist.rank
+            # FSDP2's forward is collective: every rank runs the same number of batches
+            rounds = math.ceil(n / world) if self.dist.strategy == "fsdp" else None
+            mine = list(range(rank, n, world))
+            if rounds is not None:
+                mine += [-1] * (rounds - len(mine))
+            total = torch.zeros((), dtype=torch.float64)
+            for i in mine:
+                loss = self._eval_loss(*self.val_batches[max(i, 0)])
+                if i >= 0:
+                    total += loss.double().cpu()
+            return D.all_reduce_sum(total).item() / n
+        finally:
+            self.model.train()
+
+    def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast_context(self.cfg.train, self.device):
+            return self._eval_forward(x.to(self.device), y.to(self.device)).loss
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> TrainSummary:
@@ -215,15 +298,22 @@ class Trainer:
         summary_path = self.run_dir / SUMMARY_FILE
         self._resume()
         tc = self.cfg.train
-        if self.step >= tc.max_steps and summary_path.is_file():
-            done = json.loads(summary_path.read_text())
-            return TrainSummary(self.run_dir, self.step, done.get("train_loss"),
-                                done.get("val_loss"), done.get("tokens", 0), 0.0, "already complete")
-        logger = self.logger = MetricLogger(
+        if self.step >= tc.max_steps:
+            done = D.broadcast_object(
+                json.loads(summary_path.read_text()) if summary_path.is_file() else None
+            )
+            if done is not None:
+                return TrainSummary(self.run_dir, self.step, done.get("train_loss"),
+                                    done.get("val_loss"), done.get("tokens", 0), 0.0,
+                                    "already complete")
+        logger = open_logger(
             self.run_dir, tc.tensorboard, tc.wandb_project if tc.wandb else None,
             self.cfg.name, self.cfg.to_dict(), self.step,
         )
-        tokens_per_step = tc.batch_size * tc.grad_accum * self.cfg.data.seq_len
+        self.logger = None if isinstance(logger, NullLogger) else logger
+        if self.dist.enabled:
+            D.print_main(self.describe())
+        tokens_per_step = self.tokens_per_step
         self.model.train()
         start_time, window_time, window_tokens = time.time(), time.time(), 0
         train_loss = val_loss = None
@@ -263,15 +353,23 @@ class Trainer:
         seconds = time.time() - start_time
         summary = TrainSummary(self.run_dir, self.step, train_loss, val_loss,
                                self.step * tokens_per_step, seconds)
-        summary_path.write_text(json.dumps({
-            "status": "complete", "step": self.step, "train_loss": train_loss,
-            "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss else None,
-            "tokens": summary.tokens, "seconds": seconds,
-            "params": self.model.num_params(), "active_params": self.model.num_params(active=True),
-        }, indent=2))
+        if self.dist.is_main:
+            summary_path.write_text(json.dumps({
+                "status": "complete", "step": self.step, "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss else None,
+                "tokens": summary.tokens, "seconds": seconds,
+                "params": self.n_params, "active_params": self.n_active_params,
+                "world_size": self.dist.world_size, "distributed": self.dist.strategy,
+                "global_batch_size": self.global_batch, "grad_accum": self.grad_accum,
+            }, indent=2))
         return summary
 
-    def _stop_non_finite(self, loss: float, logger: MetricLogger) -> None:
+    def close(self) -> None:
+        """Leave the process group this trainer started (no-op for single-process runs)."""
+        D.teardown(self.dist)
+
+    def _stop_non_finite(self, loss: float, logger: MetricLogger | NullLogger) -> None:
         logger.log({"step": self.step + 1, "non_finite_loss": True})
         ckpt = latest_checkpoint(self.run_dir)
         kept = f"last good checkpoint kept: {ckpt}" if ckpt else "no checkpoint was written yet"
@@ -320,8 +418,20 @@ def _progress_bar(enabled: bool, total: int, start: int, name: str):
 
 
 def train(cfg: RunConfig, progress: bool = True) -> TrainSummary:
-    """Train (or resume) the run described by `cfg`."""
-    return Trainer(cfg, progress=progress).fit()
+    """Train (or resume) the run described by `cfg` (one process, or one rank of a torchrun
+    job: then an error is recorded for torchrun's failure report before it propagates)."""
+    if D.launched():
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_train)(cfg, progress)
+    return _train(cfg, progress)
+
+
+def _train(cfg: RunConfig, progress: bool) -> TrainSummary:
+    trainer = Trainer(cfg, progress=progress)
+    summary = trainer.fit()
+    trainer.close()
+    return summary
 
 
 def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[DepthLM, RunConfig, Path]:

@@ -1,0 +1,191 @@
+"""`depthlab diagnose`: CLI on a tiny DepthLM run and a tiny Hugging Face Llama, outputs
+(results.json schema, CSVs, figures), the Python API and one-line bad-input errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from depthlab.cli import main
+from depthlab.config import RunConfig
+from depthlab.model.transformer import DepthLM
+from depthlab.probe.results import SCHEMA_VERSION, validate_results
+from depthlab.train.checkpoint import save_checkpoint
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A depthlab run dir: config.yaml + one checkpoint; byte tokenizer, kjv corpus."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = RunConfig.model_validate({
+        "name": "tiny", "out_dir": str(root),
+        "model": {"vocab_size": 257, "n_layers": 3, "d_model": 32, "n_heads": 4,
+                  "n_kv_heads": 2, "max_seq_len": 64},
+        "data": {"corpus": "kjv", "tokenizer": "byte", "seq_len": SEQ},
+    })
+    run = root / "tiny"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    torch.manual_seed(0)
+    model = DepthLM(cfg.model)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(run, 3, model, opt, {}, keep_last=1)
+    return run
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text corpus of 200 paragraphs: every 50th is validation (4 paragraphs)."""
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    words = ("the layer stack of a model maps each residual stream to the next one and "
+             "deep blocks may do little").split()
+    paras = [" ".join(words[(i + j) % len(words)] for j in range(40)) for i in range(200)]
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    """A random tiny Llama saved with save_pretrained, plus a byte-level BPE tokenizer."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from depthlab.data.tokenizer import train_bpe
+
+    d = tmp_path_factory.mktemp("hf") / "llama"
+    tok = train_bpe(corpus_file.read_text().split("\n\n"), vocab_size=300)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(d)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    return d
+
+
+def _check_outputs(out: Path, n_layers: int, n: int, t: int) -> dict:
+    res = json.loads((out / "results.json").read_text())
+    assert validate_results(res) == []
+    assert res["schema_version"] == SCHEMA_VERSION
+    assert res["model"]["n_layers"] == n_layers
+    assert res["data"]["n_samples"] == n and res["data"]["seq_len"] == t
+    assert res["data"]["tokens"] == n * t
+    for name, m in res["metrics"].items():
+        assert res["timings"][name] >= 0 and isinstance(res["block_forwards"][name], int)
+        assert m["n_samples"] <= n
+    # variance: one value per layer, the last one is the headline
+    var = res["metrics"]["variance"]
+    assert len(var["variance"]) == n_layers
+    assert var["last_layer_variance"] == var["variance"][-1]
+    # CSVs: per-layer rows, L x L matrices
+    with (out / "csv" / "variance.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["layer"]) for r in rows] == list(range(n_layers))
+    assert {"variance", "attn_variance", "mlp_variance"} <= set(rows[0])
+    for name in ("causal_matrix", "permutation_matrix"):
+        with (out / "csv" / f"{name}.csv").open() as f:
+            mat = list(csv.reader(f))
+        assert len(mat) == n_layers + 1 and all(len(r) == n_layers + 1 for r in mat)
+    for name in ("jacobian", "usefulness", "layer_drop", "block_influence"):
+        assert (out / "csv" / f"{name}.csv").is_file()
+    for fig in ("variance", "jacobian", "causal", "permutation", "usefulness", "layer_drop"):
+        png = out / "figures" / f"{fig}.png"
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert "usefulness" in (out / "summary.md").read_text()
+    return res
+
+
+def test_cli_depthlab_run(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "diag"
+    main(["diagnose", str(tiny_run), "--metrics", "all", "--samples", "4", "--seq-len",
+          str(SEQ), "--out", str(out), "--no-progress", "--opt", "jacobian.samples=2"])
+    printed = capsys.readouterr().out
+    assert "usefulness" in printed and "causal_pairs" in printed
+    res = _check_outputs(out, 3, 4, SEQ)
+    assert res["model"]["kind"] == "depthlab" and res["model"]["arch"] == "depthlm"
+    assert res["data"]["source"] == "kjv" and res["data"]["tokenizer"] == "byte"
+    assert res["skipped"] == {"moe": "the model has no MoE layers"}
+    jac = res["metrics"]["jacobian"]
+    assert jac["n_samples"] == 2 and jac["options"]["samples"] == 2
+    assert jac["options"]["mode"] == "exact"  # defaults are recorded
+    assert 0 <= jac["identity_preservation"] <= 1
+    assert res["metrics"]["layer_drop"]["source"] == "causal"
+    # the same sample again: identical ids
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["data"]["ids_sha256"] == res["data"]["ids_sha256"]
+
+
+def test_cli_hf_directory(tiny_hf: Path, corpus_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "diag"
+    main(["diagnose", str(tiny_hf), "--metrics", "all", "--data", str(corpus_file),
+          "--samples", "3", "--seq-len", "12", "--out", str(out), "--no-progress",
+          "--opt", "permutation.pairs=adjacent", "--dtype", "fp32"])
+    res = _check_outputs(out, 3, 3, 12)
+    assert res["model"]["kind"] == "hf" and res["model"]["arch"] == "llama"
+    assert res["data"]["source"] == str(corpus_file.resolve())
+    perm = res["metrics"]["permutation"]
+    assert perm["pair_set"] == "adjacent" and perm["options"]["pairs"] == "adjacent"
+    assert (out / "csv" / "permutation_pairs.csv").is_file()
+    assert res["model"]["max_seq_len"] == 64
+
+
+def test_api_module_and_ids(tiny_hf: Path) -> None:
+    import transformers
+
+    import depthlab.probe.diagnose as diag_mod
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    res = diag_mod(model, ids=ids, metrics="variance,usefulness")  # the module is callable
+    assert list(res["metrics"]) == ["variance", "usefulness"]
+    assert res["data"]["source"] == "ids (given)" and res["data"]["tokens"] == 20
+    assert validate_results(res) == []
+    assert "outputs" not in res  # nothing written without out=
+
+
+def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture) -> None:
+    base = ["--out", str(tmp_path / "o"), "--no-progress", "--no-figures"]
+    err = _error(["diagnose", str(tiny_run), "--metrics", "variance,bogus,nope", *base], capsys)
+    assert "bogus, nope" in err and "jacobian" in err  # names them and lists the valid ones
+    (tmp_path / "empty").mkdir()
+    err = _error(["diagnose", str(tmp_path / "empty"), *base], capsys)
+    assert "is not a model" in err
+    err = _error(["diagnose", str(tiny_run), "--seq-len", "65", *base], capsys)
+    assert "longer than the model's context of 64" in err
+    err = _error(["diagnose", str(tiny_hf), "--samples", "100000", "--seq-len", "64", *base],
+                 capsys)
+    assert "cannot sample N=100000" in err and "kjv" in err
+    err = _error(["diagnose", str(tiny_run), "--opt", "permutation.nope=1", "--metrics",
+                  "permutation", *base], capsys)
+    assert "unknown option(s) nope for permutation" in err
+
+
+def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import transformers
+
+    cfg = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                 ffn_dim=32, num_attention_heads=2, max_position_embeddings=32,
+                                 word_embed_proj_dim=16)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "opt")
+    capsys.readouterr()
+    err = _error(["diagnose", str(tmp_path / "opt"), "--out", str(tmp_path / "o"),
+                  "--no-progress"], capsys)
+    assert "unsupported architecture model_type='opt'" in err
