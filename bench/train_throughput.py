@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         shift = r % len(jobs)
         for case, impl in jobs[shift:] + jobs[:shift]:  # rotate the order every round
+            best = None
             for attempt in range(args.retries + 1):
                 res = common.run_isolated(
                     [__file__, "--worker", case, impl, "--steps", str(args.steps), "--warmup",
@@ -248,15 +249,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  round {r + 1}/{args.rounds} {case:5s} {impl:4s} "
                       f"{res['tokens_per_s']:9.0f} tok/s  {res['peak_mem_bytes'] / 2**20:7.1f} MiB"
                       f"  cpu {res['cpu_util']:.2f}", file=sys.stderr, flush=True)
+                if best is None or res["cpu_util"] > best["cpu_util"]:
+                    best = res  # the least disturbed attempt
                 # our threads got less than ~80% of their cores: something else is running
-                busy = args.device == "cpu" and res["cpu_util"] < 0.8 * args.threads
+                busy = args.device == "cpu" and best["cpu_util"] < 0.8 * args.threads
                 if not busy:
                     break
                 if attempt < args.retries:
                     reruns += 1
                     time.sleep(5)
             contended += busy
-            results[(case, impl)].append(res)
+            results[(case, impl)].append(best)
 
     mem_kind = "peak CUDA alloc" if args.device == "cuda" else "peak RSS increase"
     print(f"# train_throughput: device={args.device} threads={args.threads} "

@@ -171,8 +171,10 @@ def worker(rank: int, root: str, port: int) -> None:
     D.barrier()
     if rank == 0:
         copy_run(root_p, "cut", "cut_2to1")
+        copy_run(root_p, "cut", "cut_fsdp_to_ddp")
     D.barrier()
     run(raw_cfg(root_p, "cut", **{"train.distributed": "fsdp"}))
+    run(raw_cfg(root_p, "cut_fsdp_to_ddp", **{"train.distributed": "ddp"}))
     # a checkpoint written by one process, resumed at 2 ranks (DDP)
     run(raw_cfg(root_p, "cut_1to2", **{"train.distributed": "ddp"}))
     # MoE under DDP: aux loss logged as the global mean
@@ -281,6 +283,11 @@ def test_moe_two_ranks_match_accumulation(dist):
 
 def test_resume_two_to_two(dist):
     assert_close_runs(records(dist, "cut"), records(dist, "fsdp"), rel=1e-6)
+
+
+def test_resume_switching_strategy(dist):
+    """An FSDP2 checkpoint resumed under DDP (train.distributed may change on resume)."""
+    assert_close_runs(records(dist, "cut_fsdp_to_ddp"), records(dist, "fsdp"))
 
 
 def test_resume_two_to_one(dist):

@@ -11,7 +11,8 @@ a * world_size + r. So ranks run the same number of steps, no window is seen twi
 epoch (the few left over differ every epoch), and the windows of each optimiser step
 depend only on (seed, G): 1 process x 2B, 2 processes x B and 1 process x B x 2
 accumulation see the same global batches, the last two even the same micro-batches
-(which matters for per-micro-batch quantities such as MoE load-balancing losses). The state is a global position (epoch, windows consumed in it), so
+(which matters for per-micro-batch quantities such as MoE load-balancing losses).
+The state is a global position (epoch, windows consumed in it), so
 `state_dict` / `load_state_dict` resume exactly, also at another world size or
 micro-batch as long as G is the same.
 """
