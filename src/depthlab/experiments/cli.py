@@ -10,6 +10,9 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("sweep")(sweep)
+    app.command("reproduce")(reproduce)
+    app.command("ablate")(ablate)
+    app.command("recipe")(recipe)
 
 
 def sweep(
@@ -97,3 +100,140 @@ def _fmt_params(n: int | None) -> str:
     if n is None:
         return "?"
     return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
+
+
+def _status_printer(console: Any):
+    """One line per run state change (queued / running / complete / failed)."""
+
+    def show(run: Any, entry: dict[str, Any]) -> None:
+        state = entry.get("status")
+        if state == "complete" and entry.get("skipped"):
+            console.print(f"  [dim]{run.name}: complete, skipped[/]")
+        elif state == "running":
+            console.print(f"  {run.name}: training ({entry.get('threads')} threads)")
+        elif state == "complete":
+            console.print(f"  [green]{run.name}: trained[/] ({entry.get('seconds')} s)")
+        elif state == "failed":
+            console.print(f"  [red]{run.name}: failed[/]: {entry.get('error')}", highlight=False)
+
+    return show
+
+
+def _diagnose_printer(console: Any):
+    def show(i: int, n: int, name: str) -> None:
+        console.print(f"  diagnosing {i + 1}/{n}: {name}")
+
+    return show
+
+
+def reproduce(
+    scale: Annotated[str, typer.Option(help="tiny (~30 min on 2 CPU cores), small (hours), "
+                                       "paper (writes configs and launch commands)")] = "tiny",
+    out: Annotated[Path | None, typer.Option(help="Output dir (default runs/reproduce/SCALE).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained in parallel.")] = 2,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per condition (default 2).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps per run (default: the "
+                                              "scale's).")] = None,
+    claims: Annotated[str | None, typer.Option(help="Only these claims, e.g. 1,2,8.")] = None,
+) -> None:
+    """Re-check the paper's claims at a scale that fits the hardware; verdicts in a report."""
+    import shlex
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from depthlab.errors import DepthlabError
+    from depthlab.experiments.reproduce import reproduce as run
+
+    console = Console()
+    wanted = None
+    if claims:
+        try:
+            wanted = [int(c) for c in claims.split(",") if c.strip()]
+        except ValueError:
+            raise DepthlabError(f"--claims takes numbers like 1,2,8, got {claims!r}") from None
+    command = "depthlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    results = run(scale, out, jobs=jobs, seeds=seeds, steps=steps, claims=wanted,
+                  on_status=_status_printer(console), on_diagnose=_diagnose_printer(console),
+                  command=command)
+    out_dir = out or Path(f"runs/reproduce/{scale}")
+    if scale == "paper":
+        for c in results["commands"]:
+            console.print(c, highlight=False, soft_wrap=True)
+        console.print(f"sweep files and commands.sh in {out_dir}")
+        return
+    table = Table(title=f"reproduce --scale {scale}")
+    for col in ("#", "claim", "verdict"):
+        table.add_column(col, overflow="fold")
+    for c in results["claims"]:
+        color = {"holds": "green", "does not hold": "red"}.get(c["verdict"], "yellow")
+        table.add_row(str(c["id"]), c["title"], f"[{color}]{c['verdict']}[/]")
+    console.print(table)
+    console.print(f"report: {out_dir / 'report.md'}; numbers: {out_dir / 'reproduce.json'}")
+
+
+def ablate(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Dense base config.")],
+    out: Annotated[Path | None, typer.Option(help="Output dir (default runs/ablate/NAME).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained in parallel.")] = 1,
+    seeds: Annotated[int, typer.Option(help="Seeds per rung.")] = 1,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a base config key: --set train.max_steps=200")] = None,
+    context_factor: Annotated[int, typer.Option(help="+T: multiply seq_len by this.")] = 4,
+    weight_decay: Annotated[float, typer.Option(help="+lambda: the weight decay.")] = 0.3,
+    group_size: Annotated[int, typer.Option(help="+G: GQA group size.")] = 2,
+    experts: Annotated[int, typer.Option(help="+MoE: number of experts.")] = 8,
+    top_k: Annotated[int, typer.Option(help="+MoE: experts per token.")] = 2,
+) -> None:
+    """The ablation ladder baseline -> +T -> +lambda -> +G -> +MoE on your base config."""
+    from rich.console import Console
+
+    from depthlab.experiments.ablate import LadderSpec
+    from depthlab.experiments.ablate import ablate as run
+
+    console = Console()
+    spec = LadderSpec(context_factor=context_factor, weight_decay=weight_decay,
+                      group_size=group_size, num_experts=experts, top_k=top_k)
+    res = run(config, out, spec=spec, jobs=jobs, seeds=seeds, overrides=set_ or [],
+              on_status=_status_printer(console), on_diagnose=_diagnose_printer(console))
+    for row in res["rows"]:
+        console.print(f"  {row['name']:>9s}  val PPL {row['val_ppl']:.3f}  usefulness "
+                      f"{row['usefulness']:.3f}  last-layer var {row['last_layer_variance']:.3g}")
+    console.print(f"ladder: {res['ladder_file']}; chart and report: {res['report']}")
+
+
+def recipe(
+    layers: Annotated[int, typer.Option("--layers", "-L", help="Number of blocks.")],
+    params: Annotated[str, typer.Option(help="Total parameter budget, e.g. 1.2B, 350M.")],
+    context: Annotated[int | None, typer.Option(help="Context length T (default: the sweet "
+                                                "spot, 4096).")] = None,
+    budget: Annotated[str | None, typer.Option(help="Training token budget, e.g. 20B (sets "
+                                               "max_steps).")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 50304,
+    dense: Annotated[bool, typer.Option("--dense", help="No MoE (dense MLPs).")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Cite the measured evidence "
+                                          "(reproduce results when present).")] = False,
+    evidence: Annotated[Path | None, typer.Option(help="A reproduce output dir or "
+                                                  "reproduce.json (default: runs/reproduce/"
+                                                  "{small,tiny} if present).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the config YAML here.")] = None,
+) -> None:
+    """A depth-effective config for L layers within a parameter budget, with reasons."""
+    from rich.console import Console
+
+    from depthlab.experiments.recipe import make_recipe, parse_count, render
+
+    console = Console()
+    rec = make_recipe(layers, parse_count(params, "--params"), context=context,
+                      tokens=parse_count(budget, "--budget") if budget else None,
+                      vocab_size=vocab_size, moe=not dense, evidence=evidence)
+    text = rec.yaml()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    console.print(render(rec, explain=explain), highlight=False, soft_wrap=True)
+    if out is not None:
+        console.print(f"config written to {out}; train it with: depthlab train {out}")
+    else:
+        console.print(text, highlight=False, soft_wrap=True)

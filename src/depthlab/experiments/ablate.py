@@ -1,0 +1,121 @@
+"""The progressive ablation ladder (the paper's recipe at L=32: baseline -> +T -> +lambda
+-> +G -> +MoE), applied to any base config.
+
+Each rung adds one change to the previous rung:
+
+- `+T`: longer context, `data.seq_len` x `context_factor` (capped by model.max_seq_len),
+  batch size divided by the same factor so every rung sees the same tokens per step;
+- `+lambda`: weight decay `ladder_weight_decay` (the paper's ladder uses 0.3);
+- `+G`: grouped-query attention with group size `group_size` (n_kv_heads = n_heads / G);
+- `+MoE`: every MLP becomes a top-k MoE of `num_experts` fine-grained experts whose
+  expert hidden size is `hidden / top_k` (rounded), so that the ACTIVE MLP
+  parameters per token equal the dense MLP's (an equal-active-size comparison).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from depthlab.config import RunConfig, build_config
+from depthlab.errors import DepthlabError
+from depthlab.experiments.study import Point
+
+RUNGS = ("baseline", "+T", "+lambda", "+G", "+MoE")
+
+
+@dataclass
+class LadderSpec:
+    """The size of each rung's change."""
+
+    context_factor: int = 4
+    weight_decay: float = 0.3
+    group_size: int = 2
+    num_experts: int = 8
+    top_k: int = 2
+
+
+def equal_active_expert_hidden(dense_hidden: int, top_k: int) -> int:
+    """Expert hidden size whose top_k active experts hold the dense MLP's parameters."""
+    return max(1, round(dense_hidden / top_k))
+
+
+def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str = "ladder"
+                  ) -> list[Point]:
+    """The five cumulative rungs as study points (names `PREFIX0_baseline` ...)."""
+    spec = spec or LadderSpec()
+    m, d, t = base.model, base.data, base.train
+    if m.moe is not None:
+        raise DepthlabError("ablate: the base config already uses MoE; give a dense base config "
+                            "(the ladder adds MoE as its last rung)")
+    T = min(d.seq_len * spec.context_factor, m.max_seq_len)
+    if T <= d.seq_len:
+        raise DepthlabError(f"ablate: cannot lengthen the context: data.seq_len={d.seq_len} is "
+                            f"already model.max_seq_len; raise model.max_seq_len")
+    factor = T / d.seq_len
+    batch = max(1, math.floor(t.batch_size / factor))
+    if m.n_heads % spec.group_size or m.kv_heads != m.n_heads:
+        raise DepthlabError(
+            f"ablate: the +G rung needs an MHA base whose n_heads ({m.n_heads}) is divisible by "
+            f"G={spec.group_size}; the base has n_kv_heads={m.kv_heads}")
+    expert_hidden = equal_active_expert_hidden(m.hidden, spec.top_k)
+    steps: list[dict[str, Any]] = [
+        {},
+        {"data.seq_len": T, "train.batch_size": batch},
+        {"train.weight_decay": spec.weight_decay},
+        {"model.n_kv_heads": m.n_heads // spec.group_size},
+        {"model.moe": {"num_experts": spec.num_experts, "top_k": spec.top_k,
+                       "expert_hidden": expert_hidden, "shared_expert": False}},
+    ]
+    points, acc = [], {}
+    for i, (rung, change) in enumerate(zip(RUNGS, steps, strict=True)):
+        acc = {**acc, **change}
+        points.append(Point(f"{prefix}{i}_{rung.lstrip('+')}", dict(acc)))
+    return points
+
+
+def rung_label(point_name: str) -> str:
+    """`ladder3_G` -> `+G`; `ladder0_baseline` -> `baseline`."""
+    tail = point_name.split("_", 1)[-1]
+    return tail if tail == "baseline" else f"+{tail}"
+
+
+def ladder_rows(points: list[Point], measurements: dict[str, Any], seeds: int = 1
+                ) -> list[dict[str, Any]]:
+    """Rows for ladder.json: rung, val_ppl and usefulness (means over seed runs)."""
+    rows = []
+    for p in points:
+        runs = [measurements[n] for n in _seed_names(p.name, seeds) if n in measurements]
+        if not runs:
+            continue
+        rows.append({
+            "name": rung_label(p.name),
+            "run": p.name,
+            "val_ppl": sum(r.val_ppl for r in runs) / len(runs),
+            "usefulness": sum(r.usefulness for r in runs) / len(runs),
+            "linear_excess_loss": sum(r.linear_excess_loss for r in runs) / len(runs),
+            "last_layer_variance": sum(r.last_layer_variance for r in runs) / len(runs),
+            "seeds": len(runs),
+            "overrides": p.overrides,
+        })
+    return rows
+
+
+def _seed_names(name: str, seeds: int) -> list[str]:
+    return [name] if seeds <= 1 else [f"{name}_s{s}" for s in range(seeds)]
+
+
+def with_seeds(points: list[Point], seeds: int, base_seed: int = 0) -> list[Point]:
+    """Each point once per seed (`NAME_s0`, `NAME_s1`, ...); unchanged for seeds=1."""
+    if seeds <= 1:
+        return points
+    return [Point(f"{p.name}_s{s}", {**p.overrides, "train.seed": base_seed + s})
+            for p in points for s in range(seeds)]
+
+
+def check_points(base_raw: dict[str, Any], points: list[Point], out_dir: Path) -> None:
+    """Validate every rung's config before anything runs (one-line ConfigError otherwise)."""
+    for p in points:
+        build_config(base_raw, {**p.overrides, "name": p.name, "out_dir": str(out_dir)})

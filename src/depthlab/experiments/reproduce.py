@@ -1,0 +1,400 @@
+"""`depthlab reproduce`: the paper's claims re-checked in miniature, each with a verdict.
+
+One plan per scale: a base config, the values each claim sweeps, and seeds. The runs of
+all claims are pooled (a config shared by two claims is trained once), trained through the
+sweep runner, diagnosed (variance, usefulness, causal, permutation), and every claim gets
+a verdict from `depthlab.experiments.verdict` (the rule is stated there and in
+docs/reproduce.md). Claim 8 is a simulation (`depthlab.experiments.theory`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from depthlab.config import build_config
+from depthlab.errors import DepthlabError
+from depthlab.experiments import verdict as V
+from depthlab.experiments.ablate import RUNGS, LadderSpec, ladder_points
+from depthlab.experiments.study import DiagnoseSettings, Measurement, Point, make_sweep, run_study
+from depthlab.experiments.sweep import run_name
+
+SCALES = ("tiny", "small", "paper")
+RESULTS_FILE = "reproduce.json"
+REPORT_FILE = "report.md"
+
+# Paper numbers (Muhtar et al., 1.2B-parameter scale; see ../shared/design.md).
+PAPER = {
+    1: "pre-LN residual variance grows with depth (the curse of depth)",
+    2: "usefulness 1.000 / 0.813 / 0.625 / 0.562 at L = 12 / 16 / 24 / 32",
+    3: "lambda = 0.1 best PPL (14.83); usefulness 0.81 at 0.1 vs 0.75 at 0",
+    4: "sweet spot T = 2048-4096",
+    5: "G = 16 best PPL and +7% usefulness",
+    6: "MoE beats dense by > 2 PPL, usefulness 0.94",
+    7: "avg accuracy at L=32: 39.5 -> +T 40.0 -> +lambda 41.4 -> +G 42.1 -> +MoE 44.1",
+    8: "sparsity damps the variance growth of pre-LN stacks",
+}
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclass
+class Plan:
+    """Everything one scale runs."""
+
+    scale: str
+    base: dict[str, Any]
+    depths: list[int]
+    weight_decays: list[float]
+    contexts: list[int]
+    sweet_context: int
+    tokens_per_step: int
+    group_sizes: list[int]
+    moe: dict[str, Any]
+    seeds: int
+    ladder: LadderSpec
+    diagnose: DiagnoseSettings = field(default_factory=DiagnoseSettings)
+    theory: dict[str, Any] = field(default_factory=dict)
+
+
+def _base(d_model: int, n_layers: int, seq_len: int, batch: int, steps: int, lr: float,
+          max_seq_len: int, warmup: int) -> dict[str, Any]:
+    return {
+        "name": "reproduce",
+        "model": {"n_layers": n_layers, "d_model": d_model, "n_heads": 4,
+                  "max_seq_len": max_seq_len, "init": "paper"},
+        "data": {"corpus": "kjv", "tokenizer": "byte", "seq_len": seq_len},
+        "train": {"max_steps": steps, "batch_size": batch, "lr": lr, "warmup_steps": warmup,
+                  "weight_decay": 0.1, "eval_interval": steps, "ckpt_interval": steps,
+                  "log_interval": max(1, steps // 10), "stats_interval": 0},
+    }
+
+
+def plan_for(scale: str, seeds: int | None = None, steps: int | None = None) -> Plan:
+    """The runs of a scale; `steps` shortens training (tests, quick looks)."""
+    if scale == "tiny":
+        s = steps or 300
+        plan = Plan(scale, _base(64, 8, 64, 16, s, 3e-3, 256, max(1, s // 10)),
+                    depths=[2, 4, 8, 16], weight_decays=[0.0, 0.1, 0.3],
+                    contexts=[32, 64, 128, 256], sweet_context=128, tokens_per_step=1024,
+                    group_sizes=[1, 2, 4], moe={"num_experts": 8, "top_k": 2}, seeds=2,
+                    ladder=LadderSpec(context_factor=2, weight_decay=0.3, group_size=2),
+                    diagnose=DiagnoseSettings(eval_tokens=2048, min_samples=8),
+                    theory={"max_depth": 32, "d_model": 128, "seeds": 3})
+    elif scale == "small":
+        s = steps or 2000
+        plan = Plan(scale, _base(128, 12, 128, 16, s, 2e-3, 1024, max(1, s // 20)),
+                    depths=[4, 8, 12, 16, 24], weight_decays=[0.0, 0.1, 0.3, 0.5],
+                    contexts=[64, 128, 256, 512, 1024], sweet_context=512, tokens_per_step=2048,
+                    group_sizes=[1, 2, 4], moe={"num_experts": 16, "top_k": 2}, seeds=2,
+                    ladder=LadderSpec(context_factor=4, weight_decay=0.3, group_size=2,
+                                      num_experts=16),
+                    diagnose=DiagnoseSettings(eval_tokens=8192, min_samples=16),
+                    theory={"max_depth": 64, "d_model": 256, "seeds": 5})
+    else:
+        raise DepthlabError(f"unknown scale {scale!r}; choose from {', '.join(SCALES)}")
+    if seeds is not None:
+        if seeds < 1:
+            raise DepthlabError(f"--seeds must be >= 1, got {seeds}")
+        plan.seeds = seeds
+    return plan
+
+
+def _dense_hidden(plan: Plan) -> int:
+    return build_config(plan.base).model.hidden
+
+
+def _moe_overrides(plan: Plan) -> dict[str, Any]:
+    k = plan.moe["top_k"]
+    return {"model.moe": {**plan.moe, "expert_hidden": max(1, round(_dense_hidden(plan) / k)),
+                          "shared_expert": False}}
+
+
+def _context_overrides(plan: Plan, T: int) -> dict[str, Any]:
+    return {"data.seq_len": T, "train.batch_size": max(1, plan.tokens_per_step // T)}
+
+
+@dataclass
+class Claim:
+    """A claim's conditions (ordered) and how its verdict is computed."""
+
+    id: int
+    title: str
+    knob: str
+    conditions: list[tuple[str, dict[str, Any]]]
+    evaluate: Callable[[list[list[Measurement]]], list[tuple[str, V.Verdict, bool]]]
+    """measurements per condition -> [(test label, verdict, primary?)]."""
+
+
+def _vals(groups: list[list[Measurement]], metric: str) -> list[list[float]]:
+    return [[getattr(m, metric) for m in g] for g in groups]
+
+
+def claims_for(plan: Plan) -> list[Claim]:
+    """Claims 1-7 as conditions + tests (claim 8 is the simulation)."""
+    base_T = plan.base["data"]["seq_len"]
+    base_ctx = _context_overrides(plan, base_T)
+    depth = [(f"L={L}", {"model.n_layers": L}) for L in plan.depths]
+    wd = [(f"lambda={w:g}", {"train.weight_decay": w}) for w in plan.weight_decays]
+    ctx = [(f"T={T}", _context_overrides(plan, T)) for T in plan.contexts]
+    heads = plan.base["model"]["n_heads"]
+    gqa = [(f"G={G}", {"model.n_kv_heads": heads // G}) for G in plan.group_sizes]
+    moe = [("dense", {}), ("MoE", _moe_overrides(plan))]
+    base_cfg = build_config(plan.base)
+    ladder = [(RUNGS[i], _flatten(p.overrides))
+              for i, p in enumerate(ladder_points(base_cfg, plan.ladder))]
+    sweet = plan.contexts.index(plan.sweet_context)
+
+    def c1(g):
+        return [("last-layer variance rises with L", V.trend(_vals(g, "last_layer_variance"), 1),
+                 True)]
+
+    def c2(g):
+        return [
+            ("usefulness falls with L", V.trend(_vals(g, "usefulness"), -1), True),
+            ("permutation falls with L", V.trend(_vals(g, "permutation"), -1), True),
+            ("causal (pairs) falls with L", V.trend(_vals(g, "causal_pairs"), -1), True),
+            ("mean linear-replacement loss increase falls with L",
+             V.trend(_vals(g, "linear_excess_loss"), -1), False),
+        ]
+
+    def c3(g):
+        opt, best = V.interior_optimum(_vals(g, "val_ppl"), minimize=True)
+        opt.detail = f"best lambda = {plan.weight_decays[best]:g}; " + opt.detail
+        return [("last-layer variance falls with lambda",
+                 V.trend(_vals(g, "last_layer_variance"), -1), True),
+                ("val PPL is best at an interior lambda", opt, True)]
+
+    def c4(g):
+        use = _vals(g, "usefulness")
+        exc = _vals(g, "linear_excess_loss")
+        best = max(range(len(g)), key=lambda i: statistics.fmean(exc[i]))
+        u = V.compare(use[0], use[sweet], 1, sd=V.pooled_sd(use))
+        e = V.compare(exc[0], exc[sweet], 1, sd=V.pooled_sd(exc))
+        e.detail += f"; largest at T={plan.contexts[best]}"
+        return [("last-layer variance falls with T",
+                 V.trend(_vals(g, "last_layer_variance"), -1), True),
+                (f"usefulness higher at T={plan.sweet_context} than T={plan.contexts[0]}", u, True),
+                (f"linear-replacement loss increase higher at T={plan.sweet_context}", e, False)]
+
+    def c5(g):
+        mha, grouped = g[0], [m for grp in g[1:] for m in grp]
+        sd_u = V.pooled_sd(_vals(g, "usefulness"))
+        sd_p = V.pooled_sd(_vals(g, "val_ppl"))
+        sd_e = V.pooled_sd(_vals(g, "linear_excess_loss"))
+        return [
+            ("usefulness higher with G > 1",
+             V.compare(_vals([mha], "usefulness")[0], _vals([grouped], "usefulness")[0], 1,
+                       sd=sd_u), True),
+            ("val PPL not worse with G > 1",
+             V.not_worse(_vals([mha], "val_ppl")[0], _vals([grouped], "val_ppl")[0], sd=sd_p),
+             True),
+            ("linear-replacement loss increase higher with G > 1",
+             V.compare(_vals([mha], "linear_excess_loss")[0],
+                       _vals([grouped], "linear_excess_loss")[0], 1, sd=sd_e), False),
+        ]
+
+    def c6(g):
+        var, use, exc = (_vals(g, k) for k in ("last_layer_variance", "usefulness",
+                                               "linear_excess_loss"))
+        ppl = _vals(g, "val_ppl")
+        return [("MoE lowers last-layer variance", V.compare(var[0], var[1], -1), True),
+                ("MoE raises usefulness", V.compare(use[0], use[1], 1), True),
+                ("MoE lowers val PPL", V.compare(ppl[0], ppl[1], -1), False),
+                ("MoE raises the linear-replacement loss increase", V.compare(exc[0], exc[1], 1),
+                 False)]
+
+    def c7(g):
+        ppl, use = _vals(g, "val_ppl"), _vals(g, "usefulness")
+        steps = " -> ".join(f"{statistics.fmean(x):.3f}" for x in ppl)
+        v = V.compare(ppl[0], ppl[-1], -1, sd=V.pooled_sd(ppl))
+        v.detail = f"PPL per rung {steps}; " + v.detail
+        return [("full recipe lowers val PPL vs baseline", v, True),
+                ("full recipe keeps usefulness", V.not_worse(use[0], use[-1], lower_is_better=False,
+                                                             sd=V.pooled_sd(use)), True)]
+
+    return [
+        Claim(1, "Last-layer variance grows with depth", "n_layers", depth, c1),
+        Claim(2, "Usefulness, permutation and causal scores fall with depth", "n_layers", depth, c2),
+        Claim(3, "Weight decay lowers last-layer variance, with a best lambda for PPL",
+              "weight_decay", wd, c3),
+        Claim(4, "Longer context lowers variance and raises usefulness up to a sweet spot",
+              "seq_len (tokens per step fixed)", [(lab, {**ov}) for lab, ov in ctx], c4),
+        Claim(5, "GQA (G > 1) raises usefulness at equal PPL", "n_kv_heads", gqa, c5),
+        Claim(6, "MoE lowers variance and raises usefulness vs dense of equal active size",
+              "moe (top-k experts, equal active MLP params)", moe, c6),
+        Claim(7, "Ablation ladder: baseline -> +T -> +lambda -> +G -> +MoE", "ladder",
+              [(lab, {**base_ctx, **ov}) if lab == "baseline" else (lab, ov)
+               for lab, ov in ladder], c7),
+    ]
+
+
+def _flatten(overrides: dict[str, Any]) -> dict[str, Any]:
+    from depthlab.experiments.sweep import flatten_overrides
+
+    return flatten_overrides(overrides)
+
+
+def _canonical(overrides: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """Drop overrides equal to the base so identical configs share one run."""
+    base = build_config(plan.base)
+    out = {}
+    for key, value in _flatten(overrides).items():
+        node: Any = base
+        for part in key.split("."):
+            node = getattr(node, part, None) if node is not None else None
+        if node != value:
+            out[key] = value
+    return dict(sorted(out.items()))
+
+
+def points_for(plan: Plan, claims: list[Claim]) -> tuple[list[Point], dict[tuple[int, int], list[str]]]:
+    """The pooled runs, and for each (claim id, condition index) the names of its seed runs."""
+    by_key: dict[str, Point] = {}
+    where: dict[tuple[int, int], list[str]] = {}
+    for claim in claims:
+        for ci, (_, ov) in enumerate(claim.conditions):
+            canon = _canonical(ov, plan)
+            stem = run_name(canon)
+            names = []
+            for s in range(plan.seeds):
+                name = f"{stem}_s{s}"
+                by_key.setdefault(name, Point(name, {**canon, "train.seed": s}))
+                names.append(name)
+            where[(claim.id, ci)] = names
+    return list(by_key.values()), where
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def paper_commands(out: Path) -> dict[str, Any]:
+    """Paper scale: write the sweep files for every claim and list the launch commands."""
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parents[3] / "configs" / "paper"
+    dense = root / "dense_1b.yaml"
+    sweeps = {
+        "depth": {"model.n_layers": [12, 16, 24, 32]},
+        "weight_decay": {"train.weight_decay": [0.0, 0.1, 0.3, 0.5]},
+        "context": {"data.seq_len": [512, 1024, 2048, 4096, 8192]},
+        "gqa": {"model.n_kv_heads": [16, 8, 4, 1]},
+    }
+    files, commands = {}, []
+    for name, grid in sweeps.items():
+        spec = {"name": f"paper_{name}", "base": str(dense), "out_dir": f"runs/paper/{name}",
+                "grid": grid, "diagnose": True}
+        if name == "context":
+            spec["set"] = {"model.max_seq_len": 8192}
+        path = out / f"paper_{name}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        files[name] = str(path)
+        commands.append(f"depthlab sweep {path} --slurm --gpus 8 --time-min 4320")
+    for cfg in ("moe_400m_2b.yaml", "ablation_l32.yaml"):
+        commands.append(f"torchrun --nnodes=$NNODES --nproc_per_node=8 -m depthlab.cli train "
+                        f"{root / cfg} --set train.distributed=fsdp")
+    commands.append(f"depthlab ablate {dense} --out runs/paper/ladder   # the ablation ladder")
+    (out / "commands.sh").write_text("#!/bin/sh\n" + "\n".join(commands) + "\n")
+    return {"scale": "paper", "sweep_files": files, "commands": commands}
+
+
+def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int = 2,
+              seeds: int | None = None, steps: int | None = None, claims: list[int] | None = None,
+              on_status: Any = None, on_diagnose: Any = None, command: str | None = None
+              ) -> dict[str, Any]:
+    """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures."""
+    out = Path(out or f"runs/reproduce/{scale}")
+    if scale == "paper":
+        return paper_commands(out)
+    plan = plan_for(scale, seeds=seeds, steps=steps)
+    all_claims = claims_for(plan)
+    wanted = set(claims or range(1, 9))
+    bad = wanted - set(range(1, 9))
+    if bad:
+        raise DepthlabError(f"unknown claim number(s) {sorted(bad)}; claims are 1-8")
+    chosen = [c for c in all_claims if c.id in wanted]
+    points, where = points_for(plan, chosen)
+    measurements: dict[str, Measurement] = {}
+    if points:
+        sweep = make_sweep(f"reproduce_{scale}", plan.base, points, out / "runs")
+        measurements = run_study(sweep, jobs=jobs, settings=plan.diagnose, on_status=on_status,
+                                 on_diagnose=on_diagnose)
+    rows = []
+    for claim in chosen:
+        groups = [[measurements[n] for n in where[(claim.id, ci)]]
+                  for ci in range(len(claim.conditions))]
+        tests = claim.evaluate(groups)
+        rows.append({
+            "id": claim.id, "title": claim.title, "paper": PAPER[claim.id], "knob": claim.knob,
+            "conditions": [{"label": lab, "runs": where[(claim.id, ci)],
+                            "means": _means(groups[ci])}
+                           for ci, (lab, _) in enumerate(claim.conditions)],
+            "tests": [{"label": lab, "primary": primary, **v.to_dict()}
+                      for lab, v, primary in tests],
+            "verdict": V.combine([v for _, v, primary in tests if primary]),
+        })
+    theory = None
+    if 8 in wanted:
+        from depthlab.experiments.theory import simulate, theory_verdict
+
+        res = simulate(**plan.theory)
+        status, detail = theory_verdict(res)
+        theory = res.to_dict()
+        rows.append({"id": 8, "title": "Masked (sparse) sublayers slow the variance growth of a "
+                     "random pre-LN stack", "paper": PAPER[8], "knob": "density p",
+                     "conditions": [], "tests": [{"label": "slope falls with p; growth law fits",
+                                                  "primary": True, "status": status,
+                                                  "detail": detail}],
+                     "verdict": status})
+    results = {
+        "schema_version": 1, "scale": scale, "command": command, "seeds": plan.seeds,
+        "steps": plan.base["train"]["max_steps"], "base": plan.base,
+        "diagnose": {"eval_tokens": plan.diagnose.eval_tokens,
+                     "min_samples": plan.diagnose.min_samples,
+                     "metrics": list(plan.diagnose.metrics)},
+        "rule": RULE, "claims": rows, "theory": theory,
+        "runs": {n: m.to_dict() for n, m in measurements.items()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1, default=_json_default))
+    from depthlab.experiments.reproduce_report import write_report
+
+    write_report(results, out)
+    return results
+
+
+RULE = (f"effect = difference of condition means (endpoints for trends); resolved when "
+        f"|effect| >= max({V.SIGMAS:g} x standard error from the pooled seed-to-seed spread, "
+        f"{V.MIN_REL:.0%} of the reference value) ({V.SINGLE_SEED_REL:.0%} with one seed); holds "
+        f"/ does not hold by the direction of a resolved effect, inconclusive otherwise; a "
+        f"claim holds when all its primary tests hold")
+
+
+def _means(group: list[Measurement]) -> dict[str, float]:
+    keys = ("val_ppl", "last_layer_variance", "usefulness", "linear_excess_loss",
+            "causal_pairs", "permutation")
+    return {k: statistics.fmean(getattr(m, k) for m in group) for k in keys}
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_FILE
+    if not p.is_file():
+        raise DepthlabError(f"no reproduce results at {p}")
+    return json.loads(p.read_text())
+
+

@@ -1,0 +1,131 @@
+"""The reproduce report: a Markdown page with the verdict table, one measurement table
+per claim, and figures (PNG) of each claim's metrics against its knob."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+METRIC_LABELS = {
+    "val_ppl": "val PPL",
+    "last_layer_variance": "last-layer var",
+    "usefulness": "usefulness",
+    "linear_excess_loss": "lin. loss incr.",
+    "causal_pairs": "causal",
+    "permutation": "permutation",
+}
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _figure(claim: dict[str, Any], out: Path) -> str | None:
+    """Each metric (mean over seeds, seed runs as dots) against the claim's conditions."""
+    conds = claim["conditions"]
+    if not conds:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRIC_LABELS), figsize=(3.0 * len(METRIC_LABELS), 2.8))
+    xs = list(range(len(conds)))
+    for ax, (key, label) in zip(axes, METRIC_LABELS.items(), strict=True):
+        ax.plot(xs, [c["means"][key] for c in conds], marker="o", color="#4c72b0")
+        for x, c in zip(xs, conds, strict=True):
+            seeds = [r.get(key) for r in c.get("seed_values", [])]
+            ax.scatter([x] * len(seeds), seeds, s=8, color="#999999", zorder=3)
+        ax.set_xticks(xs, [c["label"] for c in conds], rotation=30, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"claim {claim['id']}: {claim['title']}", fontsize=10)
+    fig.tight_layout()
+    name = f"claim{claim['id']}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _theory_figure(theory: dict[str, Any], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, (p, ys) in enumerate(theory["variance"].items()):
+        color = f"C{i}"
+        ax.plot(theory["depths"], ys, color=color, label=f"simulated p={p}")
+        ax.plot(theory["depths"], theory["predicted"][p], color=color, ls="--", lw=1)
+    ax.set(xlabel="depth L", ylabel="Var(h_L)", title="random pre-LN stack, masked sublayers "
+           "(dashed: growth law)")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out / "claim8_theory.png", dpi=110)
+    plt.close(fig)
+    return "claim8_theory.png"
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """Write OUT/report.md (and its figures) from reproduce's results dict."""
+    runs = results.get("runs", {})
+    for claim in results["claims"]:
+        for c in claim["conditions"]:
+            c["seed_values"] = [runs[n] for n in c["runs"] if n in runs]
+    lines = [f"# depthlab reproduce: scale `{results['scale']}`", ""]
+    if results.get("command"):
+        lines += ["Command:", "", f"    {results['command']}", ""]
+    lines += [f"{results['seeds']} seed(s) per condition, {results['steps']} training steps per "
+              f"run, {len(runs)} runs. Diagnostics per run: {', '.join(results['diagnose']['metrics'])} "
+              f"on about {results['diagnose']['eval_tokens']} held-out tokens at the run's own "
+              f"sequence length.", "", f"Verdict rule: {results['rule']}.", ""]
+    rows = []
+    for claim in results["claims"]:
+        measured = "; ".join(f"{t['label']}: {t['status']} ({t['detail']})"
+                             for t in claim["tests"] if t["primary"])
+        rows.append([str(claim["id"]), claim["title"], claim["paper"], measured,
+                     f"**{claim['verdict']}**"])
+    lines += ["## Verdicts", ""]
+    lines += _table(["#", "claim", "paper's numbers", "our measurement", "holds?"], rows)
+    lines.append("")
+    for claim in results["claims"]:
+        lines += [f"## Claim {claim['id']}: {claim['title']}", "",
+                  f"Paper: {claim['paper']}. Knob: {claim['knob']}.", ""]
+        if claim["conditions"]:
+            header = ["condition", "runs"] + list(METRIC_LABELS.values())
+            body = [[c["label"], str(len(c["runs"]))] +
+                    [_fmt(c["means"][k]) for k in METRIC_LABELS] for c in claim["conditions"]]
+            lines += _table(header, body) + [""]
+        lines += _table(["test", "primary", "status", "detail"],
+                        [[t["label"], "yes" if t["primary"] else "no (companion)", t["status"],
+                          t["detail"]] for t in claim["tests"]]) + [""]
+        fig = _figure(claim, out)
+        if fig:
+            lines += [f"![claim {claim['id']}]({fig})", ""]
+        for c in claim["conditions"]:
+            c.pop("seed_values", None)
+    theory = results.get("theory")
+    if theory:
+        fig = _theory_figure(theory, out)
+        lines += [f"![growth law]({fig})", "",
+                  f"Simulation: d={theory['d_model']}, {theory['samples']} x {theory['seq_len']} "
+                  f"random tokens, {theory['seeds']} seeds; Var(h_0) = "
+                  f"{theory['embedding_variance']:.3g}, mean branch variances (p=1): attention "
+                  f"{theory['attn_branch_variance']:.3g}, MLP {theory['mlp_branch_variance']:.3g}. "
+                  "Derivation: docs/reproduce.md.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
