@@ -119,3 +119,34 @@ def check_points(base_raw: dict[str, Any], points: list[Point], out_dir: Path) -
     """Validate every rung's config before anything runs (one-line ConfigError otherwise)."""
     for p in points:
         build_config(base_raw, {**p.overrides, "name": p.name, "out_dir": str(out_dir)})
+
+
+def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpec | None = None,
+           jobs: int = 1, seeds: int = 1, overrides: list[str] | dict[str, Any] = (),
+           on_status: Any = None, on_diagnose: Any = None) -> dict[str, Any]:
+    """Train and diagnose the five rungs of `config`; write OUT/ladder.json and a report with
+    the ladder chart (bars: validation PPL, markers: usefulness)."""
+    import json
+
+    from depthlab.config import apply_overrides, read_yaml
+    from depthlab.experiments.study import make_sweep, run_study
+    from depthlab.report.html import build_report
+
+    if seeds < 1:
+        raise DepthlabError(f"--seeds must be >= 1, got {seeds}")
+    base_raw = apply_overrides(read_yaml(config), overrides)
+    base = build_config(base_raw)
+    out = Path(out or Path("runs/ablate") / base.name)
+    points = ladder_points(base, spec)
+    runs = with_seeds(points, seeds, base_seed=base.train.seed)
+    check_points(base_raw, runs, out / "runs")
+    sweep = make_sweep(f"ablate_{base.name}", base_raw, runs, out / "runs")
+    measurements = run_study(sweep, jobs=jobs, on_status=on_status, on_diagnose=on_diagnose)
+    rows = ladder_rows(points, measurements, seeds)
+    ladder_file = out / "ladder.json"
+    ladder_file.write_text(json.dumps({"base": str(config), "spec": spec.__dict__ if spec else
+                                       LadderSpec().__dict__, "steps": rows}, indent=1))
+    build_report([out / "runs"], out / "report", ladder=ladder_file,
+                 title=f"ablation ladder: {base.name}")
+    return {"rows": rows, "ladder_file": ladder_file, "report": out / "report" / "report.html",
+            "measurements": {n: m.to_dict() for n, m in measurements.items()}}

@@ -212,6 +212,8 @@ def recipe(
                                                "max_steps).")] = None,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 50304,
     dense: Annotated[bool, typer.Option("--dense", help="No MoE (dense MLPs).")] = False,
+    experts: Annotated[int, typer.Option(help="MoE experts per layer.")] = 64,
+    top_k: Annotated[int, typer.Option(help="MoE experts per token.")] = 8,
     explain: Annotated[bool, typer.Option("--explain", help="Cite the measured evidence "
                                           "(reproduce results when present).")] = False,
     evidence: Annotated[Path | None, typer.Option(help="A reproduce output dir or "
@@ -227,7 +229,8 @@ def recipe(
     console = Console()
     rec = make_recipe(layers, parse_count(params, "--params"), context=context,
                       tokens=parse_count(budget, "--budget") if budget else None,
-                      vocab_size=vocab_size, moe=not dense, evidence=evidence)
+                      vocab_size=vocab_size, moe=not dense, experts=experts, top_k=top_k,
+                      evidence=evidence)
     text = rec.yaml()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
