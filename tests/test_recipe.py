@@ -56,7 +56,7 @@ def test_ladder_is_cumulative_with_equal_active_moe():
     base = build_config(read_yaml("configs/cpu/dense.yaml"), {"model.vocab_size": 257})
     points = ladder_points(base)
     assert [p.name.split("_", 1)[1] for p in points] == [r.lstrip("+") for r in RUNGS]
-    for prev, cur in zip(points, points[1:]):
+    for prev, cur in zip(points, points[1:], strict=False):
         assert set(prev.overrides) <= set(cur.overrides)  # each rung keeps the earlier changes
     last = build_config(read_yaml("configs/cpu/dense.yaml"),
                         {"model.vocab_size": 257, **points[-1].overrides})
@@ -82,7 +82,7 @@ def test_growth_law_simulation():
     assert slopes[0] > slopes[1] > slopes[2] > 0
     # at p = 1 the law is exact in expectation (cross terms vanish): close on a sample
     full = res.variance["1"]
-    assert all(abs(a - b) / b < 0.1 for a, b in zip(full, res.predicted["1"]))
+    assert all(abs(a - b) / b < 0.1 for a, b in zip(full, res.predicted["1"], strict=False))
     status, detail = theory_verdict(res, tolerance=0.5)
     assert status != FAILS and "slope" in detail
     with pytest.raises(ValueError):

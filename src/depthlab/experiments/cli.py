@@ -135,6 +135,8 @@ def reproduce(
     steps: Annotated[int | None, typer.Option(help="Training steps per run (default: the "
                                               "scale's).")] = None,
     claims: Annotated[str | None, typer.Option(help="Only these claims, e.g. 1,2,8.")] = None,
+    eval_tokens: Annotated[int | None, typer.Option(help="Held-out tokens each run is diagnosed "
+                                                    "on (default: the scale's).")] = None,
 ) -> None:
     """Re-check the paper's claims at a scale that fits the hardware; verdicts in a report."""
     import shlex
@@ -155,6 +157,7 @@ def reproduce(
             raise DepthlabError(f"--claims takes numbers like 1,2,8, got {claims!r}") from None
     command = "depthlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = run(scale, out, jobs=jobs, seeds=seeds, steps=steps, claims=wanted,
+                  eval_tokens=eval_tokens,
                   on_status=_status_printer(console), on_diagnose=_diagnose_printer(console),
                   command=command)
     out_dir = out or Path(f"runs/reproduce/{scale}")

@@ -251,6 +251,8 @@ def _canonical(overrides: dict[str, Any], plan: Plan) -> dict[str, Any]:
         node: Any = base
         for part in key.split("."):
             node = getattr(node, part, None) if node is not None else None
+        if key == "model.n_kv_heads":
+            node = base.model.kv_heads  # None means n_heads: the same model
         if node != value:
             out[key] = value
     return dict(sorted(out.items()))
@@ -307,6 +309,7 @@ def paper_commands(out: Path) -> dict[str, Any]:
 
 def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int = 2,
               seeds: int | None = None, steps: int | None = None, claims: list[int] | None = None,
+              eval_tokens: int | None = None,
               on_status: Any = None, on_diagnose: Any = None, command: str | None = None
               ) -> dict[str, Any]:
     """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures."""
@@ -314,6 +317,10 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
     if scale == "paper":
         return paper_commands(out)
     plan = plan_for(scale, seeds=seeds, steps=steps)
+    if eval_tokens is not None:
+        if eval_tokens < 2:
+            raise DepthlabError(f"--eval-tokens must be >= 2, got {eval_tokens}")
+        plan.diagnose = DiagnoseSettings(eval_tokens=eval_tokens, min_samples=2)
     all_claims = claims_for(plan)
     wanted = set(claims or range(1, 9))
     bad = wanted - set(range(1, 9))

@@ -1,0 +1,87 @@
+"""End to end: `depthlab reproduce --scale tiny` and `depthlab ablate` at a few steps (issue 8).
+
+These train real (tiny) runs through the sweep runner, diagnose them and compute verdicts;
+only the step count is reduced, so the verdicts themselves mean nothing here.
+"""
+
+import json
+
+import pytest
+import yaml
+
+from depthlab.cli import main
+from depthlab.experiments.reproduce import claims_for, plan_for, points_for
+from depthlab.experiments.verdict import FAILS, HOLDS, INCONCLUSIVE
+
+
+def test_plan_pools_shared_runs():
+    plan = plan_for("tiny")
+    points, where = points_for(plan, claims_for(plan))
+    names = [p.name for p in points]
+    assert len(names) == len(set(names))
+    # the base config (L=8, lambda=0.1, T=64, MHA, dense) is one run per seed, shared by claims
+    assert where[(1, 2)] == where[(3, 1)] == where[(4, 1)] == where[(5, 0)] == where[(7, 0)]
+    assert where[(1, 2)] == ["base_s0", "base_s1"]
+    # the ladder's +T rung is the context claim's T=128 run
+    assert where[(7, 1)] == where[(4, 2)]
+    assert len(points) == 15 * plan.seeds
+
+
+def test_reproduce_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "rep"
+    main(["reproduce", "--scale", "tiny", "--steps", "3", "--seeds", "1", "--jobs", "2",
+          "--eval-tokens", "256", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "report:" in printed
+    results = json.loads((out / "reproduce.json").read_text())
+    assert [c["id"] for c in results["claims"]] == list(range(1, 9))
+    assert len(results["runs"]) == 15
+    for claim in results["claims"]:
+        assert claim["verdict"] in (HOLDS, FAILS, INCONCLUSIVE)
+        for t in claim["tests"]:
+            assert t["status"] in (HOLDS, FAILS, INCONCLUSIVE)
+    run = results["runs"]["L16_s0"]
+    assert run["n_layers"] == 16 and run["val_ppl"] > 1 and run["last_layer_variance"] > 0
+    report = (out / "report.md").read_text()
+    assert "| # | claim | paper's numbers | our measurement | holds? |" in report
+    assert (out / "claim1.png").is_file() and (out / "claim8_theory.png").is_file()
+    # a second call reuses every trained and diagnosed run
+    main(["reproduce", "--scale", "tiny", "--steps", "3", "--seeds", "1", "--claims", "1",
+          "--eval-tokens", "256", "--out", str(out)])
+    assert "complete, skipped" in capsys.readouterr().out
+
+
+def test_reproduce_paper_scale_writes_commands(tmp_path, capsys):
+    main(["reproduce", "--scale", "paper", "--out", str(tmp_path)])
+    assert "torchrun" in capsys.readouterr().out
+    sweep = yaml.safe_load((tmp_path / "paper_depth.yaml").read_text())
+    assert sweep["grid"] == {"model.n_layers": [12, 16, 24, 32]}
+    assert (tmp_path / "commands.sh").is_file()
+
+
+def test_ablate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "abl"
+    main(["ablate", "configs/cpu/dense.yaml", "--out", str(out), "--jobs", "2",
+          "--set", "train.max_steps=3", "--set", "train.warmup_steps=1",
+          "--set", "model.n_layers=2", "--set", "model.d_model=32"])
+    printed = capsys.readouterr().out
+    assert "+MoE" in printed
+    ladder = json.loads((out / "ladder.json").read_text())
+    assert [s["name"] for s in ladder["steps"]] == ["baseline", "+T", "+lambda", "+G", "+MoE"]
+    assert (out / "report" / "report.html").is_file()
+    assert (out / "report" / "figures" / "ladder.png").is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["reproduce", "--scale", "huge"], "unknown scale"),
+    (["reproduce", "--claims", "9"], "unknown claim"),
+    (["reproduce", "--claims", "x"], "--claims takes numbers"),
+    (["ablate", "configs/cpu/moe.yaml"], "already uses MoE"),
+    (["ablate", "configs/cpu/tiny.yaml"], "needs an MHA base"),
+])
+def test_bad_input_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
