@@ -32,12 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# Before torch loads OpenMP: on a shared, oversubscribed CPU, spinning OpenMP workers
+# stall every parallel region while a sibling thread is descheduled (measured here: one
+# small DepthLM block 70-480 ms with 2 spinning threads, 2-9 ms passive or on 1 thread).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_bytes, set_threads  # noqa: E402
@@ -332,14 +338,25 @@ def best_of(reps: int, fn):
     return best
 
 
+TARGETS = {"causal": ("block_forward_ratio", 2.0), "permutation": ("block_forward_ratio", 2.0),
+           "jacobian": ("wall_ratio", 5.0)}
+"""Issue 4's targets: metric prefix -> (ratio, minimum)."""
+
+
 def _row(metric, ours_s, ours_bf, ref_s, ref_bf, model_bf, note, extrapolated=False,
          jvp=None) -> dict[str, Any]:
-    return {"metric": metric, "ours_seconds": ours_s, "ours_block_forwards": ours_bf,
-            "ours_jvp_block_forwards": jvp, "ref_seconds": ref_s, "ref_block_forwards": ref_bf,
-            "cost_model_block_forwards": model_bf,
-            "block_forward_ratio": (ref_bf / ours_bf) if ours_bf and ref_bf else None,
-            "wall_ratio": ref_s / ours_s if ours_s else None, "note": note,
-            "extrapolated": extrapolated}
+    row = {"metric": metric, "ours_seconds": ours_s, "ours_block_forwards": ours_bf,
+           "ours_jvp_block_forwards": jvp, "ref_seconds": ref_s, "ref_block_forwards": ref_bf,
+           "cost_model_block_forwards": model_bf,
+           "block_forward_ratio": (ref_bf / ours_bf) if ours_bf and ref_bf else None,
+           "cost_model_ratio": (model_bf / ours_bf) if ours_bf and model_bf else None,
+           "wall_ratio": ref_s / ours_s if ours_s else None, "note": note,
+           "extrapolated": extrapolated, "target": None, "target_met": None}
+    key, minimum = TARGETS[metric.split()[0]]
+    if row[key] is not None:
+        row["target"] = f"{key.removesuffix('_ratio').replace('_', ' ')} >= {minimum:g}x"
+        row["target_met"] = row[key] >= minimum
+    return row
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -347,12 +364,12 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         return "-" if x is None else format(x, fmt)
 
     print(f"{'metric':<40} {'ours s':>9} {'ref s':>9} {'x wall':>7} {'ours bf':>10} "
-          f"{'ref bf':>10} {'model bf':>10} {'x bf':>6}")
+          f"{'ref bf':>10} {'model bf':>10} {'x bf':>6} {'x model':>7}")
     for r in rows:
         print(f"{r['metric']:<40} {f(r['ours_seconds'], '9.1f')} {f(r['ref_seconds'], '9.1f')} "
               f"{f(r['wall_ratio'], '7.2f')} {f(r['ours_block_forwards'], '10,d')} "
               f"{f(r['ref_block_forwards'], '10,d')} {f(r['cost_model_block_forwards'], '10,d')} "
-              f"{f(r['block_forward_ratio'], '6.2f')}")
+              f"{f(r['block_forward_ratio'], '6.2f')} {f(r['cost_model_ratio'], '7.2f')}")
         print(f"{'':<40} {r['note']}")
 
 
@@ -445,9 +462,11 @@ def main(argv: list[str] | None = None) -> None:
         for r in results:
             for row in r["rows"]:
                 bf = row["block_forward_ratio"]
+                verdict = ("" if row["target_met"] is None else
+                           f"  target {row['target']}: {'met' if row['target_met'] else 'MISSED'}")
                 print(f"  {r['model']:<8} {row['metric']:<40} block forwards "
                       f"{'-' if bf is None else f'{bf:5.2f}x'}   wall {row['wall_ratio']:6.2f}x"
-                      f"{'  (extrapolated)' if row['extrapolated'] else ''}")
+                      f"{'  (extrapolated)' if row['extrapolated'] else ''}{verdict}")
     print(f"\ntotal {now() - t_all:.0f}s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

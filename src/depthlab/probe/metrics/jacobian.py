@@ -43,6 +43,7 @@ from depthlab.probe.metrics._common import (
     jvp_mode,
     mean_or_none,
     model_info,
+    single_thread,
     tokens_of,
 )
 
@@ -139,8 +140,13 @@ def jacobian_stats(J: Tensor) -> dict[str, float]:
         "diagonal_mean": float(diag.mean()),
         "diagonal_std": float(diag.std(unbiased=True)),
         "frobenius_norm": float(torch.linalg.matrix_norm(J)),
-        "spectral_norm": float(torch.linalg.matrix_norm(J, ord=2)),
+        "spectral_norm": _spectral_norm(J),
     }
+
+
+def _spectral_norm(J: Tensor) -> float:
+    with single_thread():
+        return float(torch.linalg.matrix_norm(J, ord=2))
 
 
 EXACT_KEYS = ("jacobian_norm", "off_diagonal_norm", "diagonal_mean", "diagonal_std",

@@ -41,6 +41,7 @@ from depthlab.probe.metrics._common import (
     loss_sum,
     model_info,
     n_pred_tokens,
+    single_thread,
 )
 
 
@@ -79,7 +80,8 @@ def affine_map(W: Tensor, b: Tensor) -> Callable[[Tensor], Tensor]:
 
 def solve_affine(G: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
     """Least-squares [W; b] from the fp64 normal equations G [W; b] = R (on the CPU)."""
-    sol = torch.linalg.lstsq(G.double().cpu(), R.double().cpu(), driver="gelsd").solution
+    with single_thread():
+        sol = torch.linalg.lstsq(G.double().cpu(), R.double().cpu(), driver="gelsd").solution
     return sol[:-1], sol[-1]
 
 

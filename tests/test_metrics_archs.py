@@ -1,0 +1,118 @@
+"""Metric oracles on a tiny random model of EVERY supported Hugging Face architecture.
+
+The causal score and the permutation score are checked against explicit full reruns of
+the model itself (a copy with the block deleted / two ModuleList entries swapped,
+hidden states read with forward hooks), the exact Jacobian against
+`torch.autograd.functional.jacobian` reduced per metrics.md section 2, and an exactly
+affine block replacement against usefulness loss ratio 1. (test_stack.py checks the
+LayerStack operations themselves per architecture; test_metrics.py the DepthLM side.)
+"""
+
+# ruff: noqa: E741  (l is the layer index, as in metrics.md)
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_stack import CONFIGS, MOE, L, V, _delete_layer, _ids, _layers, _model, _swap_layers
+
+from depthlab.probe import build_stack
+from depthlab.probe.metrics import compute_causal, compute_jacobian, compute_permutation
+from depthlab.probe.metrics.usefulness import compute_usefulness
+
+transformers = pytest.importorskip("transformers")
+
+ARCHS = list(CONFIGS)
+
+
+def _run_with_states(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+    """The model's own forward: [block input of layer 0, output of each layer], and the loss."""
+    layers = _layers(model)
+    states: list[torch.Tensor] = []
+
+    def pre(_m, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    def post(_m, _a, out):
+        states.append(out[0] if isinstance(out, (tuple, list)) else out)
+
+    hooks = [layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
+    hooks += [lay.register_forward_hook(post) for lay in layers]
+    try:
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    lg = logits[:, :-1].float()
+    return states, float(F.cross_entropy(lg.reshape(-1, V), ids[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_causal_and_permutation_equal_full_reruns(name: str) -> None:
+    model = _model(name, "eager")
+    stack = build_stack(model)
+    ids = _ids(5)
+    base_states, base = _run_with_states(model, ids)
+    assert len(base_states) == L + 1
+
+    causal = compute_causal(stack, ids, batch_size=1)
+    assert causal.base_loss == pytest.approx(base, rel=1e-5)
+    for s in range(L):
+        short_states, loss = _run_with_states(_delete_layer(model, s), ids)
+        assert causal.skip_loss[s] == pytest.approx(loss, rel=1e-5)
+        # skip convention: h'_{s+1} = h'_s, indices never shift
+        skipped = short_states[: s + 1] + [short_states[s]] + short_states[s + 1:]
+        for l in range(L):
+            if l <= s:
+                assert causal.matrix[s][l] == 0.0
+                continue
+            d0 = base_states[l + 1] - base_states[l]
+            d1 = skipped[l + 1] - skipped[l]
+            ref = float((d1 - d0).norm(dim=-1).mean() / d0.norm(dim=-1).mean())
+            assert causal.matrix[s][l] == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+    perm = compute_permutation(stack, ids, batch_size=1)
+    assert len(perm.pairs) == L * (L - 1) // 2
+    for (l1, l2), p in zip(perm.pairs, perm.scores, strict=True):
+        loss = _run_with_states(_swap_layers(model, l1, l2), ids)[1]
+        assert p == pytest.approx(abs(base - loss) / base, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_jacobian_equals_autograd(name: str) -> None:
+    model = _model(name, "eager")
+    if name not in MOE:  # fp64: the 1e-5 check is not fp32 rounding (HF's grouped expert
+        model = model.double()  # matmul has no fp64 kernel: MoE models stay fp32)
+    stack = build_stack(model)
+    ids = _ids(6)[:, :5]
+    layers = [0, L - 1]
+    res = compute_jacobian(stack, ids, keep_matrices=True, layers=layers)
+    states = stack.hidden_states(ids)
+    for idx, l in enumerate(layers):
+        full = torch.autograd.functional.jacobian(lambda x, l=l: stack.run_block(l, x), states[l])
+        J = full.sum(dim=(0, 1, 3, 4)) / ids.numel()  # sum over n, t, n', t'; 1/(N*T)
+        torch.testing.assert_close(torch.tensor(res.matrices[idx], dtype=J.dtype), J,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_usefulness_of_exactly_affine_block_is_one(name: str) -> None:
+    """Replace block 1 by an affine map: the fitted map reproduces it, loss ratio 1."""
+    model = _model(name, "eager")
+    stack = build_stack(model)
+    d = stack.d_model
+    g = torch.Generator().manual_seed(0)
+    A = torch.eye(d) + 0.1 * torch.randn(d, d, generator=g)
+    c = 0.1 * torch.randn(d, generator=g)
+    original = stack._run_block
+
+    def run_block(l: int, h: torch.Tensor) -> torch.Tensor:
+        return h @ A + c if l == 1 else original(l, h)
+
+    stack._run_block = run_block
+    ids = torch.randint(0, V, (8, 16), generator=g)  # 128 tokens > d + 1 unknowns
+    res = compute_usefulness(stack, ids, batch_size=4)
+    assert not res.underdetermined
+    assert res.loss_ratio[1] == pytest.approx(1.0, abs=1e-4)
