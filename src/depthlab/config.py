@@ -198,6 +198,11 @@ class TrainConfig(_Strict):
     wandb_project: str = "depthlab"
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     """Strategy under torchrun: auto = DDP."""
+    init_from: str | None = None
+    """Start a new run (step 0, fresh optimizer and schedule) from these model weights: a
+    run directory (its latest checkpoint, e.g. one written by `depthlab import-hf`), a
+    checkpoint directory or a `.safetensors` file. Ignored when the run directory already
+    has a checkpoint (the run resumes from it instead)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

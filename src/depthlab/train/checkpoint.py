@@ -184,11 +184,40 @@ def save_checkpoint(
 
 def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
     """Load `model.safetensors` into `model` (strict, tied weights restored)."""
-    path = Path(ckpt_dir) / "model.safetensors"
+    load_weights_file(model, Path(ckpt_dir) / "model.safetensors")
+
+
+def weights_file(source: str | Path) -> Path:
+    """The weights a path names: a `.safetensors` file, a checkpoint directory's
+    model.safetensors, or a run directory's latest checkpoint."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise DepthlabError(
+            f"{path}: no model weights there (expected a run directory with checkpoints, "
+            "a checkpoint directory or a .safetensors file)"
+        )
+    return ckpt / "model.safetensors"
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file of `model_state` tensors into `model` (strict: every tensor,
+    same names, same shapes; tied weights restored). Mismatches are one-line errors."""
     try:
         weights = load_file(str(path))
     except Exception as err:  # safetensors raises several types for corrupt files
         raise DepthlabError(f"cannot read checkpoint weights {path}: {err}") from None
+    own = model.state_dict()
+    for name, t in weights.items():
+        if name in own and own[name].shape != t.shape:
+            raise DepthlabError(
+                f"checkpoint {path} does not match the model: {name} has shape "
+                f"{tuple(t.shape)} there but {tuple(own[name].shape)} in this config"
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(weights)
     missing = [m for m in missing if m not in tied or not _is_tied(model, m)]
@@ -243,7 +272,8 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
     if not (ckpt_dir / "optimizer.pt").is_file():
         raise DepthlabError(
             f"{ckpt_dir} holds weights only (no {DCP_DIR}/ or optimizer.pt): it can be "
-            "loaded for inference or export but not resumed"
+            "loaded for inference or export but not resumed; to train from these weights, "
+            f"start a new run with --set train.init_from={ckpt_dir.parent.parent}"
         )
     if D.is_distributed():
         raise DepthlabError(

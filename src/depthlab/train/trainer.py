@@ -36,8 +36,10 @@ from depthlab.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_weights,
+    load_weights_file,
     save_checkpoint,
     set_rng_state,
+    weights_file,
 )
 from depthlab.train.loggers import MetricLogger, NullLogger, open_logger
 from depthlab.train.optim import build_optimizer
@@ -141,7 +143,9 @@ class Trainer:
             self.splits.val, cfg.data.seq_len, tc.batch_size, tc.eval_batches
         )
         torch.manual_seed(tc.seed)
-        self.raw_model = DepthLM(cfg.model).to(self.device)
+        self.raw_model = DepthLM(cfg.model)
+        self.init_weights = self._init_from()
+        self.raw_model.to(self.device)
         self.n_params = self.raw_model.num_params()
         self.n_active_params = self.raw_model.num_params(active=True)
         self.model = D.wrap_model(self.raw_model, self.dist, uses_bf16(tc, self.device))
@@ -185,6 +189,21 @@ class Trainer:
             f"{self.grad_accum} accumulation x {d.world_size} processes "
             f"({self.tokens_per_step:,} tokens/step)"
         )
+
+    def _init_from(self) -> Path | None:
+        """Load the weights `train.init_from` names into the fresh model and return their
+        file; None when it is unset or the run already has a checkpoint (it resumes)."""
+        source = self.cfg.train.init_from
+        if source is None or D.broadcast_object(latest_checkpoint(self.run_dir)) is not None:
+            return None
+        try:
+            path = weights_file(source)
+            load_weights_file(self.raw_model, path)
+        except DepthlabError as err:
+            raise DepthlabError(f"train.init_from: {err}") from None
+        if self.progress:
+            D.print_main(f"initialised from {path} (weights only; step 0, fresh optimizer)")
+        return path
 
     # ---------------------------------------------------------------- run directory
     def _claim_run_dir(self) -> None:
