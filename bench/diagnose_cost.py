@@ -1,6 +1,6 @@
 """Diagnostics cost: depthlab's metric algorithms against the published scripts' cost model.
 
-    .venv/bin/python bench/diagnose_cost.py                 # both models (~10 min, 2 cores)
+    .venv/bin/python bench/diagnose_cost.py                 # both models (~15 min, 2 cores)
     .venv/bin/python bench/diagnose_cost.py --models deep   # the 16-layer DepthLM only
     .venv/bin/python bench/diagnose_cost.py --memory        # peak RSS at N=32, T=512 (SmolLM2)
 
@@ -265,8 +265,9 @@ def bench_model(name: str, stack, tok, args) -> dict[str, Any]:
     reps = cfg[f"{name}_repeats"]
 
     # ---- causal: both in full
-    ours_s, ours = best_of(reps, lambda: compute_causal(stack, ids, batch_size=args.batch_size))
-    ref = min((ref_causal(stack, ids) for _ in range(reps)), key=lambda r: r["seconds"])
+    (ours_s, ours), ref = interleaved(
+        reps, lambda: compute_causal(stack, ids, batch_size=args.batch_size),
+        lambda: ref_causal(stack, ids))
     err = float((torch.tensor(ours.matrix, dtype=torch.float64) - ref["matrix"]).abs().max())
     out["rows"].append(_row("causal", ours_s, ours.cost["block_forwards"], ref["seconds"],
                             ref["block_forwards"], ours.cost["reference_block_forwards"],
@@ -275,10 +276,9 @@ def bench_model(name: str, stack, tok, args) -> dict[str, Any]:
     # ---- permutation: all pairs, or adjacent pairs measured + all pairs extrapolated
     pair_set = cfg[f"{name}_pairs"]
     pairs = pair_list(L, pair_set)
-    ours_ps, ours_p = best_of(reps, lambda: compute_permutation(
-        stack, ids, batch_size=args.batch_size, pairs=pair_set))
-    ref_p = min((ref_permutation(stack, ids, pairs) for _ in range(reps)),
-                key=lambda r: r["seconds"])
+    (ours_ps, ours_p), ref_p = interleaved(
+        reps, lambda: compute_permutation(stack, ids, batch_size=args.batch_size, pairs=pair_set),
+        lambda: ref_permutation(stack, ids, pairs))
     err = max(abs(a - b) for a, b in zip(ours_p.scores, ref_p["scores"], strict=True))
     out["rows"].append(_row(f"permutation ({pair_set} pairs)", ours_ps,
                             ours_p.cost["block_forwards"], ref_p["seconds"],
@@ -300,11 +300,11 @@ def bench_model(name: str, stack, tok, args) -> dict[str, Any]:
     layers = list(range(L)) if layers is None else layers
     nj = min(n, args.jacobian_samples)
     ids_j = ids[:nj]
-    ours_js, ours_j = best_of(reps, lambda: compute_jacobian(
-        stack, ids_j, batch_size=args.batch_size, layers=layers, keep_matrices=True))
+    (ours_js, ours_j), ref_j = interleaved(
+        reps, lambda: compute_jacobian(stack, ids_j, batch_size=args.batch_size, layers=layers,
+                                       keep_matrices=True),
+        lambda: ref_jacobian(stack, ids_j, cfg[f"{name}_ref_backward"]))
     ours_full = ours_js * L / len(layers)
-    ref_j = min((ref_jacobian(stack, ids_j, cfg[f"{name}_ref_backward"]) for _ in range(reps)),
-                key=lambda r: r["seconds"])
     err = 0.0
     for idx, l in enumerate(layers):  # reference rows (token sums) vs our matrix rows
         J = torch.tensor(ours_j.matrices[idx], dtype=torch.float64)
@@ -326,16 +326,21 @@ def bench_model(name: str, stack, tok, args) -> dict[str, Any]:
     return out
 
 
-def best_of(reps: int, fn):
-    """(fastest wall seconds, result) over `reps` runs."""
+def interleaved(reps: int, ours_fn, ref_fn) -> tuple[tuple[float, Any], dict[str, Any]]:
+    """Run depthlab's function and the reference alternately `reps` times (so that both see
+    the same background load); keep the fastest of each: ((seconds, result), ref result)."""
     best = None
+    ref = None
     for _ in range(max(1, reps)):
         t0 = now()
-        res = fn()
+        res = ours_fn()
         secs = now() - t0
         if best is None or secs < best[0]:
             best = (secs, res)
-    return best
+        r = ref_fn()
+        if ref is None or r["seconds"] < ref["seconds"]:
+            ref = r
+    return best, ref
 
 
 TARGETS = {"causal": ("block_forward_ratio", 2.0), "permutation": ("block_forward_ratio", 2.0),
@@ -435,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deep-jacobian-layers", type=lambda s: [int(x) for x in s.split(",")],
                    default=None)
     p.add_argument("--deep-ref-backward", type=int, default=16)
-    p.add_argument("--deep-repeats", type=int, default=3,
+    p.add_argument("--deep-repeats", type=int, default=5,
                    help="runs per side; the fastest counts (the machine is shared)")
     p.add_argument("--memory", action="store_true",
                    help="only measure peak RSS of diagnose smollm2 at --memory-n x --memory-t")
