@@ -79,10 +79,12 @@ class JacobianResult(MetricResult):
 
 def _auto_tangent_chunk(stack, b: int, T: int, budget: int | None) -> int:
     """Tangents per vmap call so that their activations fit in `budget` bytes (None: half
-    the free memory of a CUDA device, 2 GiB on the CPU). Per tangent a block holds about
-    24 d-wide activations per token plus 3 attention maps per head."""
+    the free memory of a CUDA device, 512 MiB on the CPU, where smaller chunks stay in cache:
+    measured 23 ms per tangent and sequence at 32 tangents vs 29 ms at 128 on SmolLM2).
+    Per tangent a block holds about 24 d-wide activations per token plus 3 attention maps
+    per head."""
     if budget is None:
-        budget = 2 * 1024**3
+        budget = 512 * 1024**2
         if stack.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(stack.device)
             budget = free // 2
