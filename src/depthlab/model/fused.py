@@ -238,7 +238,7 @@ class QKVRopeFunction(torch.autograd.Function):
         return dqkv, dgains, None, None, None, None, None
 
 
-# ----------------------------------------------------------------------------- SwiGLU
+# ----------------------------------------------------------------------------- SwiGLU (experts)
 
 
 def _silu_mul(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,45 +257,6 @@ def _silu_mul_backward(da: torch.Tensor, h: torch.Tensor, s: torch.Tensor) -> to
     torch.mul(da, s, out=dup)
     _silu_backward.grad_input(da.mul_(up), gate, grad_input=dgate)
     return dh
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    """down(silu(x @ gate^T) * (x @ up^T)) with one [gate; up] matmul (weights are
-    concatenated per call, so the parameters stay separate)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                w_down: torch.Tensor) -> torch.Tensor:
-        dt = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dt)
-            w_gu = torch.cat([w_gate, w_up]).to(dt)
-            wd = w_down.to(dt)
-            h = torch.mm(x2, w_gu.t())
-            s, a = _silu_mul(h)
-            y = torch.mm(a, wd.t())
-        ctx.save_for_backward(x, w_gate, w_up, w_down, x2, w_gu, wd, h, s, a)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w_gate, w_up, w_down, x2, w_gu, wd, h, s, a = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            ref = lambda x, g, u, d: F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)  # noqa: E731
-            return _reference_grads(ref, (x, w_gate, w_up, w_down), ctx.needs_input_grad, (dy,))
-        need_x, need_g, need_u, need_d = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(h.dtype)
-        dx = dwg = dwu = dwd = None
-        if need_d:
-            dwd = torch.mm(dy2.t(), a)
-        dh = _silu_mul_backward(torch.mm(dy2, wd), h, s)
-        if need_g or need_u:
-            dw_gu = torch.mm(dh.t(), x2)
-            dwg, dwu = dw_gu.chunk(2, dim=0)
-        if need_x:
-            dx = torch.mm(dh, w_gu).view(x.shape)
-        return (_grad_as(dx, x), _grad_as(dwg, w_gate), _grad_as(dwu, w_up),
-                _grad_as(dwd, w_down))
 
 
 # ----------------------------------------------------------------------------- MoE routing
@@ -474,37 +435,3 @@ class ExpertsFunction(torch.autograd.Function):
             dx = dxs.index_select(0, inv).view(N, k, -1).sum(1)
         return (_grad_as(dx, x), _grad_as(dweights, weights), _grad_as(dwg, w_gate),
                 _grad_as(dwu, w_up), _grad_as(dwd, w_down), None, None, None, None, None)
-
-
-
-
-
-# ----------------------------------------------------------------------------- loss
-
-
-class CrossEntropyFunction(torch.autograd.Function):
-    """Token-mean cross-entropy of logits [N, V] (fp32) against targets [N], ignoring
-    targets == -100 (as F.cross_entropy). Forward: logsumexp and the target logits only
-    (no log-softmax tensor); backward: (softmax - onehot) / count in one pass."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        valid = targets != -100
-        safe = targets.masked_fill(~valid, 0)
-        lse = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-        count = valid.sum()
-        loss = ((lse - picked) * valid).sum() / count
-        ctx.save_for_backward(logits, safe, valid, lse, count)
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss: torch.Tensor):
-        logits, safe, valid, lse, count = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            ref = lambda lg: F.cross_entropy(lg, safe.masked_fill(~valid, -100))  # noqa: E731
-            return (*_reference_grads(ref, (logits,), (True,), (dloss,)), None)
-        scale = (dloss / count) * valid.to(logits.dtype)  # [N]
-        g = (logits - lse.unsqueeze(1)).exp_().mul_(scale.unsqueeze(1))
-        g.scatter_add_(1, safe.unsqueeze(1), -scale.unsqueeze(1))
-        return g, None

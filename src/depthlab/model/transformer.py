@@ -17,7 +17,6 @@ from torch import nn
 
 from depthlab.config import ModelConfig
 from depthlab.model.attention import Attention, Rotary
-from depthlab.model.fused import CrossEntropyFunction, fused_autograd_ok
 from depthlab.model.mlp import SwiGLU
 from depthlab.model.moe import Experts, MoE
 from depthlab.model.norms import make_norm
@@ -115,11 +114,7 @@ class DepthLM(nn.Module):
         logits = self.head(self.norm_f(h))
         loss = None
         if targets is not None:
-            flat = logits.float().flatten(0, 1)
-            if fused_autograd_ok(flat):
-                loss = CrossEntropyFunction.apply(flat, targets.flatten())
-            else:
-                loss = F.cross_entropy(flat, targets.flatten())
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return LMOutput(logits, loss, torch.stack(aux).sum() if aux else None)
 
