@@ -389,8 +389,10 @@ class ExpertsFunction(torch.autograd.Function):
             s, a = _silu_mul(h)
             ys = _grouped_mm(a, wd.transpose(1, 2), offs, counts)
             y_tok = ys.index_select(0, inv).view(N, k, -1)
-            # out[n] = sum_j w[n, j] y_tok[n, j]: one batched [1, k] @ [k, d] product
-            out = torch.bmm(weights.to(dt).unsqueeze(1), y_tok).squeeze(1)
+            w = weights.to(dt)
+            out = torch.mul(y_tok[:, 0], w[:, :1])
+            for j in range(1, k):
+                out.addcmul_(y_tok[:, j], w[:, j : j + 1])
         ctx.counts = counts
         ctx.save_for_backward(x, weights, w_gate, w_up, w_down, xs, w_gu, wd, h, s, a, y_tok,
                               token_of, order, inv, offs)
@@ -420,7 +422,7 @@ class ExpertsFunction(torch.autograd.Function):
         N, k = weights.shape
         dout = dout.to(h.dtype)
         w_sorted = weights.to(h.dtype).flatten().index_select(0, order)
-        dweights = torch.bmm(y_tok, dout.unsqueeze(-1)).squeeze(-1) if need_w else None
+        dweights = (y_tok * dout.unsqueeze(1)).sum(-1) if need_w else None
         dys = dout.index_select(0, token_of).mul_(w_sorted.unsqueeze(1))
         dx = dwg = dwu = dwd = None
         if need_d:
