@@ -45,6 +45,8 @@ def test_reproduce_tiny_end_to_end(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| # | claim | paper's numbers | our measurement | holds? |" in report
     assert (out / "claim1.png").is_file() and (out / "claim8_theory.png").is_file()
+    assert results["wall"]["seconds"] > 0 and results["wall"]["jobs"] == 2
+    assert "Wall time of this invocation:" in report
     # a second call reuses every trained and diagnosed run
     main(["reproduce", "--scale", "tiny", "--steps", "3", "--seeds", "1", "--claims", "1",
           "--eval-tokens", "256", "--out", str(out)])

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +316,7 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
               on_status: Any = None, on_diagnose: Any = None, command: str | None = None
               ) -> dict[str, Any]:
     """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures."""
+    started = time.perf_counter()
     out = Path(out or f"runs/reproduce/{scale}")
     if scale == "paper":
         return paper_commands(out)
@@ -368,6 +372,7 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
                      "metrics": list(plan.diagnose.metrics)},
         "rule": RULE, "claims": rows, "theory": theory,
         "runs": {n: m.to_dict() for n, m in measurements.items()},
+        "wall": _wall_record(time.perf_counter() - started, jobs),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1, default=_json_default))
@@ -375,6 +380,16 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
 
     write_report(results, out)
     return results
+
+
+def _wall_record(seconds: float, jobs: int) -> dict[str, Any]:
+    """How long this invocation took and on what, so a report's reader can plan a re-run."""
+    import torch
+
+    return {"seconds": round(seconds, 1), "jobs": jobs, "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 RULE = (f"effect = difference of condition means (endpoints for trends); resolved when "

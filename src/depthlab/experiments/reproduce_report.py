@@ -91,7 +91,14 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     lines += [f"{results['seeds']} seed(s) per condition, {results['steps']} training steps per "
               f"run, {len(runs)} runs. Diagnostics per run: {', '.join(results['diagnose']['metrics'])} "
               f"on about {results['diagnose']['eval_tokens']} held-out tokens at the run's own "
-              f"sequence length.", "", f"Verdict rule: {results['rule']}.", ""]
+              f"sequence length.", ""]
+    wall = results.get("wall")
+    if wall:
+        device = wall["cuda"] or f"{wall['cpus']} CPU core(s)"
+        lines += [f"Wall time of this invocation: {wall['seconds'] / 60:.1f} min with --jobs "
+                  f"{wall['jobs']} on {device}, torch {wall['torch']} (runs already finished "
+                  f"in the output folder are reused, not re-timed).", ""]
+    lines += [f"Verdict rule: {results['rule']}.", ""]
     rows = []
     for claim in results["claims"]:
         measured = "; ".join(f"{t['label']}: {t['status']} ({t['detail']})"
