@@ -84,11 +84,13 @@ def _base(d_model: int, n_layers: int, seq_len: int, batch: int, steps: int, lr:
 def plan_for(scale: str, seeds: int | None = None, steps: int | None = None) -> Plan:
     """The runs of a scale; `steps` shortens training (tests, quick looks)."""
     if scale == "tiny":
-        s = steps or 300
+        # 600 steps x 3 seeds: ~15 min on 2 cores. At 300 x 2 (6 min) the L=8 models'
+        # usefulness sat at 0 and two seeds gave too rough a spread to resolve most effects.
+        s = steps or 600
         plan = Plan(scale, _base(64, 8, 64, 16, s, 3e-3, 256, max(1, s // 10)),
                     depths=[2, 4, 8, 16], weight_decays=[0.0, 0.1, 0.3],
                     contexts=[32, 64, 128, 256], sweet_context=128, tokens_per_step=1024,
-                    group_sizes=[1, 2, 4], moe={"num_experts": 8, "top_k": 2}, seeds=2,
+                    group_sizes=[1, 2, 4], moe={"num_experts": 8, "top_k": 2}, seeds=3,
                     ladder=LadderSpec(context_factor=2, weight_decay=0.3, group_size=2),
                     diagnose=DiagnoseSettings(eval_tokens=2048, min_samples=8),
                     theory={"max_depth": 32, "d_model": 128, "seeds": 3})
