@@ -24,6 +24,8 @@ def test_recipe_validates_and_respects_budget(layers, params, moe, vocab):
     assert cfg.model.n_layers == layers and cfg.model.group_size == 2
     assert (cfg.model.moe is not None) == moe
     assert cfg.data.seq_len == 4096 and cfg.train.weight_decay in (0.1, 0.3)
+    if cfg.data.tokenizer == "bpe":  # the tokenizer fills the model's vocabulary
+        assert cfg.data.bpe_vocab_size == vocab
     text = render(rec, explain=True)
     assert "context T" in text and "evidence" in text
     assert "model:" in rec.yaml()
@@ -37,6 +39,9 @@ def test_recipe_bad_input():
     with pytest.raises(DepthlabError, match="--top-k"):
         make_recipe(8, 20_000_000, vocab_size=257, experts=4, top_k=8)
     assert parse_count("1.2B") == 1_200_000_000 and parse_count("350m") == 350_000_000
+    assert parse_count("5E8") == parse_count("5e8") == 500_000_000
+    with pytest.raises(DepthlabError, match="--context must be >= 2"):
+        make_recipe(8, 20_000_000, vocab_size=257, moe=False, context=0)
 
 
 def test_recipe_cites_reproduce_results(tmp_path):
@@ -67,6 +72,23 @@ def test_ladder_is_cumulative_with_equal_active_moe():
     assert moe.top_k * moe.expert_hidden == base.model.hidden  # equal active MLP params
     seeded = with_seeds(points, 2)
     assert len(seeded) == 10 and seeded[1].overrides["train.seed"] == 1
+
+
+def test_ladder_keeps_tokens_per_step_with_a_global_batch():
+    base = build_config(read_yaml("configs/cpu/dense.yaml"),
+                        {"model.vocab_size": 257, "train.global_batch_size": 64})
+    plus_t = build_config(read_yaml("configs/cpu/dense.yaml"),
+                          {"model.vocab_size": 257, "train.global_batch_size": 64,
+                           **ladder_points(base)[1].overrides})
+    factor = plus_t.data.seq_len // base.data.seq_len
+    assert factor >= 2
+    assert plus_t.train.global_batch_size * factor == base.train.global_batch_size
+    assert plus_t.train.batch_size * factor == base.train.batch_size
+    # a batch the factor does not divide is refused rather than silently rounded
+    odd = build_config(read_yaml("configs/cpu/dense.yaml"),
+                       {"model.vocab_size": 257, "train.batch_size": 3})
+    with pytest.raises(DepthlabError, match="cannot keep tokens per step equal"):
+        ladder_points(odd)
 
 
 def test_ladder_refuses_moe_base():

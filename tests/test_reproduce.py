@@ -80,6 +80,11 @@ def test_ablate_end_to_end(tmp_path, capsys):
     (["reproduce", "--claims", "x"], "--claims takes numbers"),
     (["ablate", "configs/cpu/moe.yaml"], "already uses MoE"),
     (["ablate", "configs/cpu/tiny.yaml"], "needs an MHA base"),
+    (["reproduce", "--steps", "0"], "--steps must be >= 1"),
+    (["reproduce", "--claims", ","], "--claims takes numbers"),
+    (["ablate", "configs/cpu/dense.yaml", "--group-size", "0"], "--group-size must be >= 2"),
+    (["ablate", "configs/cpu/dense.yaml", "--top-k", "0"], "--top-k must be between"),
+    (["ablate", "configs/cpu/dense.yaml", "--context-factor", "1"], "--context-factor must be"),
 ])
 def test_bad_input_one_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

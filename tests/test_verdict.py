@@ -64,3 +64,38 @@ def test_bad_input():
         V.compare([1.0], [float("nan")], 1)
     with pytest.raises(ValueError):
         V.interior_optimum([[1.0], [2.0]])
+
+
+def test_t_critical_matches_student_t():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 4, 8, 12, 30, 31, 45, 60, 120, 1000):
+        assert V.t_critical(df) == pytest.approx(stats.t.ppf(0.975, df), abs=3e-3)
+    with pytest.raises(ValueError):
+        V.t_critical(0)
+
+
+def test_threshold_uses_the_t_quantile_of_the_pooled_degrees_of_freedom():
+    a, b = [1.0, 1.2], [1.5, 1.7]  # sd 0.1414 pooled over df=2, se = sd
+    se = 0.1414213562 * 1.0
+    v = V.compare(a, b, 1)
+    assert v.threshold == pytest.approx(4.303 * se, rel=1e-3)
+    # 2 * se (0.28) would resolve this 0.5 effect; t(df=2) * se = 0.61 does not
+    assert v.status == V.INCONCLUSIVE
+    # more seeds, same spread -> more degrees of freedom, smaller t, resolved
+    assert V.compare([1.0, 1.2, 1.0, 1.2], [1.5, 1.7, 1.5, 1.7], 1).status == V.HOLDS
+
+
+def test_a_zero_reference_does_not_remove_the_floor():
+    # one seed, usefulness 0 -> 0.0625: the floor is 10 % of the larger mean, not of 0
+    v = V.compare([0.0], [0.0625], 1)
+    assert v.threshold == pytest.approx(0.00625)
+    assert v.status == V.HOLDS and "1 seed" in v.detail
+    # the floor is symmetric: falling to 0 needs the same as rising from 0
+    assert V.compare([0.0625], [0.0], -1).threshold == pytest.approx(0.00625)
+    # before the fix the floor of a 0 reference was 0, so any change at all "resolved"
+    assert V.compare([0.0], [1e-9], 1, min_rel=0.5).threshold > 0
+
+
+def test_not_worse_with_one_seed_uses_the_stated_tolerance():
+    assert V.not_worse([20.0], [20.3]).status == V.HOLDS  # 1.5 % worse
+    assert V.not_worse([20.0], [21.9]).status == V.FAILS  # 9.5 % worse: beyond 2 %

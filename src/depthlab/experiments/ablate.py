@@ -4,7 +4,8 @@
 Each rung adds one change to the previous rung:
 
 - `+T`: longer context, `data.seq_len` x `context_factor` (capped by model.max_seq_len),
-  batch size divided by the same factor so every rung sees the same tokens per step;
+  batch size (and global batch size, when set) divided by the same factor so every rung
+  sees the same tokens per optimiser step (refused when they do not divide);
 - `+lambda`: weight decay `ladder_weight_decay` (the paper's ladder uses 0.3);
 - `+G`: grouped-query attention with group size `group_size` (n_kv_heads = n_heads / G);
 - `+MoE`: every MLP becomes a top-k MoE of `num_experts` fine-grained experts whose
@@ -46,6 +47,7 @@ def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str =
                   ) -> list[Point]:
     """The five cumulative rungs as study points (names `PREFIX0_baseline` ...)."""
     spec = spec or LadderSpec()
+    _check_spec(spec)
     m, d, t = base.model, base.data, base.train
     if m.moe is not None:
         raise DepthlabError("ablate: the base config already uses MoE; give a dense base config "
@@ -54,8 +56,7 @@ def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str =
     if T <= d.seq_len:
         raise DepthlabError(f"ablate: cannot lengthen the context: data.seq_len={d.seq_len} is "
                             f"already model.max_seq_len; raise model.max_seq_len")
-    factor = T / d.seq_len
-    batch = max(1, math.floor(t.batch_size / factor))
+    batch_changes = _equal_tokens_batches(t.batch_size, t.global_batch_size, d.seq_len, T)
     if m.n_heads % spec.group_size or m.kv_heads != m.n_heads:
         raise DepthlabError(
             f"ablate: the +G rung needs an MHA base whose n_heads ({m.n_heads}) is divisible by "
@@ -63,7 +64,7 @@ def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str =
     expert_hidden = equal_active_expert_hidden(m.hidden, spec.top_k)
     steps: list[dict[str, Any]] = [
         {},
-        {"data.seq_len": T, "train.batch_size": batch},
+        {"data.seq_len": T, **batch_changes},
         {"train.weight_decay": spec.weight_decay},
         {"model.n_kv_heads": m.n_heads // spec.group_size},
         {"model.moe": {"num_experts": spec.num_experts, "top_k": spec.top_k,
@@ -74,6 +75,36 @@ def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str =
         acc = {**acc, **change}
         points.append(Point(f"{prefix}{i}_{rung.lstrip('+')}", dict(acc)))
     return points
+
+
+def _check_spec(spec: LadderSpec) -> None:
+    rules = [
+        (spec.context_factor >= 2, f"--context-factor must be >= 2, got {spec.context_factor}"),
+        (spec.weight_decay >= 0, f"--weight-decay must be >= 0, got {spec.weight_decay}"),
+        (spec.group_size >= 2, f"--group-size must be >= 2, got {spec.group_size}"),
+        (spec.num_experts >= 2, f"--experts must be >= 2, got {spec.num_experts}"),
+        (1 <= spec.top_k <= spec.num_experts,
+         f"--top-k must be between 1 and --experts ({spec.num_experts}), got {spec.top_k}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise DepthlabError(f"ablate: {message}")
+
+
+def _equal_tokens_batches(batch: int, global_batch: int | None, seq_len: int, T: int
+                          ) -> dict[str, int]:
+    """The +T rung's batch overrides that keep tokens per optimiser step equal."""
+    changes = {}
+    for key, value in (("train.batch_size", batch), ("train.global_batch_size", global_batch)):
+        if value is None:
+            continue
+        if (value * seq_len) % T:
+            raise DepthlabError(
+                f"ablate: the +T rung (seq_len {seq_len} -> {T}) cannot keep tokens per step "
+                f"equal: {key}={value} x {seq_len} is not a multiple of {T}; choose a "
+                f"{key} divisible by {T // math.gcd(seq_len, T)}")
+        changes[key] = value * seq_len // T
+    return changes
 
 
 def rung_label(point_name: str) -> str:
@@ -87,9 +118,11 @@ def ladder_rows(points: list[Point], measurements: dict[str, Any], seeds: int = 
     """Rows for ladder.json: rung, val_ppl and usefulness (means over seed runs)."""
     rows = []
     for p in points:
-        runs = [measurements[n] for n in _seed_names(p.name, seeds) if n in measurements]
-        if not runs:
-            continue
+        names = _seed_names(p.name, seeds)
+        missing = [n for n in names if n not in measurements]
+        if missing:
+            raise DepthlabError(f"ablate: no measurement for run(s) {', '.join(missing)}")
+        runs = [measurements[n] for n in names]
         rows.append({
             "name": rung_label(p.name),
             "run": p.name,

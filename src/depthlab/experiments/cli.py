@@ -127,16 +127,17 @@ def _diagnose_printer(console: Any):
 
 
 def reproduce(
-    scale: Annotated[str, typer.Option(help="tiny (~30 min on 2 CPU cores), small (hours), "
+    scale: Annotated[str, typer.Option(help="tiny (~15 min on 2 CPU cores), small (hours), "
                                        "paper (writes configs and launch commands)")] = "tiny",
     out: Annotated[Path | None, typer.Option(help="Output dir (default runs/reproduce/SCALE).")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained in parallel.")] = 2,
-    seeds: Annotated[int | None, typer.Option(help="Seeds per condition (default 2).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per condition (default: tiny 3, small 2).")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per run (default: the "
                                               "scale's).")] = None,
     claims: Annotated[str | None, typer.Option(help="Only these claims, e.g. 1,2,8.")] = None,
     eval_tokens: Annotated[int | None, typer.Option(help="Held-out tokens each run is diagnosed "
-                                                    "on (default: the scale's).")] = None,
+                                                    "on, at least 2 sequences (default: the "
+                                                    "scale's).")] = None,
 ) -> None:
     """Re-check the paper's claims at a scale that fits the hardware; verdicts in a report."""
     import shlex
@@ -150,11 +151,13 @@ def reproduce(
 
     console = Console()
     wanted = None
-    if claims:
+    if claims is not None:
         try:
             wanted = [int(c) for c in claims.split(",") if c.strip()]
         except ValueError:
-            raise DepthlabError(f"--claims takes numbers like 1,2,8, got {claims!r}") from None
+            wanted = []
+        if not wanted:
+            raise DepthlabError(f"--claims takes numbers like 1,2,8, got {claims!r}")
     command = "depthlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = run(scale, out, jobs=jobs, seeds=seeds, steps=steps, claims=wanted,
                   eval_tokens=eval_tokens,

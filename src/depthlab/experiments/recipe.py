@@ -29,7 +29,7 @@ _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 def parse_count(text: str, option: str = "count") -> int:
     """`1.2B` -> 1_200_000_000; `350M`, `20b`, `5e8`, `123456` also work."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbtKMBT]?)\s*", str(text))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kmbtKMBT]?)\s*", str(text))
     if not m:
         raise DepthlabError(f"{option} must be a number like 350M or 1.2B, got {text!r}")
     value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
@@ -157,7 +157,7 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
         raise DepthlabError(f"--layers must be >= 1, got {layers}")
     if moe and not 1 <= top_k <= experts:
         raise DepthlabError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
-    T = context or SWEET_SPOT_T
+    T = SWEET_SPOT_T if context is None else context
     if T < 2:
         raise DepthlabError(f"--context must be >= 2, got {T}")
     d, heads, kv, hidden = _solve(layers, params, vocab_size, moe, experts, top_k)
@@ -178,7 +178,10 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     raw = {
         "name": f"recipe_L{layers}",
         "model": model,
-        "data": {"corpus": "kjv", "tokenizer": "bpe", "seq_len": T},
+        # the tokenizer's vocabulary matches the model's (replace the corpus with your data)
+        "data": ({"corpus": "kjv", "tokenizer": "bpe", "bpe_vocab_size": vocab_size,
+                  "seq_len": T} if vocab_size >= 260 else
+                 {"corpus": "kjv", "tokenizer": "byte", "seq_len": T}),
         "train": {"max_steps": steps, "batch_size": micro, "global_batch_size": seqs,
                   "lr": 4e-4, "beta1": 0.9, "beta2": 0.95, "weight_decay": wd,
                   "min_lr_ratio": 0.1, "warmup_steps": min(2000, max(1, steps // 20)),

@@ -86,7 +86,7 @@ def plan_for(scale: str, seeds: int | None = None, steps: int | None = None) -> 
     if scale == "tiny":
         # 600 steps x 3 seeds: ~15 min on 2 cores. At 300 x 2 (6 min) the L=8 models'
         # usefulness sat at 0 and two seeds gave too rough a spread to resolve most effects.
-        s = steps or 600
+        s = 600 if steps is None else steps
         plan = Plan(scale, _base(64, 8, 64, 16, s, 3e-3, 256, max(1, s // 10)),
                     depths=[2, 4, 8, 16], weight_decays=[0.0, 0.1, 0.3],
                     contexts=[32, 64, 128, 256], sweet_context=128, tokens_per_step=1024,
@@ -95,7 +95,7 @@ def plan_for(scale: str, seeds: int | None = None, steps: int | None = None) -> 
                     diagnose=DiagnoseSettings(eval_tokens=2048, min_samples=8),
                     theory={"max_depth": 32, "d_model": 128, "seeds": 3})
     elif scale == "small":
-        s = steps or 2000
+        s = 2000 if steps is None else steps
         plan = Plan(scale, _base(128, 12, 128, 16, s, 2e-3, 1024, max(1, s // 20)),
                     depths=[4, 8, 12, 16, 24], weight_decays=[0.0, 0.1, 0.3, 0.5],
                     contexts=[64, 128, 256, 512, 1024], sweet_context=512, tokens_per_step=2048,
@@ -182,8 +182,8 @@ def claims_for(plan: Plan) -> list[Claim]:
         use = _vals(g, "usefulness")
         exc = _vals(g, "linear_excess_loss")
         best = max(range(len(g)), key=lambda i: statistics.fmean(exc[i]))
-        u = V.compare(use[0], use[sweet], 1, sd=V.pooled_sd(use))
-        e = V.compare(exc[0], exc[sweet], 1, sd=V.pooled_sd(exc))
+        u = V.compare(use[0], use[sweet], 1, spread=V.pooled_spread(use))
+        e = V.compare(exc[0], exc[sweet], 1, spread=V.pooled_spread(exc))
         e.detail += f"; largest at T={plan.contexts[best]}"
         return [("last-layer variance falls with T",
                  V.trend(_vals(g, "last_layer_variance"), -1), True),
@@ -192,19 +192,19 @@ def claims_for(plan: Plan) -> list[Claim]:
 
     def c5(g):
         mha, grouped = g[0], [m for grp in g[1:] for m in grp]
-        sd_u = V.pooled_sd(_vals(g, "usefulness"))
-        sd_p = V.pooled_sd(_vals(g, "val_ppl"))
-        sd_e = V.pooled_sd(_vals(g, "linear_excess_loss"))
+        sd_u = V.pooled_spread(_vals(g, "usefulness"))
+        sd_p = V.pooled_spread(_vals(g, "val_ppl"))
+        sd_e = V.pooled_spread(_vals(g, "linear_excess_loss"))
         return [
             ("usefulness higher with G > 1",
              V.compare(_vals([mha], "usefulness")[0], _vals([grouped], "usefulness")[0], 1,
-                       sd=sd_u), True),
+                       spread=sd_u), True),
             ("val PPL not worse with G > 1",
-             V.not_worse(_vals([mha], "val_ppl")[0], _vals([grouped], "val_ppl")[0], sd=sd_p),
+             V.not_worse(_vals([mha], "val_ppl")[0], _vals([grouped], "val_ppl")[0], spread=sd_p),
              True),
             ("linear-replacement loss increase higher with G > 1",
              V.compare(_vals([mha], "linear_excess_loss")[0],
-                       _vals([grouped], "linear_excess_loss")[0], 1, sd=sd_e), False),
+                       _vals([grouped], "linear_excess_loss")[0], 1, spread=sd_e), False),
         ]
 
     def c6(g):
@@ -220,11 +220,11 @@ def claims_for(plan: Plan) -> list[Claim]:
     def c7(g):
         ppl, use = _vals(g, "val_ppl"), _vals(g, "usefulness")
         steps = " -> ".join(f"{statistics.fmean(x):.3f}" for x in ppl)
-        v = V.compare(ppl[0], ppl[-1], -1, sd=V.pooled_sd(ppl))
+        v = V.compare(ppl[0], ppl[-1], -1, spread=V.pooled_spread(ppl))
         v.detail = f"PPL per rung {steps}; " + v.detail
         return [("full recipe lowers val PPL vs baseline", v, True),
                 ("full recipe keeps usefulness", V.not_worse(use[0], use[-1], lower_is_better=False,
-                                                             sd=V.pooled_sd(use)), True)]
+                                                             spread=V.pooled_spread(use)), True)]
 
     return [
         Claim(1, "Last-layer variance grows with depth", "n_layers", depth, c1),
@@ -322,6 +322,10 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
     out = Path(out or f"runs/reproduce/{scale}")
     if scale == "paper":
         return paper_commands(out)
+    if steps is not None and steps < 1:
+        raise DepthlabError(f"--steps must be >= 1, got {steps}")
+    if jobs < 1:
+        raise DepthlabError(f"--jobs must be >= 1, got {jobs}")
     plan = plan_for(scale, seeds=seeds, steps=steps)
     if eval_tokens is not None:
         if eval_tokens < 2:
@@ -339,6 +343,10 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
         sweep = make_sweep(f"reproduce_{scale}", plan.base, points, out / "runs")
         measurements = run_study(sweep, jobs=jobs, settings=plan.diagnose, on_status=on_status,
                                  on_diagnose=on_diagnose)
+    missing = sorted({n for names in where.values() for n in names} - set(measurements))
+    if missing:
+        raise DepthlabError(f"reproduce: no measurement for run(s) {', '.join(missing)} "
+                            f"(see {out / 'runs'})")
     rows = []
     for claim in chosen:
         groups = [[measurements[n] for n in where[(claim.id, ci)]]
@@ -395,10 +403,13 @@ def _wall_record(seconds: float, jobs: int) -> dict[str, Any]:
 
 
 RULE = (f"effect = difference of condition means (endpoints for trends); resolved when "
-        f"|effect| >= max({V.SIGMAS:g} x standard error from the pooled seed-to-seed spread, "
-        f"{V.MIN_REL:.0%} of the reference value) ({V.SINGLE_SEED_REL:.0%} with one seed); holds "
-        f"/ does not hold by the direction of a resolved effect, inconclusive otherwise; a "
-        f"claim holds when all its primary tests hold")
+        f"|effect| >= max(t x standard error, {V.MIN_REL:.0%} of the larger of the two means), "
+        f"with the standard error from the pooled seed-to-seed spread and t the two-sided "
+        f"{V.CONFIDENCE:.0%} Student-t quantile at its degrees of freedom "
+        f"({V.SINGLE_SEED_REL:.0%} floor alone with one seed); holds / does not hold by the "
+        f"direction of a resolved effect, inconclusive otherwise; 'not worse' tests fail only "
+        f"beyond max(t x standard error, 2%); a claim holds when all its primary tests hold "
+        f"(claim 8: its own simulation test)")
 
 
 def _means(group: list[Measurement]) -> dict[str, float]:

@@ -4,13 +4,15 @@ A claim compares conditions (e.g. L=2 vs L=16), each measured on one or more see
 The rule (docs/reproduce.md):
 
 - noise: the pooled seed-to-seed standard deviation `s` over all conditions that have at
-  least 2 seeds; the standard error of a difference of two condition means is
-  `se = s * sqrt(1/n_a + 1/n_b)`.
-- an effect is *resolved* when `|effect| >= max(2 * se, min_rel * |reference|)`: larger
-  than twice its standard error AND than a small relative floor (so that ties of a discrete
-  metric, where the spread is 0, never count as effects). With a single seed there is no
-  spread; the relative floor is then `single_seed_rel` (10 % by default) and the verdict
-  says "1 seed".
+  least 2 seeds, with `df = sum(n_i - 1)` degrees of freedom; the standard error of a
+  difference of two condition means is `se = s * sqrt(1/n_a + 1/n_b)`.
+- an effect is *resolved* when `|effect| >= max(t * se, min_rel * max(|a|, |b|))`, where
+  `t` is the two-sided 95 % Student-t quantile at `df` (4.30 at df=2, 2.31 at df=8; with
+  a handful of seeds the spread itself is uncertain, so a fixed 2 se would pass a true
+  null far more often than 5 %), AND larger than a small relative floor (so that ties of
+  a discrete metric, where the spread is 0, never count as effects). With a single seed
+  there is no spread; the relative floor is then `single_seed_rel` (10 % by default) and
+  the verdict says "1 seed".
 - `holds` when the resolved effect has the claimed direction, `does not hold` when it has
   the opposite direction, `inconclusive` when the effect is not resolved.
 """
@@ -27,7 +29,28 @@ FAILS = "does not hold"
 INCONCLUSIVE = "inconclusive"
 MIN_REL = 0.01
 SINGLE_SEED_REL = 0.10
-SIGMAS = 2.0
+CONFIDENCE = 0.95
+
+# Two-sided 95 % Student-t quantiles t_{0.975}(df), df = 1..30 (standard tables).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_critical(df: int) -> float:
+    """t_{0.975}(df): exact table to df=30, then 1.96 + 2.4/df (within 0.003 of the exact
+    quantile for every df > 30)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Pooled seed-to-seed standard deviation and its degrees of freedom."""
+
+    sd: float
+    df: int
 
 
 @dataclass
@@ -50,23 +73,31 @@ def _mean(xs: Sequence[float]) -> float:
     return float(statistics.fmean(xs))
 
 
-def pooled_sd(groups: Sequence[Sequence[float]]) -> float | None:
-    """Pooled within-condition standard deviation over groups with >= 2 values (None if none)."""
-    num = den = 0.0
+def pooled_spread(groups: Sequence[Sequence[float]]) -> Spread | None:
+    """Pooled within-condition spread over groups with >= 2 values (None if there are none)."""
+    num, df = 0.0, 0
     for g in groups:
         if len(g) >= 2:
             num += statistics.variance(g) * (len(g) - 1)
-            den += len(g) - 1
-    return math.sqrt(num / den) if den else None
+            df += len(g) - 1
+    return Spread(math.sqrt(num / df), df) if df else None
 
 
-def _threshold(na: int, nb: int, sd: float | None, reference: float,
-               min_rel: float) -> tuple[float, int]:
+def _threshold(na: int, nb: int, spread: Spread | None, reference: float,
+               min_rel: float, single_seed_rel: float = SINGLE_SEED_REL) -> tuple[float, int]:
+    """(threshold an effect must reach, seeds of the smaller condition); `reference` is the
+    magnitude the relative floor applies to."""
     seeds = min(na, nb)
-    if sd is None:
-        return SINGLE_SEED_REL * abs(reference), seeds
-    se = sd * math.sqrt(1 / na + 1 / nb)
-    return max(SIGMAS * se, min_rel * abs(reference)), seeds
+    if spread is None:
+        return single_seed_rel * abs(reference), seeds
+    se = spread.sd * math.sqrt(1 / na + 1 / nb)
+    return max(t_critical(spread.df) * se, min_rel * abs(reference)), seeds
+
+
+def _scale(*means: float) -> float:
+    """The relative floor's reference: the larger magnitude, so that a condition whose mean
+    is 0 (a discrete metric at its floor) does not make the floor vanish."""
+    return max(abs(m) for m in means)
 
 
 def _status(signed_effect: float, threshold: float) -> str:
@@ -82,18 +113,18 @@ def _check_groups(*groups: Sequence[float]) -> None:
 
 
 def compare(a: Sequence[float], b: Sequence[float], direction: int, *,
-            sd: float | None = None, min_rel: float = MIN_REL) -> Verdict:
+            spread: Spread | None = None, min_rel: float = MIN_REL) -> Verdict:
     """Does going from condition `a` to `b` move the metric in `direction` (+1 up, -1 down)?
 
-    `sd`: the pooled seed spread of the whole experiment (default: pooled over a and b).
+    `spread`: the pooled seed spread of the whole experiment (default: pooled over a and b).
     """
     _check_groups(a, b)
     if direction not in (1, -1):
         raise ValueError("direction must be +1 or -1")
-    if sd is None:
-        sd = pooled_sd([a, b])
+    if spread is None:
+        spread = pooled_spread([a, b])
     effect = _mean(b) - _mean(a)
-    threshold, seeds = _threshold(len(a), len(b), sd, _mean(a), min_rel)
+    threshold, seeds = _threshold(len(a), len(b), spread, _scale(_mean(a), _mean(b)), min_rel)
     status = _status(direction * effect, threshold)
     word = "rises" if effect > 0 else "falls"
     detail = (f"{_mean(a):.4g} -> {_mean(b):.4g} ({word} by {abs(effect):.3g}; "
@@ -110,7 +141,7 @@ def trend(groups: Sequence[Sequence[float]], direction: int, *, min_rel: float =
     _check_groups(*groups)
     if len(groups) < 2:
         raise ValueError("a trend needs at least two conditions")
-    v = compare(groups[0], groups[-1], direction, sd=pooled_sd(groups), min_rel=min_rel)
+    v = compare(groups[0], groups[-1], direction, spread=pooled_spread(groups), min_rel=min_rel)
     means = [_mean(g) for g in groups]
     steps = sum(1 for x, y in zip(means, means[1:], strict=False) if direction * (y - x) > 0)
     v.detail += f"; {steps}/{len(means) - 1} steps in the claimed direction"
@@ -130,7 +161,7 @@ def interior_optimum(groups: Sequence[Sequence[float]], *, minimize: bool = True
         raise ValueError("a sweet spot needs at least three conditions")
     sign = -1.0 if minimize else 1.0  # sign * mean: larger is better
     means = [_mean(g) for g in groups]
-    sd = pooled_sd(groups)
+    spread = pooled_spread(groups)
     best = max(range(len(groups)), key=lambda i: sign * means[i])
     if 0 < best < len(groups) - 1:
         rivals = [0, len(groups) - 1]
@@ -138,7 +169,8 @@ def interior_optimum(groups: Sequence[Sequence[float]], *, minimize: bool = True
         rivals = list(range(1, len(groups) - 1))
     margins = []
     for j in rivals:
-        thr, _ = _threshold(len(groups[best]), len(groups[j]), sd, means[j], min_rel)
+        thr, _ = _threshold(len(groups[best]), len(groups[j]), spread,
+                            _scale(means[best], means[j]), min_rel)
         margins.append((sign * (means[best] - means[j]), thr))
     margin, thr = min(margins, key=lambda m: m[0] - m[1])
     seeds = min(len(g) for g in groups)
@@ -154,16 +186,17 @@ def interior_optimum(groups: Sequence[Sequence[float]], *, minimize: bool = True
 
 
 def not_worse(a: Sequence[float], b: Sequence[float], *, lower_is_better: bool = True,
-              sd: float | None = None, tolerance_rel: float = 0.02) -> Verdict:
+              spread: Spread | None = None, tolerance_rel: float = 0.02) -> Verdict:
     """Is `b` at least as good as `a` ('at equal PPL')? Holds unless b is worse by more than
-    max(2 se, tolerance_rel * |a|); then it does not hold. Never inconclusive."""
+    max(t se, tolerance_rel * |a|) (tolerance_rel alone with one seed); then it does not
+    hold. Never inconclusive: absence of a resolved harm counts as 'not worse'."""
     _check_groups(a, b)
-    if sd is None:
-        sd = pooled_sd([a, b])
+    if spread is None:
+        spread = pooled_spread([a, b])
     effect = _mean(b) - _mean(a)
     worse = effect if lower_is_better else -effect
-    threshold, seeds = _threshold(len(a), len(b), sd, _mean(a), tolerance_rel)
-    threshold = max(threshold, tolerance_rel * abs(_mean(a)))
+    threshold, seeds = _threshold(len(a), len(b), spread, _mean(a), tolerance_rel,
+                                  single_seed_rel=tolerance_rel)
     status = FAILS if worse > threshold else HOLDS
     detail = f"{_mean(a):.4g} -> {_mean(b):.4g} (tolerance {threshold:.3g})"
     if seeds < 2:
