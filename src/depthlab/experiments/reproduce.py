@@ -274,7 +274,9 @@ def points_for(plan: Plan, claims: list[Claim]) -> tuple[list[Point], dict[tuple
             names = []
             for s in range(plan.seeds):
                 name = f"{stem}_s{s}"
-                by_key.setdefault(name, Point(name, {**canon, "train.seed": s}))
+                point = by_key.setdefault(name, Point(name, {**canon, "train.seed": s}))
+                if point.overrides != {**canon, "train.seed": s}:  # two configs, one name
+                    raise AssertionError(f"run name {name} stands for two different configs")
                 names.append(name)
             where[(claim.id, ci)] = names
     return list(by_key.values()), where
