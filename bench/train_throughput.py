@@ -107,6 +107,8 @@ def build(case: str, impl: str, device: str):
         import transformers
         from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM
 
+        from depthlab.train.optim import fused_adamw_ok
+
         transformers.logging.set_verbosity_error()
         cls = LlamaForCausalLM if case == "dense" else Qwen3MoeForCausalLM
         model = cls(hf_config(case, cfg)).to(device=device, dtype=torch.float32).train()
@@ -117,7 +119,7 @@ def build(case: str, impl: str, device: str):
             [{"params": decay, "weight_decay": tc.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
-            fused=True if device.startswith("cuda") else None,
+            fused=fused_adamw_ok(model) or None,  # the same AdamW kernel as ours
         )
         moe_kw = {"output_router_logits": True} if case == "moe" else {}
 

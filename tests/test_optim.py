@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
+import torch
 
 from depthlab.config import build_config
 from depthlab.model import DepthLM
@@ -48,6 +50,26 @@ def test_tied_embedding_counted_once_and_follows_embedding_switch():
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_opt == model.num_params()
     assert [g["weight_decay"] for g in opt.param_groups] == [cfg.train.weight_decay, 0.0]
+
+
+def test_fused_adamw_on_cpu_matches_the_reference_loop():
+    torch.manual_seed(0)
+    model, cfg = _model()
+    ref = copy.deepcopy(model)
+    opt = build_optimizer(model, cfg.train)
+    assert opt.defaults["fused"] is True  # plain CPU parameters get the fused kernel
+    ref_groups = [{"params": [dict(ref.named_parameters())[n] for n in g["names"]],
+                   "weight_decay": g["weight_decay"]} for g in param_groups(model, cfg.train)]
+    ref_opt = torch.optim.AdamW(ref_groups, lr=cfg.train.lr, betas=(cfg.train.beta1,
+                                cfg.train.beta2), eps=cfg.train.eps, foreach=False)
+    ids = torch.randint(0, 50, (2, 16))
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m(ids, ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_cosine_schedule_anchors():
