@@ -31,6 +31,19 @@ def test_recipe_validates_and_respects_budget(layers, params, moe, vocab):
     assert "model:" in rec.yaml()
 
 
+@pytest.mark.parametrize("layers,params,experts,top_k", [(16, 400_000_000, 32, 4),
+                                                        (32, 1_200_000_000, 64, 8)])
+def test_recipe_active_budget(layers, params, experts, top_k):
+    rec = make_recipe(layers, params, vocab_size=50304, experts=experts, top_k=top_k,
+                      active=True)
+    total, active, _ = param_counts(build_config(rec.config))
+    assert abs(active - params) / params <= 0.05 and total > 2 * active
+    assert rec.budget_kind == "active" and "active" in render(rec).splitlines()[0]
+    # the same budget as a TOTAL gives a much narrower model
+    narrow = make_recipe(layers, params, vocab_size=50304, experts=experts, top_k=top_k)
+    assert narrow.cfg.model.d_model < rec.cfg.model.d_model
+
+
 def test_recipe_bad_input():
     with pytest.raises(DepthlabError, match="within 5%"):
         make_recipe(8, 2_000_000, vocab_size=50304, moe=False)

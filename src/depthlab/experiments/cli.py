@@ -211,7 +211,8 @@ def ablate(
 
 def recipe(
     layers: Annotated[int, typer.Option("--layers", "-L", help="Number of blocks.")],
-    params: Annotated[str, typer.Option(help="Total parameter budget, e.g. 1.2B, 350M.")],
+    params: Annotated[str, typer.Option(help="Parameter budget, e.g. 1.2B, 350M: total "
+                                        "parameters (per token with --active).")],
     context: Annotated[int | None, typer.Option(help="Context length T (default: the sweet "
                                                 "spot, 4096).")] = None,
     budget: Annotated[str | None, typer.Option(help="Training token budget, e.g. 20B (sets "
@@ -220,6 +221,8 @@ def recipe(
     dense: Annotated[bool, typer.Option("--dense", help="No MoE (dense MLPs).")] = False,
     experts: Annotated[int, typer.Option(help="MoE experts per layer.")] = 64,
     top_k: Annotated[int, typer.Option(help="MoE experts per token.")] = 8,
+    active: Annotated[bool, typer.Option("--active", help="--params counts the parameters "
+                                         "active per token (MoE), not the total.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Cite the measured evidence "
                                           "(reproduce results when present).")] = False,
     evidence: Annotated[Path | None, typer.Option(help="A reproduce output dir or "
@@ -236,7 +239,7 @@ def recipe(
     rec = make_recipe(layers, parse_count(params, "--params"), context=context,
                       tokens=parse_count(budget, "--budget") if budget else None,
                       vocab_size=vocab_size, moe=not dense, experts=experts, top_k=top_k,
-                      evidence=evidence)
+                      evidence=evidence, active=active)
     text = rec.yaml()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 The rule of thumb (the paper's findings, docs/reproduce.md for our own re-checks):
 long context near the measured sweet spot, moderate weight decay, grouped-query attention,
 and an MoE with fine-grained experts. Width is then solved so that the TOTAL parameter
-count lands within 5 % of the budget (the MLP / expert hidden size absorbs the rest).
+count (or, with `active=True`, the parameters active per token) lands within 5 % of the
+budget (the MLP / expert hidden size absorbs the rest).
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ class Recipe:
     active_params: int
     target: int
     choices: list[Choice]
+    budget_kind: str = "total"
+    """Which count the budget constrains: "total" or "active" parameters."""
 
     def yaml(self) -> str:
         head = (f"# depthlab recipe: {self.cfg.model.n_layers} layers, {self.params / 1e6:.1f}M "
                 f"parameters ({self.active_params / 1e6:.1f}M active per token), budget "
-                f"{self.target / 1e6:.1f}M.\n# Point data.corpus / data.tokenizer at your own "
-                f"corpus and tokenizer (vocab {self.cfg.model.vocab_size}).\n")
+                f"{self.target / 1e6:.1f}M {self.budget_kind}.\n# Point data.corpus / "
+                f"data.tokenizer at your own corpus and tokenizer (vocab {self.cfg.model.vocab_size}).\n")
         return head + yaml.safe_dump(self.config, sort_keys=False)
 
 
@@ -89,9 +92,11 @@ def _count(L: int, d: int, heads: int, kv: int, vocab: int, mlp: int, experts: i
     return total, active
 
 
-def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int
-           ) -> tuple[int, int, int, int]:
-    """(d, heads, kv heads, mlp/expert hidden) closest to the target total."""
+def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int,
+           active: bool = False) -> tuple[int, int, int, int]:
+    """(d, heads, kv heads, mlp/expert hidden) closest to the target total (active: the
+    target count of parameters active per token)."""
+    which = 1 if active else 0
     fits: list[tuple[float, float, tuple[int, int, int, int]]] = []
     for d in range(64, 16385, 16):
         heads = _heads(d)
@@ -99,13 +104,14 @@ def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int
             continue
         kv = heads // 2
         base_hidden = d if moe else 32 * math.ceil(8 * d / 3 / 32)
-        t0, _ = _count(L, d, heads, kv, vocab, 0, experts if moe else None, top_k)
-        per_unit = (_count(L, d, heads, kv, vocab, 1, experts if moe else None, top_k)[0] - t0)
+        t0 = _count(L, d, heads, kv, vocab, 0, experts if moe else None, top_k)[which]
+        per_unit = (_count(L, d, heads, kv, vocab, 1, experts if moe else None, top_k)[which]
+                    - t0)
         hidden = round((target - t0) / per_unit / 8) * 8 if target > t0 else 0
         # keep the MLP shape sensible: within a factor 2 of the usual hidden size
         if not base_hidden / 2 <= hidden <= base_hidden * 2:
             continue
-        total, _ = _count(L, d, heads, kv, vocab, hidden, experts if moe else None, top_k)
+        total = _count(L, d, heads, kv, vocab, hidden, experts if moe else None, top_k)[which]
         err = abs(total - target) / target
         # among shapes within 1 %: head dim 64 first, then the usual MLP ratio
         oddness = abs(math.log2(hidden / base_hidden)) + (0.0 if d // heads == HEAD_DIM else 1.0)
@@ -116,7 +122,8 @@ def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int
     if best is None or best[0] > TOLERANCE:
         raise DepthlabError(
             f"no {'MoE' if moe else 'dense'} shape with {L} layers fits {target / 1e6:.1f}M "
-            f"parameters within {TOLERANCE:.0%} (vocab {vocab}); change --params or --layers"
+            f"{'active ' if active else ''}parameters within {TOLERANCE:.0%} (vocab {vocab}); "
+            f"change --params or --layers"
             + ("" if not moe else ", or try --dense"))
     return best[2]
 
@@ -151,7 +158,7 @@ def _cite(results: dict[str, Any] | None, source: str | None, claim_id: int) -> 
 
 def make_recipe(layers: int, params: int, *, context: int | None = None, tokens: int | None = None,
                 vocab_size: int = 50304, moe: bool = True, experts: int = 64, top_k: int = 8,
-                evidence: str | Path | None = None) -> Recipe:
+                evidence: str | Path | None = None, active: bool = False) -> Recipe:
     """Build, validate and explain a config (see the module docstring)."""
     if layers < 1:
         raise DepthlabError(f"--layers must be >= 1, got {layers}")
@@ -160,7 +167,7 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     T = SWEET_SPOT_T if context is None else context
     if T < 2:
         raise DepthlabError(f"--context must be >= 2, got {T}")
-    d, heads, kv, hidden = _solve(layers, params, vocab_size, moe, experts, top_k)
+    d, heads, kv, hidden = _solve(layers, params, vocab_size, moe, experts, top_k, active)
     wd = 0.1 if layers < 24 else 0.3
     seqs = max(1, TOKENS_PER_STEP // T)
     micro = max(1, min(seqs, 16384 // T))
@@ -190,11 +197,12 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     cfg = build_config(raw)
     from depthlab.experiments.sweep import param_counts
 
-    total, active, _ = param_counts(cfg)
-    assert total is not None and active is not None
-    if abs(total - params) / params > TOLERANCE:  # the analytic count and the model disagree
-        raise DepthlabError(f"recipe shape has {total:,} parameters, not within {TOLERANCE:.0%} "
-                            f"of {params:,}; please report this")
+    total, n_active, _ = param_counts(cfg)
+    assert total is not None and n_active is not None
+    matched, kind = (n_active, "active") if active else (total, "total")
+    if abs(matched - params) / params > TOLERANCE:  # the analytic count and the model disagree
+        raise DepthlabError(f"recipe shape has {matched:,} {kind} parameters, not within "
+                            f"{TOLERANCE:.0%} of {params:,}; please report this")
     results, source = _find_evidence(evidence)
     choices = [
         Choice("context T", str(T),
@@ -215,21 +223,23 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
                "> 2 PPL with usefulness 0.94" if moe else "dense MLP (--dense)",
                _cite(results, source, 6)),
         Choice("width d", f"{d} (head dim {d // heads})",
-               f"solved so that the total is {total / 1e6:.1f}M for a {params / 1e6:.1f}M budget "
-               f"({(total - params) / params:+.1%}); {active / 1e6:.1f}M active per token",
+               f"solved so that the {kind} count is {matched / 1e6:.1f}M for a "
+               f"{params / 1e6:.1f}M budget ({(matched - params) / params:+.1%}); "
+               f"{total / 1e6:.1f}M total, {n_active / 1e6:.1f}M active per token",
                _cite(results, source, 2)),
         Choice("schedule", f"lr 4e-4 cosine to 0.1x, betas (0.9, 0.95), clip 1.0, {seqs} x {T} "
                f"tokens/step, {steps} steps", "the paper's optimiser settings" +
                (f"; {tokens / 1e9:.2f}B tokens" if tokens else "; set --budget for max_steps"),
                _cite(results, source, 7)),
     ]
-    return Recipe(raw, cfg, total, active, params, choices)
+    return Recipe(raw, cfg, total, n_active, params, choices, budget_kind=kind)
 
 
 def render(rec: Recipe, explain: bool = False) -> str:
     """A short plain-text explanation (one line per choice, evidence with --explain)."""
     lines = [f"recipe for L={rec.cfg.model.n_layers}: {rec.params / 1e6:.1f}M parameters "
-             f"({rec.active_params / 1e6:.1f}M active), budget {rec.target / 1e6:.1f}M"]
+             f"({rec.active_params / 1e6:.1f}M active), budget {rec.target / 1e6:.1f}M "
+             f"{rec.budget_kind}"]
     for c in rec.choices:
         lines.append(f"- {c.knob}: {c.value} - {c.why}")
         if explain:
