@@ -446,6 +446,22 @@ def test_attention_sparsity_loops_and_uniform_attention(model, ids):
     assert r.group_size == 2
 
 
+def test_attention_sparsity_in_memory_bounded_pieces(model, ids, monkeypatch):
+    """A 1-byte budget forces one sequence per attention_probs call and one head per
+    statistics chunk; the result must still equal the brute-force oracle."""
+    from depthlab.probe.metrics import sparsity
+
+    stack = build_stack(model)
+    monkeypatch.setattr(sparsity, "ATTENTION_MAP_BYTES", 1)
+    pieces = compute_attention_sparsity(stack, ids, batch_size=BS, max_sequences=3)
+    assert pieces.cost["attention_prob_calls"] == 3 * L  # one call per sequence and layer
+    hs = _states(model, ids[:3])
+    for l, blk in enumerate(model.blocks):
+        e, f = _attention_oracle(blk.attn.attention_probs(blk.attn_norm(hs[l])))
+        assert pieces.normalized_entropy[l] == _approx(e.tolist())
+        assert pieces.top_mass_fraction[l] == _approx(f.tolist())
+
+
 # ---------------------------------------------------------------------- MoE
 
 

@@ -180,6 +180,44 @@ def attention_query_stats(P: Tensor, visible: Tensor, mass: float = 0.9) -> tupl
     return ent_norm, frac
 
 
+ATTENTION_MAP_BYTES = 256 * 2**20
+"""Working-set target for attention maps: one `attention_probs` call covers as many
+sequences as fit (at least one), and the per-query statistics (which sort each map) run
+over heads in chunks whose temporaries fit it; at T=4096 one head's map is 64 MiB, so a
+32-head model needs 2 GiB for the one sequence of a call (the maps themselves come from the
+model, whole), against 16 GiB plus 5x that in temporaries for a batch of 8 in one piece."""
+
+
+def _attention_sums(stack, l: int, h: Tensor, window: int | None, mass: float,  # noqa: E741
+                    counter: BlockCounter) -> tuple[Tensor, Tensor] | None:
+    """Per head of block l, the sums over sequences of h and over queries with >= 2 visible
+    keys of (normalised entropy, top-mass fraction); None if the model gives no maps."""
+    T = h.shape[1]
+    vis = visible_keys(T, window, h.device)
+    keep = vis >= 2
+    ent = frac = None
+    start, per_call = 0, 1  # the first call (one sequence) tells the size of a map
+    while start < h.shape[0]:
+        P = stack.attention_probs(l, h[start:start + per_call])
+        counter.attention_prob_calls += 1
+        if P is None:
+            return None
+        start += P.shape[0]
+        per_call = max(1, ATTENTION_MAP_BYTES // (P[0].numel() * P.element_size()))
+        # attention_query_stats holds about 5 fp32 copies of its input (log, sort, cumsum)
+        heads_per_chunk = max(1, ATTENTION_MAP_BYTES // (5 * 4 * P[:, 0].numel()))
+        es, fs = [], []
+        for a in range(0, P.shape[1], heads_per_chunk):
+            e, f = attention_query_stats(P[:, a:a + heads_per_chunk], vis.to(P.device), mass)
+            es.append(e[..., keep.to(P.device)].sum(dim=(0, 2)).double().cpu())
+            fs.append(f[..., keep.to(P.device)].sum(dim=(0, 2)).double().cpu())
+        del P
+        e, f = torch.cat(es), torch.cat(fs)  # [heads]
+        ent = e if ent is None else ent + e
+        frac = f if frac is None else frac + f
+    return ent, frac
+
+
 @dataclass(kw_only=True)
 class AttentionSparsityResult(MetricResult):
     mass: float
@@ -241,17 +279,13 @@ def compute_attention_sparsity(
                 if unsupported[l]:
                     prog.step()
                     continue
-                P = stack.attention_probs(l, states[l])
-                counter.attention_prob_calls += 1
-                if P is None:
+                sums = _attention_sums(stack, l, states[l], sliding_window(stack, l), mass,
+                                       counter)
+                if sums is None:
                     unsupported[l] = True
                     prog.step()
                     continue
-                vis = visible_keys(T, sliding_window(stack, l), P.device)
-                keep = vis >= 2
-                e, f = attention_query_stats(P, vis.view(-1), mass)
-                e = e[..., keep].sum(dim=(0, 2)).double().cpu()  # [heads]
-                f = f[..., keep].sum(dim=(0, 2)).double().cpu()
+                e, f = sums
                 ent_sum[l] = e if ent_sum[l] is None else ent_sum[l] + e
                 frac_sum[l] = f if frac_sum[l] is None else frac_sum[l] + f
                 prog.step()
