@@ -28,6 +28,7 @@ constant.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ import torch
 
 from depthlab.config import ModelConfig
 from depthlab.experiments.verdict import FAILS, HOLDS, INCONCLUSIVE
+from depthlab.probe.metrics.variance import token_variance_sum
 
 
 @dataclass
@@ -69,35 +71,49 @@ class TheoryResult:
 
 def _variance(h: torch.Tensor) -> float:
     """metrics.md section 1: per-token variance over features (unbiased), token-mean."""
-    return float(h.float().var(dim=-1, unbiased=True).mean())
+    return token_variance_sum(h) / (h.numel() // h.shape[-1])
 
 
 @torch.no_grad()
 def _one_stack(cfg: ModelConfig, densities: Sequence[float], ids: torch.Tensor, seed: int
                ) -> tuple[dict[float, list[float]], list[tuple[float, float]]]:
-    """Var(h_l), l = 0..L, for each density (same weights), and v_l at p = 1."""
+    """Var(h_l), l = 0..L, for each density (same weights), and v_l at p = 1.
+
+    The model's own blocks run; forward hooks on each block's branch modules mask the
+    branch outputs (and, at p = 1, record their variances)."""
     from depthlab.model import DepthLM
 
     torch.manual_seed(seed)
     model = DepthLM(cfg).eval()
     out: dict[float, list[float]] = {}
     branch: list[float] = []
-    for p in densities:
-        gen = torch.Generator().manual_seed(seed * 1000 + 7)
-        h = model.embed(ids)
-        vars_ = [_variance(h)]
-        for block in model.blocks:
-            a = block.attn(block.attn_norm(h))
+    p, gen, seen = 1.0, torch.Generator(), {}
+
+    def mask(name: str):
+        def hook(_mod: torch.nn.Module, _args: object, y: torch.Tensor) -> torch.Tensor:
             if p < 1:
-                a = a * (torch.rand(a.shape, generator=gen) < p).to(a.dtype)
-            m = block.mlp(block.mlp_norm(h + a))
-            if p < 1:
-                m = m * (torch.rand(m.shape, generator=gen) < p).to(m.dtype)
-            if p == 1.0:
-                branch.append((_variance(a), _variance(m)))
-            h = h + a + m
-            vars_.append(_variance(h))
-        out[p] = vars_
+                y = y * (torch.rand(y.shape, generator=gen) < p).to(y.dtype)
+            else:
+                seen[name] = _variance(y)
+            return y
+        return hook
+
+    handles = [mod.register_forward_hook(mask(name)) for block in model.blocks
+               for name, mod in block.branch_modules().items()]
+    try:
+        for p in densities:
+            gen.manual_seed(seed * 1000 + 7)
+            h = model.embed(ids)
+            vars_ = [_variance(h)]
+            for block in model.blocks:
+                h = block(h)
+                if p == 1.0:
+                    branch.append((seen["attn"], seen["mlp"]))
+                vars_.append(_variance(h))
+            out[p] = vars_
+    finally:
+        for handle in handles:
+            handle.remove()
     return out, branch
 
 
@@ -129,25 +145,26 @@ def simulate(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.1), max_depth: int 
     v_attn = [sum(b[i][0] for b in branches) / seeds for i in range(max_depth)]
     v_mlp = [sum(b[i][1] for b in branches) / seeds for i in range(max_depth)]
     var0 = sum(h0) / seeds
-    result = TheoryResult(densities=densities, depths=depths, variance={}, variance_sd={},
-                          predicted={}, slope={}, predicted_slope={}, embedding_variance=var0,
-                          attn_branch_variance=sum(v_attn) / max_depth,
-                          mlp_branch_variance=sum(v_mlp) / max_depth, max_relative_error=0.0,
-                          seeds=seeds, d_model=d_model, seq_len=seq_len, samples=samples)
+    cum_attn = list(itertools.accumulate(v_attn))  # sum_{l<L} v_attn_l at index L - 1
+    cum_mlp = list(itertools.accumulate(v_mlp))
+    variance, variance_sd, predicted, slope, predicted_slope = {}, {}, {}, {}, {}
     worst = 0.0
     for p in densities:
         key = f"{p:g}"
-        per_seed = [[r[p][L] for L in depths] for r in runs]
-        mean = [sum(col) / seeds for col in zip(*per_seed, strict=True)]
+        columns = list(zip(*[[r[p][L] for L in depths] for r in runs], strict=True))
+        mean = [sum(col) / seeds for col in columns]
         sd = [(sum((x - m) ** 2 for x in col) / max(seeds - 1, 1)) ** 0.5
-              for col, m in zip(zip(*per_seed, strict=True), mean, strict=True)]
-        pred = [var0 + p * sum(v_mlp[:L]) + p * p * sum(v_attn[:L]) for L in depths]
-        result.variance[key], result.variance_sd[key], result.predicted[key] = mean, sd, pred
-        result.slope[key] = _slope(depths, mean)
-        result.predicted_slope[key] = _slope(depths, pred)
+              for col, m in zip(columns, mean, strict=True)]
+        pred = [var0 + p * cum_mlp[L - 1] + p * p * cum_attn[L - 1] for L in depths]
+        variance[key], variance_sd[key], predicted[key] = mean, sd, pred
+        slope[key], predicted_slope[key] = _slope(depths, mean), _slope(depths, pred)
         worst = max(worst, max(abs(m - q) / q for m, q in zip(mean, pred, strict=True)))
-    result.max_relative_error = worst
-    return result
+    return TheoryResult(densities=densities, depths=depths, variance=variance,
+                        variance_sd=variance_sd, predicted=predicted, slope=slope,
+                        predicted_slope=predicted_slope, embedding_variance=var0,
+                        attn_branch_variance=sum(v_attn) / max_depth,
+                        mlp_branch_variance=sum(v_mlp) / max_depth, max_relative_error=worst,
+                        seeds=seeds, d_model=d_model, seq_len=seq_len, samples=samples)
 
 
 def theory_verdict(result: TheoryResult, tolerance: float = 0.15) -> tuple[str, str]:

@@ -61,7 +61,7 @@ class Verdict:
     effect: float
     """Measured difference (b - a, or the best-vs-endpoint margin), in the metric's units."""
     threshold: float
-    """The size an effect must reach to count (max of 2 se and the relative floor)."""
+    """The size an effect must reach to count (max of t se and the relative floor)."""
     detail: str
     seeds: int
 
@@ -70,7 +70,11 @@ class Verdict:
 
 
 def _mean(xs: Sequence[float]) -> float:
-    return float(statistics.fmean(xs))
+    return statistics.fmean(xs)
+
+
+def _seed_note(seeds: int) -> str:
+    return "; 1 seed" if seeds < 2 else ""
 
 
 def pooled_spread(groups: Sequence[Sequence[float]]) -> Spread | None:
@@ -123,14 +127,13 @@ def compare(a: Sequence[float], b: Sequence[float], direction: int, *,
         raise ValueError("direction must be +1 or -1")
     if spread is None:
         spread = pooled_spread([a, b])
-    effect = _mean(b) - _mean(a)
-    threshold, seeds = _threshold(len(a), len(b), spread, _scale(_mean(a), _mean(b)), min_rel)
+    ma, mb = _mean(a), _mean(b)
+    effect = mb - ma
+    threshold, seeds = _threshold(len(a), len(b), spread, _scale(ma, mb), min_rel)
     status = _status(direction * effect, threshold)
     word = "rises" if effect > 0 else "falls"
-    detail = (f"{_mean(a):.4g} -> {_mean(b):.4g} ({word} by {abs(effect):.3g}; "
-              f"needs {threshold:.3g})")
-    if seeds < 2:
-        detail += "; 1 seed"
+    detail = (f"{ma:.4g} -> {mb:.4g} ({word} by {abs(effect):.3g}; needs {threshold:.3g})"
+              + _seed_note(seeds))
     return Verdict(status, effect, threshold, detail, seeds)
 
 
@@ -163,10 +166,8 @@ def interior_optimum(groups: Sequence[Sequence[float]], *, minimize: bool = True
     means = [_mean(g) for g in groups]
     spread = pooled_spread(groups)
     best = max(range(len(groups)), key=lambda i: sign * means[i])
-    if 0 < best < len(groups) - 1:
-        rivals = [0, len(groups) - 1]
-    else:
-        rivals = list(range(1, len(groups) - 1))
+    interior = 0 < best < len(groups) - 1
+    rivals = [0, len(groups) - 1] if interior else list(range(1, len(groups) - 1))
     margins = []
     for j in rivals:
         thr, _ = _threshold(len(groups[best]), len(groups[j]), spread,
@@ -175,13 +176,10 @@ def interior_optimum(groups: Sequence[Sequence[float]], *, minimize: bool = True
     margin, thr = min(margins, key=lambda m: m[0] - m[1])
     seeds = min(len(g) for g in groups)
     resolved = margin >= thr and margin > 0
-    interior = 0 < best < len(groups) - 1
     status = INCONCLUSIVE if not resolved else (HOLDS if interior else FAILS)
     where = "inside the range" if interior else "at an end of the range"
     detail = (f"best at condition {best + 1} of {len(groups)} ({where}), margin {margin:.3g} "
-              f"over the nearest rival (needs {thr:.3g})")
-    if seeds < 2:
-        detail += "; 1 seed"
+              f"over the nearest rival (needs {thr:.3g})" + _seed_note(seeds))
     return Verdict(status, sign * margin, thr, detail, seeds), best
 
 
@@ -193,14 +191,13 @@ def not_worse(a: Sequence[float], b: Sequence[float], *, lower_is_better: bool =
     _check_groups(a, b)
     if spread is None:
         spread = pooled_spread([a, b])
-    effect = _mean(b) - _mean(a)
+    ma, mb = _mean(a), _mean(b)
+    effect = mb - ma
     worse = effect if lower_is_better else -effect
-    threshold, seeds = _threshold(len(a), len(b), spread, _mean(a), tolerance_rel,
+    threshold, seeds = _threshold(len(a), len(b), spread, ma, tolerance_rel,
                                   single_seed_rel=tolerance_rel)
     status = FAILS if worse > threshold else HOLDS
-    detail = f"{_mean(a):.4g} -> {_mean(b):.4g} (tolerance {threshold:.3g})"
-    if seeds < 2:
-        detail += "; 1 seed"
+    detail = f"{ma:.4g} -> {mb:.4g} (tolerance {threshold:.3g})" + _seed_note(seeds)
     return Verdict(status, effect, threshold, detail, seeds)
 
 
