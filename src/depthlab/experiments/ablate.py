@@ -22,7 +22,7 @@ from typing import Any
 
 from depthlab.config import RunConfig, build_config
 from depthlab.errors import DepthlabError
-from depthlab.experiments.study import Point
+from depthlab.experiments.study import Point, mean_metrics, seed_run_name
 
 RUNGS = ("baseline", "+T", "+lambda", "+G", "+MoE")
 
@@ -43,6 +43,13 @@ def equal_active_expert_hidden(dense_hidden: int, top_k: int) -> int:
     return max(1, round(dense_hidden / top_k))
 
 
+def equal_active_moe(dense_hidden: int, num_experts: int, top_k: int) -> dict[str, Any]:
+    """The `model.moe` override of an MoE with the dense MLP's active parameters per token."""
+    return {"num_experts": num_experts, "top_k": top_k,
+            "expert_hidden": equal_active_expert_hidden(dense_hidden, top_k),
+            "shared_expert": False}
+
+
 def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str = "ladder"
                   ) -> list[Point]:
     """The five cumulative rungs as study points (names `PREFIX0_baseline` ...)."""
@@ -61,14 +68,12 @@ def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str =
         raise DepthlabError(
             f"ablate: the +G rung needs an MHA base whose n_heads ({m.n_heads}) is divisible by "
             f"G={spec.group_size}; the base has n_kv_heads={m.kv_heads}")
-    expert_hidden = equal_active_expert_hidden(m.hidden, spec.top_k)
     steps: list[dict[str, Any]] = [
         {},
         {"data.seq_len": T, **batch_changes},
         {"train.weight_decay": spec.weight_decay},
         {"model.n_kv_heads": m.n_heads // spec.group_size},
-        {"model.moe": {"num_experts": spec.num_experts, "top_k": spec.top_k,
-                       "expert_hidden": expert_hidden, "shared_expert": False}},
+        {"model.moe": equal_active_moe(m.hidden, spec.num_experts, spec.top_k)},
     ]
     points, acc = [], {}
     for i, (rung, change) in enumerate(zip(RUNGS, steps, strict=True)):
@@ -122,36 +127,28 @@ def ladder_rows(points: list[Point], measurements: dict[str, Any], seeds: int = 
         missing = [n for n in names if n not in measurements]
         if missing:
             raise DepthlabError(f"ablate: no measurement for run(s) {', '.join(missing)}")
-        runs = [measurements[n] for n in names]
+        means = mean_metrics([measurements[n] for n in names])
         rows.append({
             "name": rung_label(p.name),
             "run": p.name,
-            "val_ppl": sum(r.val_ppl for r in runs) / len(runs),
-            "usefulness": sum(r.usefulness for r in runs) / len(runs),
-            "linear_excess_loss": sum(r.linear_excess_loss for r in runs) / len(runs),
-            "last_layer_variance": sum(r.last_layer_variance for r in runs) / len(runs),
-            "seeds": len(runs),
+            **{k: means[k] for k in ("val_ppl", "usefulness", "linear_excess_loss",
+                                     "last_layer_variance")},
+            "seeds": len(names),
             "overrides": p.overrides,
         })
     return rows
 
 
 def _seed_names(name: str, seeds: int) -> list[str]:
-    return [name] if seeds <= 1 else [f"{name}_s{s}" for s in range(seeds)]
+    return [name] if seeds <= 1 else [seed_run_name(name, s) for s in range(seeds)]
 
 
 def with_seeds(points: list[Point], seeds: int, base_seed: int = 0) -> list[Point]:
     """Each point once per seed (`NAME_s0`, `NAME_s1`, ...); unchanged for seeds=1."""
     if seeds <= 1:
         return points
-    return [Point(f"{p.name}_s{s}", {**p.overrides, "train.seed": base_seed + s})
+    return [Point(seed_run_name(p.name, s), {**p.overrides, "train.seed": base_seed + s})
             for p in points for s in range(seeds)]
-
-
-def check_points(base_raw: dict[str, Any], points: list[Point], out_dir: Path) -> None:
-    """Validate every rung's config before anything runs (one-line ConfigError otherwise)."""
-    for p in points:
-        build_config(base_raw, {**p.overrides, "name": p.name, "out_dir": str(out_dir)})
 
 
 def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpec | None = None,
@@ -172,7 +169,6 @@ def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpe
     out = Path(out or Path("runs/ablate") / base.name)
     points = ladder_points(base, spec)
     runs = with_seeds(points, seeds, base_seed=base.train.seed)
-    check_points(base_raw, runs, out / "runs")
     sweep = make_sweep(f"ablate_{base.name}", base_raw, runs, out / "runs")
     measurements = run_study(sweep, jobs=jobs, on_status=on_status, on_diagnose=on_diagnose)
     rows = ladder_rows(points, measurements, seeds)

@@ -147,7 +147,9 @@ def reproduce(
     from rich.table import Table
 
     from depthlab.errors import DepthlabError
+    from depthlab.experiments.reproduce import RESULTS_FILE, default_out
     from depthlab.experiments.reproduce import reproduce as run
+    from depthlab.experiments.reproduce_report import REPORT_FILE
 
     console = Console()
     wanted = None
@@ -158,12 +160,12 @@ def reproduce(
             wanted = []
         if not wanted:
             raise DepthlabError(f"--claims takes numbers like 1,2,8, got {claims!r}")
-    command = "depthlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "depthlab " + shlex.join(sys.argv[1:])
     results = run(scale, out, jobs=jobs, seeds=seeds, steps=steps, claims=wanted,
                   eval_tokens=eval_tokens,
                   on_status=_status_printer(console), on_diagnose=_diagnose_printer(console),
                   command=command)
-    out_dir = out or Path(f"runs/reproduce/{scale}")
+    out_dir = out or default_out(scale)
     if scale == "paper":
         for c in results["commands"]:
             console.print(c, highlight=False, soft_wrap=True)
@@ -176,7 +178,7 @@ def reproduce(
         color = {"holds": "green", "does not hold": "red"}.get(c["verdict"], "yellow")
         table.add_row(str(c["id"]), c["title"], f"[{color}]{c['verdict']}[/]")
     console.print(table)
-    console.print(f"report: {out_dir / 'report.md'}; numbers: {out_dir / 'reproduce.json'}")
+    console.print(f"report: {out_dir / REPORT_FILE}; numbers: {out_dir / RESULTS_FILE}")
 
 
 def ablate(

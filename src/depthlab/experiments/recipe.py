@@ -20,6 +20,7 @@ import yaml
 
 from depthlab.config import RunConfig, build_config
 from depthlab.errors import DepthlabError
+from depthlab.experiments.reproduce import RESULTS_FILE
 
 SWEET_SPOT_T = 4096
 TOKENS_PER_STEP = 2**19  # ~0.5M tokens per optimiser step
@@ -133,7 +134,7 @@ def _find_evidence(evidence: str | Path | None) -> tuple[dict[str, Any] | None, 
                   [Path("runs/reproduce/small"), Path("runs/reproduce/tiny"),
                    Path("docs/reproduce/tiny")])
     for c in candidates:
-        p = c / "reproduce.json" if c.is_dir() else c
+        p = c / RESULTS_FILE if c.is_dir() else c
         if p.is_file():
             try:
                 return json.loads(p.read_text()), str(p)

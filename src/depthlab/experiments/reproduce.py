@@ -10,7 +10,6 @@ docs/reproduce.md). Claim 8 is a simulation (`depthlab.experiments.theory`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -22,16 +21,24 @@ from typing import Any
 
 import yaml
 
-from depthlab.config import build_config
+from depthlab.config import RunConfig, build_config
 from depthlab.errors import DepthlabError
 from depthlab.experiments import verdict as V
-from depthlab.experiments.ablate import RUNGS, LadderSpec, ladder_points
-from depthlab.experiments.study import DiagnoseSettings, Measurement, Point, make_sweep, run_study
-from depthlab.experiments.sweep import run_name
+from depthlab.experiments.ablate import RUNGS, LadderSpec, equal_active_moe, ladder_points
+from depthlab.experiments.study import (
+    DiagnoseSettings,
+    Measurement,
+    Point,
+    make_sweep,
+    mean_metrics,
+    run_study,
+    seed_run_name,
+)
+from depthlab.experiments.sweep import flatten_overrides, run_name
+from depthlab.probe.metrics._common import jsonify
 
 SCALES = ("tiny", "small", "paper")
 RESULTS_FILE = "reproduce.json"
-REPORT_FILE = "report.md"
 
 # Paper numbers (Muhtar et al., 1.2B-parameter scale; see ../shared/design.md).
 PAPER = {
@@ -118,9 +125,8 @@ def _dense_hidden(plan: Plan) -> int:
 
 
 def _moe_overrides(plan: Plan) -> dict[str, Any]:
-    k = plan.moe["top_k"]
-    return {"model.moe": {**plan.moe, "expert_hidden": max(1, round(_dense_hidden(plan) / k)),
-                          "shared_expert": False}}
+    return {"model.moe": equal_active_moe(_dense_hidden(plan), plan.moe["num_experts"],
+                                          plan.moe["top_k"])}
 
 
 def _context_overrides(plan: Plan, T: int) -> dict[str, Any]:
@@ -154,7 +160,7 @@ def claims_for(plan: Plan) -> list[Claim]:
     gqa = [(f"G={G}", {"model.n_kv_heads": heads // G}) for G in plan.group_sizes]
     moe = [("dense", {}), ("MoE", _moe_overrides(plan))]
     base_cfg = build_config(plan.base)
-    ladder = [(RUNGS[i], _flatten(p.overrides))
+    ladder = [(RUNGS[i], flatten_overrides(p.overrides))
               for i, p in enumerate(ladder_points(base_cfg, plan.ladder))]
     sweet = plan.contexts.index(plan.sweet_context)
 
@@ -242,17 +248,10 @@ def claims_for(plan: Plan) -> list[Claim]:
     ]
 
 
-def _flatten(overrides: dict[str, Any]) -> dict[str, Any]:
-    from depthlab.experiments.sweep import flatten_overrides
-
-    return flatten_overrides(overrides)
-
-
-def _canonical(overrides: dict[str, Any], plan: Plan) -> dict[str, Any]:
+def _canonical(overrides: dict[str, Any], base: RunConfig) -> dict[str, Any]:
     """Drop overrides equal to the base so identical configs share one run."""
-    base = build_config(plan.base)
     out = {}
-    for key, value in _flatten(overrides).items():
+    for key, value in flatten_overrides(overrides).items():
         node: Any = base
         for part in key.split("."):
             node = getattr(node, part, None) if node is not None else None
@@ -265,15 +264,16 @@ def _canonical(overrides: dict[str, Any], plan: Plan) -> dict[str, Any]:
 
 def points_for(plan: Plan, claims: list[Claim]) -> tuple[list[Point], dict[tuple[int, int], list[str]]]:
     """The pooled runs, and for each (claim id, condition index) the names of its seed runs."""
+    base = build_config(plan.base)
     by_key: dict[str, Point] = {}
     where: dict[tuple[int, int], list[str]] = {}
     for claim in claims:
         for ci, (_, ov) in enumerate(claim.conditions):
-            canon = _canonical(ov, plan)
+            canon = _canonical(ov, base)
             stem = run_name(canon)
             names = []
             for s in range(plan.seeds):
-                name = f"{stem}_s{s}"
+                name = seed_run_name(stem, s)
                 point = by_key.setdefault(name, Point(name, {**canon, "train.seed": s}))
                 if point.overrides != {**canon, "train.seed": s}:  # two configs, one name
                     raise AssertionError(f"run name {name} stands for two different configs")
@@ -314,6 +314,11 @@ def paper_commands(out: Path) -> dict[str, Any]:
     return {"scale": "paper", "sweep_files": files, "commands": commands}
 
 
+def default_out(scale: str) -> Path:
+    """Where a scale's results go unless --out says otherwise."""
+    return Path("runs/reproduce") / scale
+
+
 def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int = 2,
               seeds: int | None = None, steps: int | None = None, claims: list[int] | None = None,
               eval_tokens: int | None = None,
@@ -321,7 +326,7 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
               ) -> dict[str, Any]:
     """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures."""
     started = time.perf_counter()
-    out = Path(out or f"runs/reproduce/{scale}")
+    out = Path(out or default_out(scale))
     if scale == "paper":
         return paper_commands(out)
     if steps is not None and steps < 1:
@@ -357,7 +362,7 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
         rows.append({
             "id": claim.id, "title": claim.title, "paper": PAPER[claim.id], "knob": claim.knob,
             "conditions": [{"label": lab, "runs": where[(claim.id, ci)],
-                            "means": _means(groups[ci])}
+                            "means": mean_metrics(groups[ci])}
                            for ci, (lab, _) in enumerate(claim.conditions)],
             "tests": [{"label": lab, "primary": primary, **v.to_dict()}
                       for lab, v, primary in tests],
@@ -387,7 +392,8 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
         "wall": _wall_record(time.perf_counter() - started, jobs),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1, default=_json_default))
+    (out / RESULTS_FILE).write_text(json.dumps(jsonify(results), indent=1, allow_nan=False,
+                                               default=str))
     from depthlab.experiments.reproduce_report import write_report
 
     write_report(results, out)
@@ -412,26 +418,3 @@ RULE = (f"effect = difference of condition means (endpoints for trends); resolve
         f"direction of a resolved effect, inconclusive otherwise; 'not worse' tests fail only "
         f"beyond max(t x standard error, 2%); a claim holds when all its primary tests hold "
         f"(claim 8: its own simulation test)")
-
-
-def _means(group: list[Measurement]) -> dict[str, float]:
-    keys = ("val_ppl", "last_layer_variance", "usefulness", "linear_excess_loss",
-            "causal_pairs", "permutation")
-    return {k: statistics.fmean(getattr(m, k) for m in group) for k in keys}
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / RESULTS_FILE
-    if not p.is_file():
-        raise DepthlabError(f"no reproduce results at {p}")
-    return json.loads(p.read_text())
-
-

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+REPORT_FILE = "report.md"
 METRIC_LABELS = {
     "val_ppl": "val PPL",
     "last_layer_variance": "last-layer var",
@@ -133,6 +134,6 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                   f"{theory['embedding_variance']:.3g}, mean branch variances (p=1): attention "
                   f"{theory['attn_branch_variance']:.3g}, MLP {theory['mlp_branch_variance']:.3g}. "
                   "Derivation: docs/reproduce.md.", ""]
-    path = out / "report.md"
+    path = out / REPORT_FILE
     path.write_text("\n".join(lines))
     return path

@@ -8,6 +8,7 @@ diagnoses and reads back their numbers.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from depthlab.experiments.sweep import Sweep, SweepRun, run_sweep
 
 DIAGNOSE_METRICS = ("variance", "usefulness", "causal", "permutation")
 DIAGNOSE_FILE = "study_diagnose.json"
+METRIC_KEYS = ("val_ppl", "last_layer_variance", "usefulness", "linear_excess_loss",
+               "causal_pairs", "permutation")
+"""The numbers of a Measurement that studies average over seeds and report."""
 
 
 @dataclass
@@ -51,6 +55,16 @@ class Measurement:
         return asdict(self)
 
 
+def mean_metrics(group: list[Measurement]) -> dict[str, float]:
+    """Seed means of every METRIC_KEYS number over the runs of one condition."""
+    return {k: statistics.fmean(getattr(m, k) for m in group) for k in METRIC_KEYS}
+
+
+def seed_run_name(name: str, seed: int) -> str:
+    """The run of point `name` trained with seed index `seed`."""
+    return f"{name}_s{seed}"
+
+
 @dataclass
 class DiagnoseSettings:
     """How each run is diagnosed: N sequences of the run's own training length T, with N
@@ -66,19 +80,16 @@ class DiagnoseSettings:
 
 
 def make_sweep(name: str, base: dict[str, Any], points: list[Point], out_dir: Path) -> Sweep:
-    """The sweep that trains every point (validates all configs, names runs by point name)."""
-    names = [p.name for p in points]
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise DepthlabError(f"study {name}: duplicate run names {', '.join(dups)}")
+    """The sweep that trains every point, runs named by point name (Sweep.runs validates
+    every config and refuses duplicate names before anything trains)."""
     return Sweep(name=name, out_dir=out_dir, base=base,
                  points=[{"name": p.name, **p.overrides} for p in points])
 
 
-def diagnose_run(run: SweepRun, settings: DiagnoseSettings, progress: bool = False
-                 ) -> dict[str, Any]:
+def diagnose_run(run: SweepRun, settings: DiagnoseSettings) -> dict[str, Any]:
     """Diagnose a finished run (cached in RUN/study_diagnose.json for the same settings)."""
     from depthlab.probe.diagnose import diagnose
+    from depthlab.probe.results import _atomic_write
 
     path = run.run_dir / DIAGNOSE_FILE
     seq_len = run.cfg.data.seq_len
@@ -89,11 +100,9 @@ def diagnose_run(run: SweepRun, settings: DiagnoseSettings, progress: bool = Fal
         if cached.get("settings") == key:
             return cached["results"]
     results = diagnose(str(run.run_dir), metrics=list(settings.metrics), samples=key["samples"],
-                       seq_len=seq_len, seed=settings.seed, figures=False, progress=progress,
+                       seq_len=seq_len, seed=settings.seed, figures=False, progress=False,
                        out=run.run_dir / "diagnose")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": key, "results": results}, default=str))
-    tmp.replace(path)
+    _atomic_write(path, json.dumps({"settings": key, "results": results}, default=str))
     return results
 
 
