@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml
 # OpenMP threads sleep instead of spinning while they wait: on a CPU shared with other
 # work, spinning threads stall each other (measured: 5-11 s per tiny-preset step with
 # spinning vs 1.1 s passive, with 8 busy processes on 2 cores). Override on the command line.
-DEMO_OMP_WAIT_POLICY ?= PASSIVE
+OMP_WAIT_POLICY ?= PASSIVE
 demo: setup
-	OMP_WAIT_POLICY=$(DEMO_OMP_WAIT_POLICY) $(VENV)/bin/depthlab train $(DEMO_CONFIG)
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(VENV)/bin/depthlab train $(DEMO_CONFIG)
 	$(VENV)/bin/depthlab info runs/tiny
 	$(VENV)/bin/depthlab report runs/tiny --out runs/tiny/report
 	@echo "demo outputs: runs/tiny (metrics.jsonl, tensorboard/, checkpoints/) and runs/tiny/report/report.html"
@@ -48,7 +48,7 @@ test-e2e: setup
 # all 16 they alone would take hours. OMP_WAIT_POLICY=PASSIVE: see docs/diagnose.md.
 SMOLLM2_ARGS ?= --samples 16 --seq-len 128 --opt jacobian.samples=2 --opt permutation.samples=2
 diagnose-smollm2: setup
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/depthlab diagnose smollm2 --metrics all $(SMOLLM2_ARGS) --out runs/diagnose_smollm2
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(VENV)/bin/depthlab diagnose smollm2 --metrics all $(SMOLLM2_ARGS) --out runs/diagnose_smollm2
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_bytes, set_threads  # noqa: E402
+from common import now, peak_rss_bytes, set_threads  # noqa: E402
 
 from depthlab.probe.metrics._common import BlockCounter, counting  # noqa: E402
-
-
-def now() -> float:
-    return time.perf_counter()
-
 
 # ---------------------------------------------------------------- the subjects
 

@@ -119,7 +119,7 @@ def build(case: str, impl: str, device: str):
             [{"params": decay, "weight_decay": tc.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
-            fused=fused_adamw_ok(model) or None,  # the same AdamW kernel as ours
+            fused=fused_adamw_ok(decay + no_decay) or None,  # the same AdamW kernel as ours
         )
         moe_kw = {"output_router_logits": True} if case == "moe" else {}
 

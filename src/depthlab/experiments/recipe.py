@@ -79,7 +79,9 @@ def _heads(d: int) -> int | None:
 
 def _count(L: int, d: int, heads: int, kv: int, vocab: int, mlp: int, experts: int | None,
            top_k: int) -> tuple[int, int]:
-    """(total, active) DepthLM parameters, untied head, RMSNorm, no QK-norm."""
+    """(total, active) DepthLM parameters, untied head, RMSNorm, no QK-norm: an analytic
+    count so the solver can try every width cheaply; `sweep.param_counts` on the built
+    model is the source of truth and checks the chosen shape."""
     hd = d // heads
     attn = 2 * d * d + 2 * d * kv * hd
     if experts:
@@ -98,6 +100,7 @@ def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int,
     """(d, heads, kv heads, mlp/expert hidden) closest to the target total (active: the
     target count of parameters active per token)."""
     which = 1 if active else 0
+    n_exp = experts if moe else None
     fits: list[tuple[float, float, tuple[int, int, int, int]]] = []
     for d in range(64, 16385, 16):
         heads = _heads(d)
@@ -105,14 +108,13 @@ def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int,
             continue
         kv = heads // 2
         base_hidden = d if moe else 32 * math.ceil(8 * d / 3 / 32)
-        t0 = _count(L, d, heads, kv, vocab, 0, experts if moe else None, top_k)[which]
-        per_unit = (_count(L, d, heads, kv, vocab, 1, experts if moe else None, top_k)[which]
-                    - t0)
+        t0 = _count(L, d, heads, kv, vocab, 0, n_exp, top_k)[which]
+        per_unit = _count(L, d, heads, kv, vocab, 1, n_exp, top_k)[which] - t0
         hidden = round((target - t0) / per_unit / 8) * 8 if target > t0 else 0
         # keep the MLP shape sensible: within a factor 2 of the usual hidden size
         if not base_hidden / 2 <= hidden <= base_hidden * 2:
             continue
-        total = _count(L, d, heads, kv, vocab, hidden, experts if moe else None, top_k)[which]
+        total = t0 + hidden * per_unit  # the count is linear in the hidden size
         err = abs(total - target) / target
         # among shapes within 1 %: head dim 64 first, then the usual MLP ratio
         oddness = abs(math.log2(hidden / base_hidden)) + (0.0 if d // heads == HEAD_DIM else 1.0)

@@ -8,7 +8,7 @@ most of the step time of a small model on a CPU. They are used only when
 torch.func transforms such as the Jacobian probes' jvp/vmap, forward-mode AD, or
 torch.compile, which fuses the plain ops itself).
 
-Under autocast the matmul Functions compute in the autocast dtype, as the plain ops would,
+Under autocast the expert-matmul Function computes in the autocast dtype, as the plain ops would,
 and return gradients in each input's own dtype.
 """
 

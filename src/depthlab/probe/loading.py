@@ -96,10 +96,9 @@ def _latest_checkpoint(ckpts: Path) -> Path | None:
 
 
 def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: Any) -> tuple:
-    from safetensors.torch import load_file
-
     from depthlab.config import load_config
     from depthlab.model.transformer import DepthLM
+    from depthlab.train.checkpoint import load_weights_file
 
     run_dir = cfg_path.parent
     if ckpt.name == "checkpoints":
@@ -111,21 +110,7 @@ def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: A
     if cfg.model.vocab_size is None:
         raise DepthlabError(f"{cfg_path} has no model.vocab_size: cannot rebuild the model")
     model = DepthLM(cfg.model)
-    weights_path = ckpt / "model.safetensors"
-    try:
-        weights = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises several types for corrupt files
-        raise DepthlabError(f"cannot read checkpoint weights {weights_path}: {err}") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # tied weights are stored once (lm_head.weight is tok_embeddings.weight)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    missing = [m for m in missing
-               if not (m in params and sum(p is params[m] for p in params.values()) > 1)]
-    if missing or unexpected:
-        raise DepthlabError(
-            f"checkpoint {weights_path} does not match {cfg_path}: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
+    load_weights_file(model, ckpt / "model.safetensors")
     if isinstance(dtype, torch.dtype):
         model.to(dtype)
     model.to(device).eval()

@@ -192,30 +192,29 @@ def _attention_sums(stack, l: int, h: Tensor, window: int | None, mass: float,  
                     counter: BlockCounter) -> tuple[Tensor, Tensor] | None:
     """Per head of block l, the sums over sequences of h and over queries with >= 2 visible
     keys of (normalised entropy, top-mass fraction); None if the model gives no maps."""
-    T = h.shape[1]
-    vis = visible_keys(T, window, h.device)
-    keep = vis >= 2
+    vis = visible_keys(h.shape[1], window, h.device)
+    kept = (vis >= 2).nonzero().squeeze(1)  # queries the statistics average over
     ent = frac = None
-    start, per_call = 0, 1  # the first call (one sequence) tells the size of a map
+    start, per_call, heads_per_chunk = 0, 1, 1  # the first call tells the size of a map
     while start < h.shape[0]:
         P = stack.attention_probs(l, h[start:start + per_call])
         counter.attention_prob_calls += 1
         if P is None:
             return None
+        if ent is None:
+            ent = torch.zeros(P.shape[1], dtype=torch.float64, device=P.device)
+            frac = torch.zeros_like(ent)
+            vis, kept = vis.to(P.device), kept.to(P.device)
+            per_call = max(1, ATTENTION_MAP_BYTES // (P[0].numel() * P.element_size()))
+            # attention_query_stats holds about 5 fp32 copies of its input (log, sort, cumsum)
+            heads_per_chunk = max(1, ATTENTION_MAP_BYTES // (5 * 4 * P[:, 0].numel()))
         start += P.shape[0]
-        per_call = max(1, ATTENTION_MAP_BYTES // (P[0].numel() * P.element_size()))
-        # attention_query_stats holds about 5 fp32 copies of its input (log, sort, cumsum)
-        heads_per_chunk = max(1, ATTENTION_MAP_BYTES // (5 * 4 * P[:, 0].numel()))
-        es, fs = [], []
         for a in range(0, P.shape[1], heads_per_chunk):
-            e, f = attention_query_stats(P[:, a:a + heads_per_chunk], vis.to(P.device), mass)
-            es.append(e[..., keep.to(P.device)].sum(dim=(0, 2)).double().cpu())
-            fs.append(f[..., keep.to(P.device)].sum(dim=(0, 2)).double().cpu())
+            e, f = attention_query_stats(P[:, a:a + heads_per_chunk], vis, mass)
+            ent[a:a + heads_per_chunk] += e.index_select(-1, kept).sum(dim=(0, 2)).double()
+            frac[a:a + heads_per_chunk] += f.index_select(-1, kept).sum(dim=(0, 2)).double()
         del P
-        e, f = torch.cat(es), torch.cat(fs)  # [heads]
-        ent = e if ent is None else ent + e
-        frac = f if frac is None else frac + f
-    return ent, frac
+    return ent.cpu(), frac.cpu()
 
 
 @dataclass(kw_only=True)
