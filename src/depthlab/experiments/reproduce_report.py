@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from depthlab.probe.figures import _plt
+
 REPORT_FILE = "report.md"
 METRIC_LABELS = {
     "val_ppl": "val PPL",
@@ -32,22 +34,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _figure(claim: dict[str, Any], out: Path) -> str | None:
+def _figure(claim: dict[str, Any], runs: dict[str, Any], out: Path) -> str | None:
     """Each metric (mean over seeds, seed runs as dots) against the claim's conditions."""
     conds = claim["conditions"]
     if not conds:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, axes = plt.subplots(1, len(METRIC_LABELS), figsize=(3.0 * len(METRIC_LABELS), 2.8))
     xs = list(range(len(conds)))
     for ax, (key, label) in zip(axes, METRIC_LABELS.items(), strict=True):
         ax.plot(xs, [c["means"][key] for c in conds], marker="o", color="#4c72b0")
         for x, c in zip(xs, conds, strict=True):
-            seeds = [r.get(key) for r in c.get("seed_values", [])]
+            seeds = [runs[n].get(key) for n in c["runs"] if n in runs]
             ax.scatter([x] * len(seeds), seeds, s=8, color="#999999", zorder=3)
         ax.set_xticks(xs, [c["label"] for c in conds], rotation=30, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
@@ -61,11 +59,7 @@ def _figure(claim: dict[str, Any], out: Path) -> str | None:
 
 
 def _theory_figure(theory: dict[str, Any], out: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for i, (p, ys) in enumerate(theory["variance"].items()):
         color = f"C{i}"
@@ -83,9 +77,6 @@ def _theory_figure(theory: dict[str, Any], out: Path) -> str:
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Write OUT/report.md (and its figures) from reproduce's results dict."""
     runs = results.get("runs", {})
-    for claim in results["claims"]:
-        for c in claim["conditions"]:
-            c["seed_values"] = [runs[n] for n in c["runs"] if n in runs]
     lines = [f"# depthlab reproduce: scale `{results['scale']}`", ""]
     if results.get("command"):
         lines += ["Command:", "", f"    {results['command']}", ""]
@@ -120,11 +111,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         lines += _table(["test", "primary", "status", "detail"],
                         [[t["label"], "yes" if t["primary"] else "no (companion)", t["status"],
                           t["detail"]] for t in claim["tests"]]) + [""]
-        fig = _figure(claim, out)
+        fig = _figure(claim, runs, out)
         if fig:
             lines += [f"![claim {claim['id']}]({fig})", ""]
-        for c in claim["conditions"]:
-            c.pop("seed_values", None)
     theory = results.get("theory")
     if theory:
         fig = _theory_figure(theory, out)
