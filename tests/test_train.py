@@ -157,3 +157,130 @@ def test_cli_missing_corpus_is_one_line(tmp_path, capsys):
         main(["train", str(path)])
     err = capsys.readouterr().err.strip()
     assert "missing.txt" in err and "Traceback" not in err
+
+
+def test_ctrl_c_during_train_exits_130_and_keeps_checkpoints(tmp_path, corpus):
+    """A real SIGINT to `depthlab train`: exit status 130 and one line (typer returns, not
+    raises, the code outside standalone mode, which used to make this exit 0)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 100000, "train.ckpt_interval": 2})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "depthlab.cli", "train", str(path),
+                             "--no-progress"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoint_dirs(cfg.run_dir) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert checkpoint_dirs(cfg.run_dir)
+
+
+def test_resume_after_a_cut_off_metrics_line(tmp_path, corpus):
+    """A process killed mid-write leaves half a JSON line: info and resume drop it."""
+    cfg = tiny_cfg(tmp_path, corpus, name="cut")
+    first = Trainer(cfg, progress=False)
+
+    def stop(trainer, step):
+        if step == 6:
+            raise Interrupt
+
+    first.callbacks.append(stop)
+    with pytest.raises(Interrupt):
+        first.fit()
+    with (cfg.run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 2.5')
+    assert max(r["step"] for r in read_metrics(cfg.run_dir)) == 5  # stopped before logging 6
+    Trainer(cfg, progress=False).fit()
+    assert sorted(losses(cfg.run_dir)) == list(range(1, 13))
+    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    lines.insert(1, "not json")
+    (cfg.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DepthlabError, match="metrics.jsonl: line 2 is not valid JSON"):
+        read_metrics(cfg.run_dir)
+
+
+def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus):
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
+    Trainer(cfg, progress=False).fit()
+    shards = list((checkpoint_dirs(cfg.run_dir)[-1] / "dcp").glob("*.distcp"))
+    assert shards
+    shards[0].write_bytes(b"")
+    (cfg.run_dir / "summary.json").unlink()
+    more = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
+    with pytest.raises(DepthlabError, match="cannot load the model/optimizer state in"):
+        Trainer(more, progress=False).fit()
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"train.device": "foo"}, "train.device='foo' is not a device"),
+    ({"train.wandb": True}, "train.wandb=true needs the wandb package"),
+])
+def test_environment_errors_come_before_the_run_dir(tmp_path, corpus, over, needle):
+    if "train.wandb" in over and _has("wandb"):
+        pytest.skip("wandb is installed here")
+    with pytest.raises(DepthlabError, match=needle):
+        Trainer(tiny_cfg(tmp_path, corpus, **over), progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_non_finite_gradient_is_named(tmp_path, corpus):
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.ckpt_interval": 2})
+    trainer = Trainer(cfg, progress=False)
+
+    def poison_grad(tr, step):  # from step 3 on: a finite loss, an infinite gradient
+        if step == 2:
+            next(tr.model.parameters()).register_hook(lambda g: g * float("inf"))
+
+    trainer.callbacks.append(poison_grad)
+    with pytest.raises(DepthlabError, match=r"gradient norm became non-finite .*step 3.*--set name"):
+        trainer.fit()
+
+
+def test_cli_progress_lines_off_a_terminal_and_info_errors(tmp_path, corpus, capsys):
+    """Not a terminal (capsys): the progress shows as plain log lines, and the final
+    message names no tensorboard dir when tensorboard is off."""
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 3})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    main(["train", str(path), "--set", "name=lines"])
+    out = capsys.readouterr().out
+    assert "lines: step 3/3  loss" in out and "ETA" in out and "tensorboard" not in out
+    run = tmp_path / "runs" / "lines"
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", str(run), "--set", "model.n_layers=4"])
+    assert exit_.value.code == 2
+    assert "--set applies to a config file" in capsys.readouterr().err
+    main(["info", str(path), "--set", "data.tokenizer=bpe", "--set", "data.bpe_vocab_size=1000"])
+    assert "data.bpe_vocab_size (1,000" in capsys.readouterr().out
+
+
+def test_cli_data_prepare_refuses_what_it_would_ignore(tmp_path, corpus, capsys):
+    out = tmp_path / "toks"
+    main(["data", "prepare", "--corpus", str(corpus), "--out", str(out)])
+    assert (out / "manifest.json").is_file()
+    for args, needle in [
+        (["--corpus", str(out), "--out", str(tmp_path / "copy")], "already holds token files"),
+        (["--config", str(tmp_path / "c.yaml"), "--tokenizer", "bpe"], "--config takes the data"),
+    ]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["data", "prepare", *args])
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "copy").exists()

@@ -49,10 +49,12 @@ def train(
     if summary.status == "already complete":
         console.print(f"[yellow]{summary.run_dir} is already complete[/] (step {summary.step}).")
     val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "n/a"
+    tensorboard = (f"  tensorboard: {summary.run_dir / 'tensorboard'}"
+                   if cfg.train.tensorboard else "")
     console.print(
         f"run: [bold]{summary.run_dir}[/]  steps {summary.step}  val loss {val}  "
         f"({summary.seconds:.0f}s)\n"
-        f"  metrics: {summary.run_dir / 'metrics.jsonl'}  tensorboard: {summary.run_dir / 'tensorboard'}\n"
+        f"  metrics: {summary.run_dir / 'metrics.jsonl'}{tensorboard}\n"
         f"  checkpoints: {summary.run_dir / 'checkpoints'}"
     )
 
@@ -69,12 +71,20 @@ def data_prepare(
     """Tokenize a corpus into train.bin/val.bin plus manifest.json."""
     from depthlab.config import build_config
     from depthlab.data import prepare
+    from depthlab.data.corpus import is_token_dir
 
     if config is not None:
+        if (corpus, tokenizer, bpe_vocab_size) != ("kjv", "byte", 4096):
+            raise DepthlabError("--config takes the data section from the config: change it "
+                                "with --set data.corpus=... instead of --corpus/--tokenizer/"
+                                "--bpe-vocab-size")
         data_cfg = _config_from(config, set_).data
     else:
         raw = {"data": {"corpus": corpus, "tokenizer": tokenizer, "bpe_vocab_size": bpe_vocab_size}}
         data_cfg = build_config(raw, set_ or []).data
+    if data_cfg.corpus != "kjv" and is_token_dir(Path(data_cfg.corpus).expanduser()):
+        raise DepthlabError(f"{data_cfg.corpus} already holds token files: nothing to prepare "
+                            f"(train on it with --set data.corpus={data_cfg.corpus})")
     path = prepare(data_cfg, out_dir=out)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     console.print(f"tokens written to [bold]{path}[/]")
@@ -86,7 +96,8 @@ def _param_table(cfg) -> Table:
 
     from depthlab.model import DepthLM
 
-    mcfg = cfg.model if cfg.model.vocab_size else cfg.model.model_copy(update={"vocab_size": 257})
+    vocab, vocab_note = _expected_vocab(cfg)
+    mcfg = cfg.model if cfg.model.vocab_size else cfg.model.model_copy(update={"vocab_size": vocab})
     with torch.device("meta"):
         model = DepthLM(mcfg)
     table = Table(title="parameters", show_header=False)
@@ -99,8 +110,22 @@ def _param_table(cfg) -> Table:
     if mcfg.moe:
         table.add_row("experts (top-k)", f"{mcfg.moe.num_experts} (top-{mcfg.moe.top_k})")
     if not cfg.model.vocab_size:
-        table.add_row("note", "vocab_size unset: counted with the byte tokenizer (257)")
+        table.add_row("note", f"model.vocab_size unset: counted with {vocab_note}")
     return table
+
+
+def _expected_vocab(cfg) -> tuple[int, str]:
+    """The vocabulary a run of `cfg` would get, without training a tokenizer: (size, how)."""
+    tok = cfg.data.tokenizer
+    if tok == "byte":
+        return 257, "the byte tokenizer (257)"
+    if tok == "bpe":
+        v = cfg.data.bpe_vocab_size
+        return v, f"data.bpe_vocab_size ({v:,}; a small corpus may give fewer)"
+    from depthlab.data.tokenizer import load_tokenizer_path
+
+    size = load_tokenizer_path(tok).vocab_size
+    return size, f"{tok} ({size:,})"
 
 
 @app.command()
@@ -116,6 +141,9 @@ def info(
     from depthlab.train.trainer import read_run_config
 
     is_run = target.is_dir()
+    if is_run and set_:
+        raise DepthlabError("--set applies to a config file, not to a run directory "
+                            f"({target}): its config is the one it was trained with")
     cfg = read_run_config(target) if is_run else _config_from(target, set_)
     console.rule(f"[bold]{target}")
     console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
@@ -156,12 +184,14 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     _register_optional_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode typer turns Ctrl-C (and any typer.Exit) into a returned
+        # exit code instead of raising it.
+        code = app(args=argv, standalone_mode=False)
     except DepthlabError as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; the last checkpoint is kept")
+        Console(stderr=True).print("interrupted; finished checkpoints and results are kept")
         sys.exit(130)
     except typer.Exit as err:
         sys.exit(err.exit_code)
@@ -174,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(err, click.exceptions.Abort):
             sys.exit(1)
         raise
+    if isinstance(code, int) and code == 130:
+        Console(stderr=True).print("interrupted; finished checkpoints and results are kept")
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def save_checkpoint(
     if D.is_main():
         save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
     del weights
-    with _single_process_quiet():
+    with _single_process_quiet(), _dcp_errors(f"cannot write checkpoint {tmp / DCP_DIR}"):
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR),
                  no_dist=not D.is_distributed())
     if D.is_main():
@@ -245,6 +245,27 @@ def load_training_state(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     return opt, state
 
 
+@contextlib.contextmanager
+def _dcp_errors(what: str):
+    """torch.distributed.checkpoint wraps every failure, Ctrl-C included, in a
+    CheckpointException (a BaseException): re-raise Ctrl-C as itself and anything else
+    (a missing or cut shard, another model shape, a full disk) as one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        causes = [exc for exc, _trace in err.failures.values()]
+        if any(isinstance(c, KeyboardInterrupt) for c in causes):
+            raise KeyboardInterrupt from None
+        cause = causes[0] if causes else err
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DepthlabError(f"{what}: {first}") from None
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DepthlabError(f"{what}: {first}") from None
+
+
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer (resharded to this world size and strategy) and return
     the trainer state (step, data position, RNG). Every rank calls this."""
@@ -258,15 +279,9 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
         except Exception as err:
             raise DepthlabError(f"cannot read training state in {ckpt_dir}: {err}") from None
         sd = _dcp_state(model, optimizer)
-        try:
-            with _single_process_quiet():
-                dcp.load(sd, checkpoint_id=str(ckpt_dir / DCP_DIR),
-                         no_dist=not D.is_distributed())
-        except Exception as err:  # a missing shard, another model shape, ...
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DepthlabError(
-                f"cannot load the model/optimizer state in {ckpt_dir / DCP_DIR}: {first}"
-            ) from None
+        with _single_process_quiet(), _dcp_errors(
+                f"cannot load the model/optimizer state in {ckpt_dir / DCP_DIR}"):
+            dcp.load(sd, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not D.is_distributed())
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         return state
     if not (ckpt_dir / "optimizer.pt").is_file():

@@ -11,25 +11,38 @@ import math
 from pathlib import Path
 from typing import Any
 
+from depthlab.errors import DepthlabError
+
 METRICS_FILE = "metrics.jsonl"
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a metrics file. A cut-off last line (a process killed
+    mid-write, a full disk) is dropped; a corrupt line before it is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise DepthlabError(f"{path}: line {i + 1} is not valid JSON") from None
+    return records
 
 
 def truncate_after(path: Path, step: int) -> None:
     """Drop records with step > `step` (a resumed run rewrites them, no duplicates)."""
     if not path.is_file():
         return
-    kept = [
-        line for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in _records(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path)
 
 
 def flatten_scalars(value: Any, prefix: str = ""):

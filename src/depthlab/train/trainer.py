@@ -17,8 +17,10 @@ means, and rank 0 alone writes the run directory, logs and the progress bar.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +56,12 @@ RUNTIME_KEYS = frozenset({"train.distributed"})
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DepthlabError(
+            f"train.device={name!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DepthlabError(f"train.device={name} but CUDA is not available on this machine")
     return device
@@ -118,6 +125,9 @@ class Trainer:
         from depthlab.data import TrainLoader, eval_batches, open_splits
 
         tc = cfg.train
+        if tc.wandb and importlib.util.find_spec("wandb") is None:
+            raise DepthlabError("train.wandb=true needs the wandb package: "
+                                "pip install 'depthlab[wandb]' (or wandb)")
         self.dist = D.setup(tc.distributed, tc.device, resolve_device)
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
@@ -342,7 +352,7 @@ class Trainer:
                     lr = lr_at(self.step, tc)
                     loss, grad_norm, aux = self.train_step(lr)
                     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                        self._stop_non_finite(loss, logger)
+                        self._stop_non_finite(loss, grad_norm, logger)
                     self.step += 1
                     train_loss = loss
                     window_tokens += tokens_per_step
@@ -388,13 +398,17 @@ class Trainer:
         """Leave the process group this trainer started (no-op for single-process runs)."""
         D.teardown(self.dist)
 
-    def _stop_non_finite(self, loss: float, logger: MetricLogger | NullLogger) -> None:
+    def _stop_non_finite(self, loss: float, grad_norm: float,
+                         logger: MetricLogger | NullLogger) -> None:
         logger.log({"step": self.step + 1, "non_finite_loss": True})
         ckpt = latest_checkpoint(self.run_dir)
         kept = f"last good checkpoint kept: {ckpt}" if ckpt else "no checkpoint was written yet"
+        what = (f"loss became non-finite ({loss})" if not math.isfinite(loss)
+                else f"gradient norm became non-finite ({grad_norm}; loss {loss:.4f})")
         raise DepthlabError(
-            f"loss became non-finite ({loss}) at step {self.step + 1}; training stopped, "
-            f"{kept}; try a lower train.lr or train.grad_clip"
+            f"{what} at step {self.step + 1}; training stopped, {kept}; to retry with a "
+            f"lower train.lr or train.grad_clip, start a new run (--set name=...) or "
+            f"delete {self.run_dir}"
         )
 
 
@@ -412,10 +426,38 @@ class _Bar:
         self._progress.update(self._task, completed=step, loss=loss, tps=self._tps)
 
 
+class _LogLines:
+    """Progress as plain lines at every log step, for output that is not a terminal
+    (nohup, batch-job logs), where a live bar would print nothing until the end."""
+
+    def __init__(self, name: str, total: int, start: int) -> None:
+        self._name, self._total, self._start = name, total, start
+        self._t0 = time.time()
+        if start:
+            print(f"{name}: resuming at step {start}/{total}", flush=True)
+
+    def update(self, step: int, loss: float, tps: float | None) -> None:
+        if tps is None:
+            return
+        elapsed = time.time() - self._t0
+        eta = elapsed / max(step - self._start, 1) * (self._total - step)
+        print(f"{self._name}: step {step}/{self._total}  loss {loss:.4f}  {tps:,.0f} tok/s  "
+              f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int, start: int, name: str):
     if not enabled:
         yield _Bar(None, None)
+        return
+    if not sys.stdout.isatty():
+        yield _LogLines(name, total, start)
         return
     from rich.progress import (
         BarColumn,
