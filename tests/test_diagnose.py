@@ -176,6 +176,50 @@ def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
     err = _error(["diagnose", str(tiny_run), "--opt", "permutation.nope=1", "--metrics",
                   "permutation", *base], capsys)
     assert "unknown option(s) nope for permutation" in err
+    err = _error(["diagnose", str(tiny_run), "--opt", "usefulness.threshold=abc", "--metrics",
+                  "usefulness", *base], capsys)
+    assert "usefulness.threshold='abc': expected float" in err
+    (tmp_path / "a_file").write_text("x")
+    err = _error(["diagnose", str(tiny_run), "--metrics", "variance", "--out",
+                  str(tmp_path / "a_file" / "sub"), "--no-progress"], capsys)
+    assert "a_file exists and is not a directory" in err
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    from depthlab.errors import DepthlabError
+    from depthlab.probe import diagnose
+
+    model = DepthLM(RunConfig.model_validate({"model": {
+        "vocab_size": 64, "n_layers": 2, "d_model": 16, "n_heads": 2}}).model)
+    with torch.no_grad():
+        model.blocks[1].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(DepthlabError, match="non-finite values .*blocks.1.mlp.down_proj"):
+        diagnose(model, ids=torch.zeros(2, 8, dtype=torch.long), metrics="causal")
+
+
+def test_rerun_removes_stale_outputs_and_moe_rows_are_block_indices(tmp_path: Path) -> None:
+    from depthlab.probe import diagnose
+
+    torch.manual_seed(0)
+    model = DepthLM(RunConfig.model_validate({"model": {
+        "vocab_size": 64, "n_layers": 3, "d_model": 16, "n_heads": 2,
+        "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "layers": [1, 2]}}}).model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "diag"
+    first = diagnose(model, ids=ids, metrics="causal,moe", out=out, figures=False)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["outputs"] == first["outputs"]  # recorded in the file, not only returned
+    assert on_disk["metrics"]["moe"]["moe_layers"] == [1, 2]
+    for name in ("moe_expert_counts", "moe_fraction_routed"):
+        with (out / "csv" / f"{name}.csv").open() as f:
+            assert [row[0] for row in csv.reader(f)] == ["layer\\expert", "1", "2"]
+    causal_csvs = [p for p in first["outputs"]["csv"] if "causal" in Path(p).name]
+    assert causal_csvs and all(Path(p).is_file() for p in causal_csvs)
+    (out / "csv" / "mine.csv").write_text("a user's own file\n")
+    second = diagnose(model, ids=ids, metrics="moe", out=out, figures=False)
+    assert not any(Path(p).exists() for p in causal_csvs)  # stale: removed
+    assert all(Path(p).is_file() for p in second["outputs"]["csv"])
+    assert (out / "csv" / "mine.csv").is_file()  # never listed by us: kept
 
 
 def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -189,3 +233,9 @@ def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     err = _error(["diagnose", str(tmp_path / "opt"), "--out", str(tmp_path / "o"),
                   "--no-progress"], capsys)
     assert "unsupported architecture model_type='opt'" in err
+    # checked from config.json before any weights are read (here there are none)
+    transformers.T5Config(vocab_size=64, d_model=16, num_layers=1).save_pretrained(
+        tmp_path / "t5")
+    err = _error(["diagnose", str(tmp_path / "t5"), "--out", str(tmp_path / "o"),
+                  "--no-progress"], capsys)
+    assert "unsupported architecture model_type='t5'; supported: depthlm, llama" in err

@@ -364,9 +364,14 @@ def build_stack(model: nn.Module, *, dtype: torch.dtype | None = None,
             f"cannot build a LayerStack for {type(model).__name__}: not a DepthLM or a "
             f"Hugging Face model (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
+    check_supported(model_type)
+    return HFStack(model, dtype=dtype, device=device)
+
+
+def check_supported(model_type: str) -> None:
+    """One-line error for a Hugging Face model_type the LayerStack cannot view."""
     if model_type not in HF_SPECS:
         raise DepthlabError(
             f"unsupported architecture model_type={model_type!r}; supported: "
             f"{', '.join(SUPPORTED_ARCHS)}"
         )
-    return HFStack(model, dtype=dtype, device=device)

@@ -45,7 +45,7 @@ def diagnose_command(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward chunk.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the sequence sample.")] = 0,
     dtype: Annotated[str, typer.Option(
-        help="auto (as stored; GGUF dequantized to fp32), fp32 or bf16. Reductions are "
+        help="auto (as stored; GGUF dequantized to fp32), fp32, bf16, fp16 or fp64. Reductions are "
              "fp32/fp64 whatever the model runs in.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     opt: Annotated[list[str] | None, typer.Option(

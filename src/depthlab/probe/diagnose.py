@@ -307,7 +307,30 @@ def check_options(options: dict[str, dict[str, Any]] | None, names: list[str]
         if bad:
             raise DepthlabError(f"unknown option(s) {', '.join(bad)} for {metric}; valid: "
                                 f"{', '.join(valid)}")
+        _check_option_types(metric, opts)
     return options
+
+
+def _check_option_types(metric: str, opts: dict[str, Any]) -> None:
+    """Each option's value against the type hint of the metric's keyword argument, before
+    any work (a wrong type used to surface as a traceback, sometimes after the metric)."""
+    import typing
+
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    from depthlab.probe.suite import METRICS
+
+    hints = typing.get_type_hints(METRICS[metric])
+    for key, value in opts.items():
+        hint = hints.get(key)
+        if hint is None or isinstance(value, torch.Tensor):
+            continue
+        try:
+            adapter = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+            adapter.validate_python(value, strict=True)
+        except ValidationError:
+            kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise DepthlabError(f"--opt {metric}.{key}={value!r}: expected {kind}") from None
 
 
 def parse_option(text: str) -> tuple[str, str, Any]:
@@ -363,6 +386,23 @@ def _run_groups(stack: Any, ids: Tensor, names: list[str], options: dict[str, di
     return out
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an output path that cannot become a directory before any work is done."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DepthlabError(f"--out {out}: {p} exists and is not a directory")
+            return
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """A diverged checkpoint (NaN/inf weights) would give crashes or meaningless zeros."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DepthlabError(f"the model's weights hold non-finite values ({len(bad)} tensors, "
+                            f"e.g. {bad[0]}): a diverged checkpoint cannot be diagnosed")
+
+
 def has_moe(stack: Any) -> bool:
     return any(stack.moe_router(i) is not None for i in range(stack.n_layers))
 
@@ -411,11 +451,14 @@ def diagnose(
         raise DepthlabError(f"--batch-size must be >= 1, got {batch_size}")
     if ids is None and samples < 1:
         raise DepthlabError(f"--samples must be >= 1, got {samples}")
+    if out is not None:
+        check_out_dir(Path(out))
 
     t0 = time.perf_counter()
     with _hf_progress_bars(progress):
         stack, model_tok, info = load_stack(model, dtype, device)
     load_s = time.perf_counter() - t0
+    check_finite_weights(stack.model)
     if tokenizer is not None:
         model_tok = tokenizer
     msection = model_section(stack, info)
@@ -495,8 +538,7 @@ def diagnose(
     }
     results["run"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
     if out is not None:
-        results["outputs"] = {k: [str(p) for p in v] if isinstance(v, list) else str(v)
-                              for k, v in write_outputs(results, out, figures=figures).items()}
+        write_outputs(results, out, figures=figures)  # also records results["outputs"]
     return results
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FIG_DIR = "figures"
+from depthlab.probe.results import FIG_DIR
 
 
 def _plt():

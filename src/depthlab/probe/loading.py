@@ -133,12 +133,15 @@ def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: A
 
 
 def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from depthlab.probe.adapters import check_supported
 
     kw = dict(kwargs)
-    kw["dtype"] = dtype if dtype is not None else "auto"
-    model = AutoModelForCausalLM.from_pretrained(source, **kw)
-    kw.pop("dtype")
+    # the architecture first, from config.json alone: no weights loaded for nothing
+    check_supported(AutoConfig.from_pretrained(source, **kw).model_type)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype if dtype is not None else "auto", **kw)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except Exception:  # noqa: BLE001  weights without a tokenizer are still measurable
@@ -198,6 +201,8 @@ def _load_gguf(path: Path, dtype: Any, device: Any) -> tuple:
 def _load_hf_dir(path: Path, dtype: Any, device: Any) -> tuple:
     try:
         model, tok = _hf_load(str(path), dtype, device)
+    except DepthlabError:
+        raise
     except Exception as err:  # noqa: BLE001
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DepthlabError(f"cannot load Hugging Face model from {path}: {msg}") from None
@@ -241,6 +246,8 @@ def _load_hub(spec: str, dtype: Any, device: Any, local_files_only: bool | None)
         try:
             model, tok = _hf_load(spec, dtype, device, local_files_only=local)
             break
+        except DepthlabError:
+            raise
         except ValueError as err:  # e.g. an architecture transformers does not know
             if "local_files_only" in str(err) or "offline" in str(err).lower():
                 continue

@@ -44,6 +44,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 CSV_DIR = "csv"
+FIG_DIR = "figures"
 SUMMARY_FILE = "summary.md"
 
 TOP_LEVEL_KEYS = ("schema_version", "depthlab_version", "created", "model_name", "model", "data",
@@ -191,10 +192,13 @@ def _write_rows(path: Path, header: list[str], rows: Iterable[list[Any]]) -> Non
             w.writerow([_fmt(x) for x in r])
 
 
-def write_matrix_csv(path: Path, matrix: list[list[Any]], corner: str = "row") -> None:
+def write_matrix_csv(path: Path, matrix: list[list[Any]], corner: str = "row",
+                     index: list[Any] | None = None) -> None:
+    """A matrix with its row labels (`index`, default 0..n-1) in the first column."""
     width = max(len(r) for r in matrix)
+    index = list(range(len(matrix))) if index is None else index
     _write_rows(path, [corner, *map(str, range(width))],
-                ([i, *r] for i, r in enumerate(matrix)))
+                ([i, *r] for i, r in zip(index, matrix, strict=True)))
 
 
 def _matrices(name: str, metric: dict[str, Any]) -> dict[str, list[list[Any]]]:
@@ -219,7 +223,7 @@ def _matrices(name: str, metric: dict[str, Any]) -> dict[str, list[list[Any]]]:
 
 _CORNERS = {"causal": "skipped_s\\layer_l", "permutation": "l1\\l2",
             "angular_distance": "state_i\\state_j", "layer_similarity": "state_i\\state_j",
-            "attention_sparsity": "layer\\head", "moe": "moe_layer_row\\expert"}
+            "attention_sparsity": "layer\\head", "moe": "layer\\expert"}
 
 
 def write_csvs(results: dict[str, Any], out: Path) -> list[Path]:
@@ -240,7 +244,9 @@ def write_csvs(results: dict[str, Any], out: Path) -> list[Path]:
             if name == "angular_distance" and key == "by_n":
                 corner = "n_minus_1\\start_l"
             p = d / f"{name}_{key}.csv"
-            write_matrix_csv(p, matrix, corner)
+            # MoE matrices have one row per MoE layer: label the rows with block indices
+            index = metric.get("moe_layers") if name == "moe" else None
+            write_matrix_csv(p, matrix, corner, index)
             written.append(p)
         if name == "permutation" and isinstance(metric.get("pairs"), list):
             p = d / "permutation_pairs.csv"
@@ -390,13 +396,33 @@ def write_outputs(results: dict[str, Any], out: str | Path, *, figures: bool = T
     """results.json, summary.md, CSVs and (optionally) figures under `out`; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Any] = {"results": write_json(results, out)}
+    previous = _previous_outputs(out)
     summary = out / SUMMARY_FILE
     _atomic_write(summary, summary_markdown(results))
-    paths["summary"] = summary
-    paths["csv"] = write_csvs(results, out)
+    paths: dict[str, Any] = {"results": out / RESULTS_FILE, "summary": summary,
+                             "csv": write_csvs(results, out)}
     if figures:
         from depthlab.probe.figures import write_figures
 
         paths["figures"] = write_figures(results, out)
+    results["outputs"] = {k: [str(p) for p in v] if isinstance(v, list) else str(v)
+                          for k, v in paths.items()}
+    write_json(results, out)
+    # files an earlier diagnosis wrote here that this one did not: stale, remove them
+    current = {str(p) for v in paths.values() for p in (v if isinstance(v, list) else [v])}
+    for stale in previous - current:
+        Path(stale).unlink(missing_ok=True)
     return paths
+
+
+def _previous_outputs(out: Path) -> set[str]:
+    """The CSV and figure files listed by the results.json already in `out`, if any."""
+    try:
+        old = json.loads((out / RESULTS_FILE).read_text()).get("outputs") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    files = [p for k in ("csv", "figures") for p in (old.get(k) or [])
+             if isinstance(p, str)]
+    # only files inside this directory's csv/ and figures/ (never anything else)
+    return {p for p in files if Path(p).parent.resolve() in
+            ((out / CSV_DIR).resolve(), (out / FIG_DIR).resolve())}
