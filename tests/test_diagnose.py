@@ -239,3 +239,18 @@ def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     err = _error(["diagnose", str(tmp_path / "t5"), "--out", str(tmp_path / "o"),
                   "--no-progress"], capsys)
     assert "unsupported architecture model_type='t5'; supported: depthlm, llama" in err
+
+
+@pytest.mark.parametrize("ids, metrics, needle", [
+    (torch.rand(2, 8), "variance", "integer token ids"),
+    (-torch.ones(2, 8, dtype=torch.long), "variance", "ids must be >= 0"),
+    (torch.zeros(2, 8, dtype=torch.long), "", "no metric given"),
+])
+def test_api_bad_ids_and_empty_metrics(ids: torch.Tensor, metrics: str, needle: str) -> None:
+    from depthlab.errors import DepthlabError
+    from depthlab.probe import diagnose
+
+    model = DepthLM(RunConfig.model_validate({"model": {
+        "vocab_size": 64, "n_layers": 2, "d_model": 16, "n_heads": 2}}).model)
+    with pytest.raises(DepthlabError, match=needle):
+        diagnose(model, ids=ids, metrics=metrics)

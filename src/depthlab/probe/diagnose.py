@@ -484,6 +484,10 @@ def diagnose(
             ids = ids.unsqueeze(0)
         if ids.ndim != 2:
             raise DepthlabError(f"ids must have shape [N, T], got {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise DepthlabError(f"ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.numel() and int(ids.min()) < 0:
+            raise DepthlabError(f"ids must be >= 0, got {int(ids.min())}")
         check_seq_len(stack, int(ids.shape[1]))
         vocab = msection["vocab_size"]
         if vocab is not None and ids.numel() and int(ids.max()) >= vocab:

@@ -67,6 +67,8 @@ def resolve_metrics(metrics: Sequence[str] | str) -> list[str]:
     if unknown:
         raise DepthlabError(
             f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)} or 'all'")
+    if not names:
+        raise DepthlabError(f"no metric given; choose from {', '.join(METRICS)} or 'all'")
     return list(dict.fromkeys(names))
 
 
