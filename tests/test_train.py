@@ -284,3 +284,15 @@ def test_cli_data_prepare_refuses_what_it_would_ignore(tmp_path, corpus, capsys)
             main(["data", "prepare", *args])
         assert exit_.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "copy").exists()
+
+
+def test_resume_accepts_changes_that_compute_nothing_different(tmp_path, corpus):
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
+    Trainer(cfg, progress=False).fit()
+    same = tiny_cfg(tmp_path, corpus, **{
+        "train.max_steps": 4, "out_dir": str(tmp_path / "runs") + "/", "train.device": "cpu",
+        "train.log_interval": 2, "train.keep_last": 5})
+    assert Trainer(same, progress=False).fit().status == "already complete"
+    with pytest.raises(DepthlabError, match="train.lr"):
+        Trainer(tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4, "train.lr": 1e-3}),
+                progress=False).fit()

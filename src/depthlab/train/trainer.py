@@ -49,8 +49,12 @@ from depthlab.train.schedule import lr_at
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
-RUNTIME_KEYS = frozenset({"train.distributed"})
-"""Config keys a run may change between resumes (checkpoints do not depend on them)."""
+RUNTIME_KEYS = frozenset({
+    "out_dir", "train.distributed", "train.device", "train.log_interval", "train.ckpt_interval",
+    "train.keep_last", "train.tensorboard", "train.wandb", "train.wandb_project",
+})
+"""Config keys a run may change between resumes: where and how it runs and logs, not what
+it computes (`out_dir` only names the directory the run was found in)."""
 
 
 def resolve_device(name: str) -> torch.device:
