@@ -232,6 +232,27 @@ def test_cli_export_and_import_hf_run_dirs(tmp_path, capsys):
     assert torch.equal(shallow.blocks[0].attn.o_proj.weight, model.blocks[1].attn.o_proj.weight)
 
 
+def test_overwrite_replaces_only_what_export_and_import_wrote(tmp_path, capsys):
+    """--overwrite never deletes a run or a user's folder (it used to rmtree any target)."""
+    run, _ = write_run(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for target in (run, tmp_path / "mine"):
+        before = sorted(p.relative_to(target) for p in target.rglob("*"))
+        with pytest.raises(SystemExit):
+            main(["export", str(run), "--to", "hf", str(target), "--overwrite"])
+        assert "not replacing it" in " ".join(capsys.readouterr().err.split())
+        assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
+    main(["export", str(run), "--to", "hf", str(tmp_path / "hf")])
+    main(["export", str(run), "--to", "hf", str(tmp_path / "hf"), "--overwrite"])  # own: ok
+    main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imp")])
+    main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imp"), "--overwrite"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a trained run is never replaced by an import
+        main(["import-hf", str(tmp_path / "hf"), str(run), "--overwrite"])
+    assert "holds a trained run" in " ".join(capsys.readouterr().err.split())
+
+
 def test_cli_export_refusal_is_one_line(tmp_path, capsys):
     run, _ = write_run(tmp_path, **{"model.norm_placement": "post"})
     with pytest.raises(SystemExit) as exit_:

@@ -291,13 +291,19 @@ def export_model(
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """An empty or new directory, or (with overwrite) an earlier depthlab export: the only
+    kind of directory the export replaces as a whole."""
     if out.exists() and not out.is_dir():
         raise DepthlabError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        if not (out / "config.json").is_file():
-            raise DepthlabError(f"{out} exists, is not empty and is not an HF checkpoint; "
-                                "choose another output directory")
-        raise DepthlabError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / PROVENANCE_FILE).is_file():
+        what = "an HF checkpoint not written by depthlab export" if (
+            out / "config.json").is_file() else "not an export"
+        raise DepthlabError(f"{out} exists, is not empty and is {what}; not replacing it, "
+                            "choose another output directory")
+    if not overwrite:
+        raise DepthlabError(f"{out} already holds an export; pass --overwrite to replace it")
 
 
 def export_hf(

@@ -15,6 +15,7 @@ Everything else is refused with the reason.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -254,9 +255,9 @@ def write_run(
     from depthlab.train.checkpoint import model_state
 
     out = Path(out_run_dir).expanduser()
-    if (out / "config.yaml").exists() and not overwrite:
-        raise DepthlabError(f"{out} already holds a depthlab run; choose another directory "
-                            "or pass --overwrite")
+    _check_run_dir(out, overwrite)
+    for old in ("tokenizer", "checkpoints"):  # an earlier import's files: replaced whole
+        shutil.rmtree(out / old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     data = _write_tokenizer(hf_source, out) if hf_source is not None else {}
     seq_len = min(DataConfig().seq_len, model.cfg.max_seq_len)
@@ -271,6 +272,22 @@ def write_run(
     meta = {"step": "0", "source": str(hf_source) if hf_source is not None else "in-memory"}
     save_file(model_state(model), str(ckpt / "model.safetensors"), metadata=meta)
     return out
+
+
+def _check_run_dir(out: Path, overwrite: bool) -> None:
+    """A new directory, or (with overwrite) one an earlier import wrote: never a run that
+    has trained (its checkpoints and metrics would be mixed with the imported weights)."""
+    if out.exists() and not out.is_dir():
+        raise DepthlabError(f"{out} exists and is not a directory")
+    if not (out / "config.yaml").exists():
+        return
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    if (out / "metrics.jsonl").exists() or any(c != "step_0000000" for c in ckpts):
+        raise DepthlabError(f"{out} holds a trained run ({', '.join(ckpts[-1:]) or 'metrics'}); "
+                            "not overwriting it, choose another directory")
+    if not overwrite:
+        raise DepthlabError(f"{out} already holds an imported run; choose another directory "
+                            "or pass --overwrite")
 
 
 def _write_tokenizer(hf_source: str | Path, out: Path) -> dict[str, Any]:
