@@ -58,7 +58,11 @@ def test_reproduce_paper_scale_writes_commands(tmp_path, capsys):
     assert "torchrun" in capsys.readouterr().out
     sweep = yaml.safe_load((tmp_path / "paper_depth.yaml").read_text())
     assert sweep["grid"] == {"model.n_layers": [12, 16, 24, 32]}
-    assert (tmp_path / "commands.sh").is_file()
+    context = yaml.safe_load((tmp_path / "paper_context.yaml").read_text())["list"]
+    assert {p["data.seq_len"] * p["train.global_batch_size"] for p in context} == {512 * 1024}
+    assert {p["data.seq_len"] * p["train.batch_size"] for p in context} == {8 * 1024}
+    commands = (tmp_path / "commands.sh").read_text()
+    assert "--rdzv_endpoint=$HEAD_NODE" in commands and "model.n_layers=32" in commands
 
 
 def test_ablate_end_to_end(tmp_path, capsys):

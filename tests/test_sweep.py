@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import types
@@ -247,6 +248,25 @@ def test_slurm_submission_through_submitit(tmp_path, monkeypatch):
     assert "train" in fn.command and fn.env["OMP_NUM_THREADS"] == "4"
     status = json.loads((sw.out_dir / STATUS_FILE).read_text())["runs"]
     assert status["L2"]["status"] == "submitted" and status["L3"]["job_id"] == "1002"
+
+
+def test_multi_gpu_jobs_launch_one_process_per_gpu(tmp_path, monkeypatch):
+    """--gpus 8 submits torchrun with 8 processes (it used to start one process per job),
+    and the launch line really trains: here 2 CPU processes over gloo."""
+    import subprocess
+
+    from depthlab.experiments.sweep import _write_inputs
+
+    sw = load_sweep(_sweep(tmp_path, set={"train.max_steps": 2, "train.warmup_steps": 1}))
+    cmd = train_command(sw, sw.runs()[0], nproc=8)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
+    _write_inputs(sw)
+    cmd = train_command(sw, sw.runs()[0], nproc=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((sw.runs()[0].run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 2
 
 
 # ----------------------------------------------------------------------------- CLI

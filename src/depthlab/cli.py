@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         # exit code instead of raising it.
         code = app(args=argv, standalone_mode=False)
     except DepthlabError as err:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        from rich.markup import escape
+
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}",
+                                                   highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; finished checkpoints and results are kept")

@@ -168,7 +168,7 @@ def reproduce(
     out_dir = out or default_out(scale)
     if scale == "paper":
         for c in results["commands"]:
-            console.print(c, highlight=False, soft_wrap=True)
+            console.print(c, highlight=False, soft_wrap=True, markup=False)
         console.print(f"sweep files and commands.sh in {out_dir}")
         return
     table = Table(title=f"reproduce --scale {scale}")
@@ -246,8 +246,10 @@ def recipe(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-    console.print(render(rec, explain=explain), highlight=False, soft_wrap=True)
+    # plain text (paths and YAML lists hold brackets rich would read as markup)
+    console.print(render(rec, explain=explain), highlight=False, soft_wrap=True, markup=False)
     if out is not None:
-        console.print(f"config written to {out}; train it with: depthlab train {out}")
+        console.print(f"config written to {out}; train it with: depthlab train {out}",
+                      markup=False)
     else:
-        console.print(text, highlight=False, soft_wrap=True)
+        console.print(text, highlight=False, soft_wrap=True, markup=False)

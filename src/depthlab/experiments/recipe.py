@@ -131,10 +131,14 @@ def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int,
     return best[2]
 
 
+_REPO_DOCS = Path(__file__).resolve().parents[3] / "docs"
+"""docs/ of a source checkout (the committed tiny-scale results), wherever the CWD is."""
+
+
 def _find_evidence(evidence: str | Path | None) -> tuple[dict[str, Any] | None, str | None]:
     candidates = ([Path(evidence)] if evidence is not None else
                   [Path("runs/reproduce/small"), Path("runs/reproduce/tiny"),
-                   Path("docs/reproduce/tiny")])
+                   Path("docs/reproduce/tiny"), _REPO_DOCS / "reproduce" / "tiny"])
     for c in candidates:
         p = c / RESULTS_FILE if c.is_dir() else c
         if p.is_file():

@@ -287,29 +287,37 @@ def points_for(plan: Plan, claims: list[Claim]) -> tuple[list[Point], dict[tuple
 
 def paper_commands(out: Path) -> dict[str, Any]:
     """Paper scale: write the sweep files for every claim and list the launch commands."""
-    out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[3] / "configs" / "paper"
     dense = root / "dense_1b.yaml"
-    sweeps = {
-        "depth": {"model.n_layers": [12, 16, 24, 32]},
-        "weight_decay": {"train.weight_decay": [0.0, 0.1, 0.3, 0.5]},
-        "context": {"data.seq_len": [512, 1024, 2048, 4096, 8192]},
-        "gqa": {"model.n_kv_heads": [16, 8, 4, 1]},
+    if not dense.is_file():
+        raise DepthlabError(f"--scale paper builds on the paper presets in configs/paper of a "
+                            f"source checkout, not found at {root}")
+    out.mkdir(parents=True, exist_ok=True)
+    # the context sweep keeps tokens per step (512 x 1024) and per micro-batch (8 x 1024)
+    context = [{"name": f"T{t}", "data.seq_len": t, "train.batch_size": 8192 // t,
+                "train.global_batch_size": 524288 // t} for t in (512, 1024, 2048, 4096, 8192)]
+    sweeps: dict[str, dict[str, Any]] = {
+        "depth": {"grid": {"model.n_layers": [12, 16, 24, 32]}},
+        "weight_decay": {"grid": {"train.weight_decay": [0.0, 0.1, 0.3, 0.5]}},
+        "context": {"list": context,
+                    "set": {"model.max_seq_len": 8192, "train.grad_accum": 1}},
+        "gqa": {"grid": {"model.n_kv_heads": [16, 8, 4, 1]}},
     }
     files, commands = {}, []
-    for name, grid in sweeps.items():
+    for name, points in sweeps.items():
         spec = {"name": f"paper_{name}", "base": str(dense), "out_dir": f"runs/paper/{name}",
-                "grid": grid, "diagnose": True}
-        if name == "context":
-            spec["set"] = {"model.max_seq_len": 8192}
+                **points, "diagnose": True}
         path = out / f"paper_{name}.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         files[name] = str(path)
+        # one SLURM job per run, each a torchrun of 8 processes (one per GPU)
         commands.append(f"depthlab sweep {path} --slurm --gpus 8 --time-min 4320")
     for cfg in ("moe_400m_2b.yaml", "ablation_l32.yaml"):
-        commands.append(f"torchrun --nnodes=$NNODES --nproc_per_node=8 -m depthlab.cli train "
-                        f"{root / cfg} --set train.distributed=fsdp")
-    commands.append(f"depthlab ablate {dense} --out runs/paper/ladder   # the ablation ladder")
+        commands.append(f"torchrun --nnodes=$NNODES --nproc_per_node=8 --rdzv_backend=c10d "
+                        f"--rdzv_endpoint=$HEAD_NODE:29500 --rdzv_id={Path(cfg).stem} "
+                        f"-m depthlab.cli train {root / cfg} --set train.distributed=fsdp")
+    commands.append(f"depthlab ablate {dense} --set model.n_layers=32 --out runs/paper/ladder"
+                    "   # the ladder at L=32; ablate trains its rungs as local processes")
     (out / "commands.sh").write_text("#!/bin/sh\n" + "\n".join(commands) + "\n")
     return {"scale": "paper", "sweep_files": files, "commands": commands}
 

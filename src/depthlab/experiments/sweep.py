@@ -470,9 +470,13 @@ def _cli_value(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
-def train_command(sweep: Sweep, run: SweepRun) -> list[str]:
-    """`depthlab train OUT/base.yaml --no-progress --set k=v ...` (as `python -m depthlab.cli`)."""
-    cmd = [sys.executable, "-m", "depthlab.cli", "train", str(sweep.out_dir / BASE_FILE),
+def train_command(sweep: Sweep, run: SweepRun, nproc: int = 1) -> list[str]:
+    """`depthlab train OUT/base.yaml --no-progress --set k=v ...` (as `python -m depthlab.cli`),
+    under torchrun with `nproc` processes (one per GPU) when nproc > 1."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "depthlab.cli", "train", str(sweep.out_dir / BASE_FILE),
            "--no-progress"]
     for key, value in {**run.overrides, "name": run.name, "out_dir": str(sweep.out_dir)}.items():
         cmd += ["--set", f"{key}={_cli_value(value)}"]
@@ -628,12 +632,13 @@ def submit_slurm(sweep: Sweep, runs: list[SweepRun], status: StatusFile, *,
     executor.update_parameters(**params)
     ids = []
     for run in runs:
-        cmd = train_command(sweep, run)
+        cmd = train_command(sweep, run, nproc=max(gpus, 1))  # one process per GPU
         if diagnose:
             script = " && ".join(" ".join(_quote(c) for c in part)
                                  for part in (cmd, diagnose_command(run)))
             cmd = ["bash", "-c", script]
-        fn = submitit.helpers.CommandFunction(cmd, cwd=os.getcwd(), env=thread_env(cpus))
+        threads = max(1, cpus // max(gpus, 1))
+        fn = submitit.helpers.CommandFunction(cmd, cwd=os.getcwd(), env=thread_env(threads))
         job = executor.submit(fn)
         ids.append(str(job.job_id))
         status.update(run.name, status="submitted", job_id=str(job.job_id),
