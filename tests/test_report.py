@@ -192,6 +192,13 @@ def test_cli_report_errors_exit_2(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "no depthlab runs" in err
+    fake_run(tmp_path / "runs", "wd0", wd=0.0)
+    (tmp_path / "a_file").write_text("x")
+    for args, needle in [(["--out", str(tmp_path / "a_file")], "is not a directory"),
+                         (["--out", str(tmp_path / "o"), "--dpi", "0"], "--dpi must be >= 1")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["report", str(tmp_path / "runs"), *args])
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_cli_report_and_ladder_and_standalone_diagnosis(tmp_path, capsys):

@@ -132,6 +132,9 @@ def test_unknown_sweep_key_is_an_error_before_anything_runs(tmp_path):
         load_sweep(_sweep(tmp_path, gird={"model.n_layers": [2]}))
     with pytest.raises(ConfigError, match="non-empty list"):
         load_sweep(_sweep(tmp_path, grid={"model.n_layers": 4}))
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty"):  # used to become a one-run sweep
+        load_sweep(tmp_path / "empty.yaml")
     assert not (tmp_path / "sweep").exists()
 
 

@@ -299,6 +299,9 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
         path = Path(source)
         raw = read_yaml(path)
         here = path.parent
+    if not raw:
+        raise ConfigError(f"sweep {path or ''}: empty; give at least `base` and a `grid` or "
+                          "`list` (see `depthlab sweep --help`)")
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"sweep: unknown key(s) {', '.join(unknown)} "

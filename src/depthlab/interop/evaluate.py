@@ -256,9 +256,9 @@ class EvalModel:
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    from depthlab.devices import resolve_device as checked
+
+    return str(checked(device))
 
 
 def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None = None):

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from depthlab.devices import resolve_device
 from depthlab.errors import DepthlabError
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
@@ -64,16 +65,7 @@ def resolve_spec(spec: str | Path) -> str:
 
 
 def _resolve_device(device: str | torch.device | None) -> str:
-    if device is None or str(device) == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    dev = str(device)
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise DepthlabError(f"device {dev!r} requested but CUDA is not available")
-    try:
-        torch.device(dev)
-    except RuntimeError:
-        raise DepthlabError(f"unknown device {dev!r} (use auto, cpu, cuda or cuda:N)") from None
-    return dev
+    return str(resolve_device(device))
 
 
 def _dtype_arg(dtype: str | torch.dtype | None) -> str | torch.dtype | None:

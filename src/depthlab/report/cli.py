@@ -25,8 +25,13 @@ def report(
     """Write OUT/report.html (self-contained), OUT/figures/*.png|svg and OUT/tables/*.md|csv."""
     from rich.console import Console
 
+    from depthlab.errors import DepthlabError
+    from depthlab.probe.diagnose import check_out_dir
     from depthlab.report.html import build_report
 
+    if dpi < 1:
+        raise DepthlabError(f"--dpi must be >= 1, got {dpi}")
+    check_out_dir(out)
     console = Console()
     rep = build_report(dirs, out, ladder=ladder, title=title,
                        formats=("png", "svg") if svg else ("png",), dpi=dpi)

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from depthlab.config import RunConfig, TrainConfig, build_config
+from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
 from depthlab.model import DepthLM
 from depthlab.train import distributed as D
@@ -58,17 +59,7 @@ it computes (`out_dir` only names the directory the run was found in)."""
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DepthlabError(
-            f"train.device={name!r} is not a device: use auto, cpu, cuda or cuda:N"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DepthlabError(f"train.device={name} but CUDA is not available on this machine")
-    return device
+    return _resolve_device(name, what="train.device")
 
 
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
