@@ -182,6 +182,8 @@ class TrainConfig(_Strict):
     """Max global grad norm; 0 disables clipping."""
     eval_interval: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)
+    """The validation set: the first eval_batches x batch_size windows of the validation
+    split (the same for any number of processes or accumulation steps)."""
     log_interval: int = Field(10, ge=1)
     ckpt_interval: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1)
