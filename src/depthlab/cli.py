@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +47,8 @@ def train(
 
     cfg = _config_from(config, set_)
     summary = run_training(cfg, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports
+        return
     if summary.status == "already complete":
         console.print(f"[yellow]{summary.run_dir} is already complete[/] (step {summary.step}).")
     val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "n/a"

@@ -144,17 +144,17 @@ def choose_arch(cfg: ModelConfig, arch: str = "auto") -> str:
     problem = structural_problem(cfg)
     if problem:
         raise ValueError(problem)
-    reasons = []
+    reasons: dict[str, list[str]] = {}  # reason -> the targets it rules out
     for candidate in EXPORT_ARCHS:
         p = arch_problem(cfg, candidate)
         if p is None:
             return candidate
-        reasons.append(f"{candidate}: {p}")
+        reasons.setdefault(p, []).append(candidate)
     if cfg.moe is not None and cfg.qk_norm and cfg.moe.shared_expert:
         raise ValueError("an MoE with both QK-norm and a shared expert has no exact stock "
                          "equivalent (Qwen3-MoE has no shared expert, Qwen2-MoE no QK-norm; "
                          "Qwen3-Next/Hunyuan gate or reorder them)")
-    raise ValueError("; ".join(reasons))
+    raise ValueError("; ".join(f"{', '.join(c)}: {p}" for p, c in reasons.items()))
 
 
 # --------------------------------------------------------------------------- HF configs

@@ -17,7 +17,7 @@ ABBREV = {
     "model.n_layers": "L", "model.d_model": "d", "model.n_heads": "heads",
     "model.n_kv_heads": "kv heads", "model.moe": "MoE", "model.moe.num_experts": "E",
     "model.moe.top_k": "top-k", "data.seq_len": "T", "train.weight_decay": "λ (wd)",
-    "train.lr": "lr", "train.max_steps": "steps", "train.batch_size": "batch",
+    "train.lr": "lr", "train.max_steps": "max steps", "train.batch_size": "batch",
     "model.norm_placement": "norm",
 }
 
