@@ -197,6 +197,11 @@ def test_runs_skip_resume_and_failures(tmp_path):
     assert _statuses(out) == {"ok2": "complete", "ok3": "complete"}
     log = (out / "logs" / "ok3.log").read_text()
     assert "--set name=ok3" in log
+    # --diagnose on a sweep whose runs are already complete: diagnosed, not skipped
+    run_sweep(sw, only=["ok2"], diagnose=True)
+    assert json.loads((out / STATUS_FILE).read_text())["runs"]["ok2"]["diagnose"] == "complete"
+    res = json.loads((out / "ok2" / "diagnose" / "results.json").read_text())
+    assert res["data"]["seq_len"] == 32  # the run's own context
     steps = [json.loads(x)["step"] for x in (out / "ok3" / "metrics.jsonl").read_text().splitlines()
              if '"stats"' in x]
     assert steps == [2, 4]  # resumed from step 2, no duplicates

@@ -487,8 +487,9 @@ def train_command(sweep: Sweep, run: SweepRun, nproc: int = 1) -> list[str]:
 
 
 def diagnose_command(run: SweepRun) -> list[str]:
+    """`depthlab diagnose RUN` at the run's own training context (T)."""
     return [sys.executable, "-m", "depthlab.cli", "diagnose", str(run.run_dir),
-            "--out", str(run.run_dir / "diagnose")]
+            "--seq-len", str(run.cfg.data.seq_len), "--out", str(run.run_dir / "diagnose")]
 
 
 def _write_inputs(sweep: Sweep) -> None:
@@ -544,11 +545,12 @@ def _prepare_data(runs: list[SweepRun]) -> None:
 
 def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int = 1,
               diagnose: bool = False, on_status: StatusCallback | None = None,
-              poll: float = 0.2) -> None:
+              poll: float = 0.2, undiagnosed: list[SweepRun] | None = None) -> None:
     """Train `runs` as `depthlab train` subprocesses, at most `jobs` at a time, each with
-    cores // jobs torch threads. Failures are recorded; the sweep goes on."""
+    cores // jobs torch threads, and diagnose `undiagnosed` (complete) runs. Failures are
+    recorded; the sweep goes on."""
     threads = max(1, available_cores() // max(jobs, 1))
-    queue = list(runs)
+    queue = [(r, "train") for r in runs] + [(r, "diagnose") for r in undiagnosed or []]
     active: list[_Job] = []
 
     def note(run: SweepRun, **fields: Any) -> None:
@@ -572,7 +574,7 @@ def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int 
     try:
         while queue or active:
             while queue and len(active) < max(jobs, 1):
-                active.append(start(queue.pop(0), "train"))
+                active.append(start(*queue.pop(0)))
             time.sleep(poll)
             for job in list(active):
                 rc = job.proc.poll()
@@ -710,11 +712,17 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = Non
         if on_status is not None:
             on_status(run, status.data["runs"][run.name])
     diagnose = sweep.diagnose if diagnose is None else diagnose
-    if todo:
-        if slurm is not None:
+    # complete runs that were never diagnosed (or whose diagnosis failed) get one locally
+    undiagnosed = [r for r in runs if diagnose and states[r.name] == "complete"
+                   and not (r.run_dir / "diagnose" / "results.json").is_file()]
+    local = todo
+    if slurm is not None:
+        if todo:
             submit_slurm(sweep, todo, status, diagnose=diagnose, on_status=on_status, **slurm)
-        else:
-            if jobs > 1:
-                _prepare_data(todo)
-            run_local(sweep, todo, status, jobs=jobs, diagnose=diagnose, on_status=on_status)
+        local = []
+    if local or undiagnosed:
+        if jobs > 1:
+            _prepare_data(local)
+        run_local(sweep, local, status, jobs=jobs, diagnose=diagnose, on_status=on_status,
+                  undiagnosed=undiagnosed)
     return SweepOutcome(runs, states, status.data)
