@@ -296,3 +296,13 @@ def test_resume_accepts_changes_that_compute_nothing_different(tmp_path, corpus)
     with pytest.raises(DepthlabError, match="train.lr"):
         Trainer(tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4, "train.lr": 1e-3}),
                 progress=False).fit()
+
+
+def test_summary_rewritten_from_metrics_when_only_it_is_missing(tmp_path, corpus):
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
+    first = Trainer(cfg, progress=False).fit()
+    (cfg.run_dir / "summary.json").unlink()
+    again = Trainer(cfg, progress=False).fit()
+    assert again.train_loss == pytest.approx(first.train_loss)
+    assert again.val_loss == pytest.approx(first.val_loss)
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["val_loss"] is not None

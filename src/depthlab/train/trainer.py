@@ -44,7 +44,7 @@ from depthlab.train.checkpoint import (
     set_rng_state,
     weights_file,
 )
-from depthlab.train.loggers import MetricLogger, NullLogger, open_logger
+from depthlab.train.loggers import MetricLogger, NullLogger, open_logger, read_metrics
 from depthlab.train.optim import build_optimizer
 from depthlab.train.schedule import lr_at
 
@@ -340,7 +340,10 @@ class Trainer:
         tokens_per_step = self.tokens_per_step
         self.model.train()
         start_time, window_time, window_tokens = time.time(), time.time(), 0
-        train_loss = val_loss = None
+        # a resumed run reports its last logged losses even if no step is left to run
+        done = read_metrics(self.run_dir) if self.step and self.dist.is_main else []
+        train_loss = next((r["loss"] for r in reversed(done) if "loss" in r), None)
+        val_loss = next((r["val_loss"] for r in reversed(done) if "val_loss" in r), None)
         try:
             with _progress_bar(self.progress, tc.max_steps, self.step, self.cfg.name) as bar:
                 while self.step < tc.max_steps:
