@@ -55,6 +55,10 @@ def test_recipe_bad_input():
     assert parse_count("5E8") == parse_count("5e8") == 500_000_000
     with pytest.raises(DepthlabError, match="--context must be >= 2"):
         make_recipe(8, 20_000_000, vocab_size=257, moe=False, context=0)
+    with pytest.raises(DepthlabError, match="--vocab-size must be >= 257"):
+        make_recipe(8, 20_000_000, vocab_size=100, moe=False)
+    with pytest.raises(DepthlabError, match="--experts must be >= 1"):
+        make_recipe(8, 20_000_000, vocab_size=257, experts=0, top_k=1)
 
 
 def test_recipe_cites_reproduce_results(tmp_path):

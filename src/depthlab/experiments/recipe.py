@@ -169,6 +169,10 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     """Build, validate and explain a config (see the module docstring)."""
     if layers < 1:
         raise DepthlabError(f"--layers must be >= 1, got {layers}")
+    if vocab_size < 257:
+        raise DepthlabError(f"--vocab-size must be >= 257 (the byte tokenizer's), got {vocab_size}")
+    if moe and experts < 1:
+        raise DepthlabError(f"--experts must be >= 1, got {experts} (or use --dense)")
     if moe and not 1 <= top_k <= experts:
         raise DepthlabError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
     T = SWEET_SPOT_T if context is None else context
