@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import inspect
 import sys
@@ -540,20 +541,24 @@ def diagnose(
 
 @contextlib.contextmanager
 def _hf_progress_bars(enabled: bool) -> Iterator[None]:
-    """Hugging Face's loading progress bars only when progress is shown."""
+    """Hugging Face's loading progress bars only when progress is shown (the GGUF loader
+    calls plain tqdm, outside transformers' switch: silenced through its module name)."""
     try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover
         yield
         return
-    was = hf_logging.is_progress_bar_enabled()
+    was, gguf_tqdm = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
     if not enabled:
         hf_logging.disable_progress_bar()
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
         if was:
             hf_logging.enable_progress_bar()
+        gguf_utils.tqdm = gguf_tqdm
 
 
 def _transformers_version() -> str | None:
