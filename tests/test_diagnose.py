@@ -197,7 +197,8 @@ def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
         diagnose(model, ids=torch.zeros(2, 8, dtype=torch.long), metrics="causal")
 
 
-def test_rerun_removes_stale_outputs_and_moe_rows_are_block_indices(tmp_path: Path) -> None:
+def test_rerun_removes_stale_outputs_and_moe_rows_are_block_indices(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from depthlab.probe import diagnose
 
     torch.manual_seed(0)
@@ -220,6 +221,10 @@ def test_rerun_removes_stale_outputs_and_moe_rows_are_block_indices(tmp_path: Pa
     assert not any(Path(p).exists() for p in causal_csvs)  # stale: removed
     assert all(Path(p).is_file() for p in second["outputs"]["csv"])
     assert (out / "csv" / "mine.csv").is_file()  # never listed by us: kept
+    monkeypatch.chdir(tmp_path)  # the same directory spelled another way keeps its files
+    third = diagnose(model, ids=ids, metrics="moe", out="diag", figures=False)
+    assert third["outputs"]["csv"] and all((out / "csv" / Path(p).name).is_file()
+                                           for p in third["outputs"]["csv"])
 
 
 def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

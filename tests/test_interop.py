@@ -251,6 +251,11 @@ def test_overwrite_replaces_only_what_export_and_import_wrote(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a trained run is never replaced by an import
         main(["import-hf", str(tmp_path / "hf"), str(run), "--overwrite"])
     assert "holds a trained run" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "mine" / "checkpoints").mkdir()
+    with pytest.raises(SystemExit):  # nor a user's folder, with or without --overwrite
+        main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "mine"), "--overwrite"])
+    assert "is not a depthlab run" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "mine" / "checkpoints").is_dir()
 
 
 def test_cli_export_refusal_is_one_line(tmp_path, capsys):

@@ -11,6 +11,7 @@ import yaml
 
 from depthlab.cli import main
 from depthlab.experiments.reproduce import claims_for, plan_for, points_for
+from depthlab.experiments.sweep import load_sweep
 from depthlab.experiments.verdict import FAILS, HOLDS, INCONCLUSIVE
 
 
@@ -61,6 +62,10 @@ def test_reproduce_paper_scale_writes_commands(tmp_path, capsys):
     context = yaml.safe_load((tmp_path / "paper_context.yaml").read_text())["list"]
     assert {p["data.seq_len"] * p["train.global_batch_size"] for p in context} == {512 * 1024}
     assert {p["data.seq_len"] * p["train.batch_size"] for p in context} == {8 * 1024}
+    for name in ("depth", "weight_decay", "context", "gqa"):  # one global batch for all
+        sw = load_sweep(tmp_path / f"paper_{name}.yaml")
+        assert {r.cfg.train.global_batch_size * r.cfg.data.seq_len for r in sw.runs()} == \
+            {512 * 1024}
     commands = (tmp_path / "commands.sh").read_text()
     assert "--rdzv_endpoint=$HEAD_NODE" in commands and "model.n_layers=32" in commands
 

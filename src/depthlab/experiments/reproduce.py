@@ -300,7 +300,7 @@ def paper_commands(out: Path) -> dict[str, Any]:
         "depth": {"grid": {"model.n_layers": [12, 16, 24, 32]}},
         "weight_decay": {"grid": {"train.weight_decay": [0.0, 0.1, 0.3, 0.5]}},
         "context": {"list": context,
-                    "set": {"model.max_seq_len": 8192, "train.grad_accum": 1}},
+                    "set": {"model.max_seq_len": 8192}},
         "gqa": {"grid": {"model.n_kv_heads": [16, 8, 4, 1]}},
     }
     files, commands = {}, []

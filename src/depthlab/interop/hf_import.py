@@ -255,9 +255,9 @@ def write_run(
     from depthlab.train.checkpoint import model_state
 
     out = Path(out_run_dir).expanduser()
-    _check_run_dir(out, overwrite)
-    for old in ("tokenizer", "checkpoints"):  # an earlier import's files: replaced whole
-        shutil.rmtree(out / old, ignore_errors=True)
+    if _check_run_dir(out, overwrite):
+        for old in ("tokenizer", "checkpoints"):  # an earlier import's files: replaced whole
+            shutil.rmtree(out / old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     data = _write_tokenizer(hf_source, out) if hf_source is not None else {}
     seq_len = min(DataConfig().seq_len, model.cfg.max_seq_len)
@@ -274,13 +274,17 @@ def write_run(
     return out
 
 
-def _check_run_dir(out: Path, overwrite: bool) -> None:
-    """A new directory, or (with overwrite) one an earlier import wrote: never a run that
-    has trained (its checkpoints and metrics would be mixed with the imported weights)."""
+def _check_run_dir(out: Path, overwrite: bool) -> bool:
+    """A new or empty directory (False), or with overwrite one an earlier import wrote
+    (True: replace it); never a run that has trained (its checkpoints and metrics would be
+    mixed with the imported weights) and never another non-empty directory."""
     if out.exists() and not out.is_dir():
         raise DepthlabError(f"{out} exists and is not a directory")
     if not (out / "config.yaml").exists():
-        return
+        if out.is_dir() and any(out.iterdir()):
+            raise DepthlabError(f"{out} is not empty and is not a depthlab run; choose a new "
+                                "or empty directory")
+        return False
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     if (out / "metrics.jsonl").exists() or any(c != "step_0000000" for c in ckpts):
         raise DepthlabError(f"{out} holds a trained run ({', '.join(ckpts[-1:]) or 'metrics'}); "
@@ -288,6 +292,7 @@ def _check_run_dir(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise DepthlabError(f"{out} already holds an imported run; choose another directory "
                             "or pass --overwrite")
+    return True
 
 
 def _write_tokenizer(hf_source: str | Path, out: Path) -> dict[str, Any]:

@@ -409,20 +409,20 @@ def write_outputs(results: dict[str, Any], out: str | Path, *, figures: bool = T
                           for k, v in paths.items()}
     write_json(results, out)
     # files an earlier diagnosis wrote here that this one did not: stale, remove them
-    current = {str(p) for v in paths.values() for p in (v if isinstance(v, list) else [v])}
-    for stale in previous - current:
-        Path(stale).unlink(missing_ok=True)
+    current = {(Path(p).parent.name, Path(p).name) for k in ("csv", "figures")
+               for p in paths.get(k, [])}
+    for sub, name in previous - current:
+        (out / sub / name).unlink(missing_ok=True)
     return paths
 
 
-def _previous_outputs(out: Path) -> set[str]:
-    """The CSV and figure files listed by the results.json already in `out`, if any."""
+def _previous_outputs(out: Path) -> set[tuple[str, str]]:
+    """(csv|figures, file name) of the files listed by the results.json already in `out`.
+    By name within `out`: the listed paths may be spelled from another working directory."""
     try:
         old = json.loads((out / RESULTS_FILE).read_text()).get("outputs") or {}
     except (OSError, ValueError, AttributeError):
         return set()
-    files = [p for k in ("csv", "figures") for p in (old.get(k) or [])
+    files = [Path(p) for k in ("csv", "figures") for p in (old.get(k) or [])
              if isinstance(p, str)]
-    # only files inside this directory's csv/ and figures/ (never anything else)
-    return {p for p in files if Path(p).parent.resolve() in
-            ((out / CSV_DIR).resolve(), (out / FIG_DIR).resolve())}
+    return {(p.parent.name, p.name) for p in files if p.parent.name in (CSV_DIR, FIG_DIR)}
