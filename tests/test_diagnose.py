@@ -259,3 +259,11 @@ def test_api_bad_ids_and_empty_metrics(ids: torch.Tensor, metrics: str, needle: 
         "vocab_size": 64, "n_layers": 2, "d_model": 16, "n_heads": 2}}).model)
     with pytest.raises(DepthlabError, match=needle):
         diagnose(model, ids=ids, metrics=metrics)
+
+
+def test_option_values_read_as_documented() -> None:
+    from depthlab.probe.diagnose import check_options, parse_option
+
+    assert parse_option("weight_sparsity.tau=1e-3") == ("weight_sparsity", "tau", 0.001)
+    assert parse_option("jacobian.layers=[0,5]") == ("jacobian", "layers", [0, 5])
+    assert check_options({"weight_sparsity": {"tau": 0.001}}, ["weight_sparsity"])

@@ -256,6 +256,12 @@ def test_slurm_submission_through_submitit(tmp_path, monkeypatch):
     assert "train" in fn.command and fn.env["OMP_NUM_THREADS"] == "4"
     status = json.loads((sw.out_dir / STATUS_FILE).read_text())["runs"]
     assert status["L2"]["status"] == "submitted" and status["L3"]["job_id"] == "1002"
+    submitted.clear()  # 8 GPUs per job: torchrun with 8 processes, the CPUs shared out
+    run_sweep(sw, slurm={"gpus": 8, "cpus": 16})
+    fn, params = submitted[0]
+    assert params["gpus_per_node"] == 8 and params["tasks_per_node"] == 1
+    assert "torch.distributed.run" in fn.command and "--nproc_per_node=8" in fn.command
+    assert fn.env["OMP_NUM_THREADS"] == "2"
 
 
 def test_multi_gpu_jobs_launch_one_process_per_gpu(tmp_path, monkeypatch):

@@ -306,3 +306,21 @@ def test_summary_rewritten_from_metrics_when_only_it_is_missing(tmp_path, corpus
     assert again.train_loss == pytest.approx(first.train_loss)
     assert again.val_loss == pytest.approx(first.val_loss)
     assert json.loads((cfg.run_dir / "summary.json").read_text())["val_loss"] is not None
+
+
+def test_resume_conflicts_rules():
+    from depthlab.train.trainer import resume_conflicts
+
+    base = {"name": "r", "out_dir": "runs", "model": {"vocab_size": 257},
+            "train": {"device": "cpu", "dtype": "auto", "lr": 1e-3, "log_interval": 10}}
+
+    def mine(**train):
+        return {**base, "out_dir": "./runs/", "model": {"vocab_size": None},
+                "train": {**base["train"], **train}}
+
+    assert resume_conflicts(base, mine(log_interval=5)) == []
+    assert resume_conflicts(base, mine(lr=2e-3)) == ["train.lr: 0.001 -> 0.002"]
+    # cpu -> cuda switches fp32 to bf16 autocast under dtype auto; with fp32 it does not
+    assert "changes the precision" in resume_conflicts(base, mine(device="cuda"))[0]
+    fixed = {**base, "train": {**base["train"], "dtype": "fp32"}}
+    assert resume_conflicts(fixed, {**fixed, "train": {**fixed["train"], "device": "cuda"}}) == []

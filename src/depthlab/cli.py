@@ -64,10 +64,13 @@ def train(
 
 @data_app.command("prepare")
 def data_prepare(
-    corpus: Annotated[str, typer.Option(help="kjv, a text/JSONL file or a folder.")] = "kjv",
-    tokenizer: Annotated[str, typer.Option(help="byte, bpe, or a tokenizer.json path.")] = "byte",
+    corpus: Annotated[str | None, typer.Option(
+        help="kjv (default), a text/JSONL file or a folder.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="byte (default), bpe, or a tokenizer.json path.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: cache).")] = None,
-    bpe_vocab_size: Annotated[int, typer.Option(help="Vocabulary size for bpe.")] = 4096,
+    bpe_vocab_size: Annotated[int | None, typer.Option(
+        help="Vocabulary size for bpe (default 4096).")] = None,
     config: Annotated[Path | None, typer.Option(help="Take the data section of a run config.")] = None,
     set_: SetOption = None,
 ) -> None:
@@ -76,15 +79,16 @@ def data_prepare(
     from depthlab.data import prepare
     from depthlab.data.corpus import is_token_dir
 
+    given = {k: v for k, v in (("corpus", corpus), ("tokenizer", tokenizer),
+                               ("bpe_vocab_size", bpe_vocab_size)) if v is not None}
     if config is not None:
-        if (corpus, tokenizer, bpe_vocab_size) != ("kjv", "byte", 4096):
+        if given:
             raise DepthlabError("--config takes the data section from the config: change it "
                                 "with --set data.corpus=... instead of --corpus/--tokenizer/"
                                 "--bpe-vocab-size")
         data_cfg = _config_from(config, set_).data
-    else:
-        raw = {"data": {"corpus": corpus, "tokenizer": tokenizer, "bpe_vocab_size": bpe_vocab_size}}
-        data_cfg = build_config(raw, set_ or []).data
+    else:  # the options left out take the config defaults
+        data_cfg = build_config({"data": given}, set_ or []).data
     if data_cfg.corpus != "kjv" and is_token_dir(Path(data_cfg.corpus).expanduser()):
         raise DepthlabError(f"{data_cfg.corpus} already holds token files: nothing to prepare "
                             f"(train on it with --set data.corpus={data_cfg.corpus})")

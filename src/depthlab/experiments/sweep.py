@@ -357,17 +357,12 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
 def run_state(run: SweepRun) -> str:
     """'complete', 'partial' (started, resumable), 'new' or 'conflict' (the run dir holds a
     different config)."""
-    from depthlab.train.trainer import CONFIG_FILE, SUMMARY_FILE, config_differences
+    from depthlab.train.trainer import CONFIG_FILE, SUMMARY_FILE, resume_conflicts
 
     saved = run.run_dir / CONFIG_FILE
     if not saved.is_file():
         return "new"
-    theirs = yaml.safe_load(saved.read_text()) or {}
-    mine = run.cfg.to_dict()
-    if mine["model"].get("vocab_size") is None:
-        theirs.get("model", {}).pop("vocab_size", None)
-        mine["model"].pop("vocab_size", None)
-    if config_differences(theirs, mine):
+    if resume_conflicts(yaml.safe_load(saved.read_text()) or {}, run.cfg.to_dict()):
         return "conflict"
     summary = run.run_dir / SUMMARY_FILE
     if summary.is_file():
@@ -712,8 +707,11 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = Non
         if on_status is not None:
             on_status(run, status.data["runs"][run.name])
     diagnose = sweep.diagnose if diagnose is None else diagnose
-    # complete runs that were never diagnosed (or whose diagnosis failed) get one locally
-    undiagnosed = [r for r in runs if diagnose and states[r.name] == "complete"
+    # complete runs that were never diagnosed (or whose diagnosis failed) get one, locally
+    # (not under --slurm: a job may still be diagnosing its run, and a login node is no
+    # place for it)
+    undiagnosed = [r for r in runs if diagnose and slurm is None
+                   and states[r.name] == "complete"
                    and not (r.run_dir / "diagnose" / "results.json").is_file()]
     local = todo
     if slurm is not None:

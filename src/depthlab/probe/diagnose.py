@@ -340,6 +340,11 @@ def parse_option(text: str) -> tuple[str, str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return metric.strip().replace("-", "_"), key.strip().replace("-", "_"), value
 
 

@@ -85,6 +85,36 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
     return diffs
 
 
+def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """The differences between a run directory's config (`theirs`) and the config asked to
+    resume it that change what is computed: RUNTIME_KEYS may differ, and `train.device`
+    too unless it switches the precision (dtype auto: bf16 on CUDA, fp32 on CPU). An unset
+    model.vocab_size (the tokenizer's) matches any."""
+    mine = {**mine, "model": dict(mine.get("model") or {})}
+    if mine["model"].get("vocab_size") is None:
+        mine["model"]["vocab_size"] = (theirs.get("model") or {}).get("vocab_size")
+    conflicts = []
+    for d in config_differences(theirs, mine):
+        key = d.split(":")[0]
+        if key not in RUNTIME_KEYS:
+            conflicts.append(d)
+        elif key == "train.device" and (mine.get("train") or {}).get("dtype", "auto") == "auto":
+            a, b = (_device_type((c.get("train") or {}).get("device", "auto"))
+                    for c in (theirs, mine))
+            if a != b:
+                conflicts.append(f"{d} (with train.dtype=auto this changes the precision)")
+    return conflicts
+
+
+def _device_type(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        return name
+
+
 def read_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -221,8 +251,7 @@ class Trainer:
         mine = self.cfg.to_dict()
         if path.is_file():
             theirs = yaml.safe_load(path.read_text()) or {}
-            diffs = [d for d in config_differences(theirs, mine)
-                     if d.split(":")[0] not in RUNTIME_KEYS]
+            diffs = resume_conflicts(theirs, mine)
             if diffs:
                 raise DepthlabError(
                     f"{self.run_dir} already holds a different config ({'; '.join(diffs[:3])}); "
