@@ -42,6 +42,7 @@ def worker(args) -> None:
             "name": "bench", "out_dir": tmp, "train.max_steps": args.steps,
             "train.eval_interval": 10 * args.steps, "train.ckpt_interval": 10 * args.steps,
             "train.log_interval": 5, "train.stats_interval": args.interval,
+            "train.warmup_steps": min(30, args.steps - 1),  # (timing only: any warm-up)
         })
         trainer = Trainer(cfg, progress=False)
         marks: dict[int, float] = {}

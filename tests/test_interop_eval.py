@@ -110,7 +110,7 @@ def test_eval_falls_back_to_native_adapter_for_post_ln(tmp_path):
     assert len(report.files) == 2
 
 
-def test_eval_bad_input_is_one_line(tmp_path, capsys):
+def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     from depthlab.interop.evaluate import resolve_hub_tasks, run_lm_eval
 
     run = write_run(tmp_path)
@@ -130,7 +130,9 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys):
         (["eval", str(run)], "nothing to evaluate"),
         (["eval", str(tmp_path / "missing"), "--tasks", "piqa", "--data-dir", str(partial)],
          "no such run"),
+        (["eval", f"{tmp_path.name}/missing", "--ppl"], "no such run"),  # under a local dir
     ]:
+        monkeypatch.chdir(tmp_path.parent)
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2

@@ -275,6 +275,20 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
                             f"({str(err).splitlines()[0]})") from None
 
 
+def _check_hub_id(model: str | Path, path: Path) -> None:
+    """A name that is not a local path is a hub id (`org/name`), unless it is spelled as a
+    path (./x, /x, ~/x), lies under an existing local folder (runs/typo), or the Hub is out
+    of reach: then it is a missing model, said in one line."""
+    from depthlab.probe.loading import hub_reachable
+
+    text = str(model)
+    local = text.startswith((".", "/", "~")) or (path.parent != Path(".")
+                                                  and path.parent.is_dir())
+    if local or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        raise DepthlabError(f"{model}: no such run, checkpoint or model directory"
+                            + ("" if local else " (nor a reachable Hugging Face Hub id)"))
+
+
 def open_eval_model(model: str | Path, backend: str = "auto", device: str = "auto",
                     batch_size: int | str = 8) -> EvalModel:
     """Load MODEL (depthlab run/checkpoint dir, HF dir or hub id) as an lm-eval LM."""
@@ -324,8 +338,7 @@ def open_eval_model(model: str | Path, backend: str = "auto", device: str = "aut
             raise DepthlabError(f"{path} is neither a depthlab run (config.yaml) nor a Hugging "
                                 "Face model dir (config.json)")
         return EvalModel(_hflm(str(path), device, batch_size), "hf", "hf", path)
-    if str(model).startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DepthlabError(f"{model}: no such run, checkpoint or model directory")
+    _check_hub_id(model, path)
     return EvalModel(_hflm(str(model), device, batch_size), "hf", "hf", str(model))
 
 
@@ -580,8 +593,8 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
         texts = _held_out_texts(data)
         tokens = tok.encode_documents(texts)
     else:
-        if not path.exists() and str(model).startswith((".", "/", "~")):
-            raise DepthlabError(f"{model}: no such run, checkpoint or model directory")
+        if not path.exists():
+            _check_hub_id(model, path)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:

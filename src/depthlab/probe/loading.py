@@ -209,7 +209,7 @@ def _load_hf_dir(path: Path, dtype: Any, device: Any) -> tuple:
     return model, tok, {"kind": "hf", "path": str(path), "arch": model.config.model_type}
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """Cheap offline check (DNS of the Hub endpoint) so an offline machine fails at
     once instead of after huggingface_hub's retry back-off."""
     import socket
@@ -241,7 +241,7 @@ def _hub_error(spec: str) -> DepthlabError:
 def _load_hub(spec: str, dtype: Any, device: Any, local_files_only: bool | None) -> tuple:
     attempts = [True] if local_files_only else [True, False]
     for local in attempts:  # the local cache first, then the network
-        if not local and not _hub_reachable():
+        if not local and not hub_reachable():
             raise _hub_error(spec)
         try:
             model, tok = _hf_load(spec, dtype, device, local_files_only=local)
