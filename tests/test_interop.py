@@ -289,3 +289,11 @@ def test_bpe_tokenizer_survives_export_and_import(tmp_path):
     out, _ = import_hf_to_run(tmp_path / "hf", tmp_path / "back")
     back = load_tokenizer_path(out / "tokenizer")
     assert back.encode(sample) == bpe.encode(sample) and back.eos_id == bpe.eos_id
+
+
+def test_import_hf_missing_local_path_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)  # `<tmp>/nope`: under an existing folder, not a hub id
+    with pytest.raises(SystemExit) as exit_:
+        main(["import-hf", f"{tmp_path.name}/nope", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "no such run, checkpoint or model directory" in capsys.readouterr().err

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from depthlab.errors import DepthlabError
+from depthlab.probe.loading import check_hub_id
 
 
 @dataclass(frozen=True)
@@ -275,20 +276,6 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
                             f"({str(err).splitlines()[0]})") from None
 
 
-def _check_hub_id(model: str | Path, path: Path) -> None:
-    """A name that is not a local path is a hub id (`org/name`), unless it is spelled as a
-    path (./x, /x, ~/x), lies under an existing local folder (runs/typo), or the Hub is out
-    of reach: then it is a missing model, said in one line."""
-    from depthlab.probe.loading import hub_reachable
-
-    text = str(model)
-    local = text.startswith((".", "/", "~")) or (path.parent != Path(".")
-                                                  and path.parent.is_dir())
-    if local or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
-        raise DepthlabError(f"{model}: no such run, checkpoint or model directory"
-                            + ("" if local else " (nor a reachable Hugging Face Hub id)"))
-
-
 def open_eval_model(model: str | Path, backend: str = "auto", device: str = "auto",
                     batch_size: int | str = 8) -> EvalModel:
     """Load MODEL (depthlab run/checkpoint dir, HF dir or hub id) as an lm-eval LM."""
@@ -338,7 +325,7 @@ def open_eval_model(model: str | Path, backend: str = "auto", device: str = "aut
             raise DepthlabError(f"{path} is neither a depthlab run (config.yaml) nor a Hugging "
                                 "Face model dir (config.json)")
         return EvalModel(_hflm(str(path), device, batch_size), "hf", "hf", path)
-    _check_hub_id(model, path)
+    check_hub_id(model)
     return EvalModel(_hflm(str(model), device, batch_size), "hf", "hf", str(model))
 
 
@@ -594,7 +581,7 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
         tokens = tok.encode_documents(texts)
     else:
         if not path.exists():
-            _check_hub_id(model, path)
+            check_hub_id(model)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:

@@ -163,10 +163,14 @@ def model_config_from_hf(
 def _load_hf_model(path_or_model: str | Path | PreTrainedModel) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+    from depthlab.probe.loading import check_hub_id
+
     if isinstance(path_or_model, PreTrainedModel):
         return path_or_model
-    path = str(Path(path_or_model).expanduser()) if Path(path_or_model).expanduser().exists() \
-        else str(path_or_model)
+    local = Path(path_or_model).expanduser()
+    if not local.exists():
+        check_hub_id(path_or_model)
+    path = str(local) if local.exists() else str(path_or_model)
     try:
         hf_cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:

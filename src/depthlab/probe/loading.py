@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -228,6 +229,20 @@ def hub_reachable() -> bool:
     except OSError:
         return False
     return True
+
+
+def check_hub_id(model: str | Path) -> None:
+    """For a name that is not an existing local path: it may be a hub id (`org/name`),
+    unless it is spelled as a path (./x, /x, ~/x), lies under an existing local folder
+    (runs/typo) or the Hub is out of reach; then it is a missing model, said in one line
+    (instead of huggingface_hub's retries and its multi-line error)."""
+    text = str(model)
+    path = Path(text).expanduser()
+    local = text.startswith((".", "/", "~")) or (path.parent != Path(".")
+                                                  and path.parent.is_dir())
+    if local or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        raise DepthlabError(f"{model}: no such run, checkpoint or model directory"
+                            + ("" if local else " (nor a reachable Hugging Face Hub id)"))
 
 
 def _hub_error(spec: str) -> DepthlabError:
