@@ -197,6 +197,7 @@ def test_runs_skip_resume_and_failures(tmp_path):
     assert _statuses(out) == {"ok2": "complete", "ok3": "complete"}
     log = (out / "logs" / "ok3.log").read_text()
     assert "--set name=ok3" in log
+    assert "ok3: resuming at step 2/4" in log and "ok3: step 4/4  loss" in log  # progress
     # --diagnose on a sweep whose runs are already complete: diagnosed, not skipped
     run_sweep(sw, only=["ok2"], diagnose=True)
     assert json.loads((out / STATUS_FILE).read_text())["runs"]["ok2"]["diagnose"] == "complete"
@@ -210,7 +211,7 @@ def test_runs_skip_resume_and_failures(tmp_path):
 def test_train_command_carries_overrides(tmp_path):
     sw = load_sweep(_sweep(tmp_path, grid={"train.lr": [1e-10]}))
     cmd = train_command(sw, sw.runs()[0])
-    assert cmd[1:4] == ["-m", "depthlab.cli", "train"] and "--no-progress" in cmd
+    assert cmd[1:4] == ["-m", "depthlab.cli", "train"]
     sets = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
     assert "train.lr=1.0e-10" in sets and "name=lr1e-10" in sets
     assert f"out_dir={tmp_path / 'sweep'}" in sets

@@ -469,13 +469,13 @@ def _cli_value(value: Any) -> str:
 
 
 def train_command(sweep: Sweep, run: SweepRun, nproc: int = 1) -> list[str]:
-    """`depthlab train OUT/base.yaml --no-progress --set k=v ...` (as `python -m depthlab.cli`),
-    under torchrun with `nproc` processes (one per GPU) when nproc > 1."""
+    """`depthlab train OUT/base.yaml --set k=v ...` (as `python -m depthlab.cli`), under
+    torchrun with `nproc` processes (one per GPU) when nproc > 1. Its output goes to a log
+    file, where the progress is one line per log_interval steps."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, "-m", "depthlab.cli", "train", str(sweep.out_dir / BASE_FILE),
-           "--no-progress"]
+    cmd = [*launcher, "-m", "depthlab.cli", "train", str(sweep.out_dir / BASE_FILE)]
     for key, value in {**run.overrides, "name": run.name, "out_dir": str(sweep.out_dir)}.items():
         cmd += ["--set", f"{key}={_cli_value(value)}"]
     return cmd
