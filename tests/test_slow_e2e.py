@@ -44,7 +44,7 @@ def test_demo_model_learns_and_every_reader_agrees(tmp_path, monkeypatch, capsys
     use = res["metrics"]["usefulness"]
     assert use["usefulness"] * L == pytest.approx(round(use["usefulness"] * L))
     causal = res["metrics"]["causal"]["matrix"]
-    assert all(causal[s][l] == 0 for s in range(L) for l in range(s + 1))
+    assert all(causal[s][j] == 0 for s in range(L) for j in range(s + 1))
     base = use["base_loss"]
     assert math.isfinite(base) and base < 2.5  # the trained model, not a random one
 
