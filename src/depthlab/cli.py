@@ -201,8 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; finished checkpoints and results are kept")
-        sys.exit(130)
+        code = 130
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except Exception as err:  # click usage errors come through here in non-standalone mode
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(err, click.exceptions.Abort):
             sys.exit(1)
         raise
-    if isinstance(code, int) and code == 130:
+    if code == 130:
         Console(stderr=True).print("interrupted; finished checkpoints and results are kept")
     if isinstance(code, int) and code != 0:
         sys.exit(code)

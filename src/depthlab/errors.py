@@ -12,3 +12,10 @@ class DepthlabError(Exception):
 
 class ConfigError(DepthlabError):
     """An invalid configuration value: the message names the field and the rule."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for
+    one-line errors that wrap a library's multi-line message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -713,11 +713,9 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = Non
     undiagnosed = [r for r in runs if diagnose and slurm is None
                    and states[r.name] == "complete"
                    and not (r.run_dir / "diagnose" / "results.json").is_file()]
-    local = todo
-    if slurm is not None:
-        if todo:
-            submit_slurm(sweep, todo, status, diagnose=diagnose, on_status=on_status, **slurm)
-        local = []
+    if slurm is not None and todo:
+        submit_slurm(sweep, todo, status, diagnose=diagnose, on_status=on_status, **slurm)
+    local = todo if slurm is None else []
     if local or undiagnosed:
         if jobs > 1:
             _prepare_data(local)

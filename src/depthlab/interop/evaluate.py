@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from depthlab.devices import resolve_device as checked_device
 from depthlab.errors import DepthlabError
 from depthlab.probe.loading import check_hub_id
 
@@ -257,9 +258,7 @@ class EvalModel:
 
 
 def resolve_device(device: str) -> str:
-    from depthlab.devices import resolve_device as checked
-
-    return str(checked(device))
+    return str(checked_device(device))
 
 
 def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None = None):

@@ -168,9 +168,11 @@ def _load_hf_model(path_or_model: str | Path | PreTrainedModel) -> PreTrainedMod
     if isinstance(path_or_model, PreTrainedModel):
         return path_or_model
     local = Path(path_or_model).expanduser()
-    if not local.exists():
+    if local.exists():
+        path = str(local)
+    else:
         check_hub_id(path_or_model)
-    path = str(local) if local.exists() else str(path_or_model)
+        path = str(path_or_model)
     try:
         hf_cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -65,10 +65,6 @@ def resolve_spec(spec: str | Path) -> str:
     return text
 
 
-def _resolve_device(device: str | torch.device | None) -> str:
-    return str(resolve_device(device))
-
-
 def _dtype_arg(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         return None
@@ -82,7 +78,7 @@ def load_stack(model: Any, dtype: str | torch.dtype | None = "auto",
     from depthlab.probe.loading import _resolve_dtype
     from depthlab.probe.stack import LayerStack
 
-    dev = _resolve_device(device)
+    dev = str(resolve_device(device))
     dt = _dtype_arg(dtype)
     if isinstance(model, LayerStack):
         stack = model

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -140,9 +139,10 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
 
     kw = dict(kwargs)
     # the architecture first, from config.json alone: no weights loaded for nothing
-    check_supported(AutoConfig.from_pretrained(source, **kw).model_type)
+    config = AutoConfig.from_pretrained(source, **kw)
+    check_supported(config.model_type)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype if dtype is not None else "auto", **kw)
+        source, config=config, dtype=dtype if dtype is not None else "auto", **kw)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except Exception:  # noqa: BLE001  weights without a tokenizer are still measurable
@@ -240,7 +240,7 @@ def check_hub_id(model: str | Path) -> None:
     path = Path(text).expanduser()
     local = text.startswith((".", "/", "~")) or (path.parent != Path(".")
                                                   and path.parent.is_dir())
-    if local or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+    if local or not hub_reachable():
         raise DepthlabError(f"{model}: no such run, checkpoint or model directory"
                             + ("" if local else " (nor a reachable Hugging Face Hub id)"))
 

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from depthlab.errors import DepthlabError
+from depthlab.errors import DepthlabError, first_line
 from depthlab.train import distributed as D
 
 CKPT_DIR = "checkpoints"
@@ -254,16 +254,12 @@ def _dcp_errors(what: str):
 
     try:
         yield
-    except CheckpointException as err:
-        causes = [exc for exc, _trace in err.failures.values()]
+    except (CheckpointException, Exception) as err:
+        causes = ([exc for exc, _trace in err.failures.values()]
+                  if isinstance(err, CheckpointException) else []) or [err]
         if any(isinstance(c, KeyboardInterrupt) for c in causes):
             raise KeyboardInterrupt from None
-        cause = causes[0] if causes else err
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise DepthlabError(f"{what}: {first}") from None
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DepthlabError(f"{what}: {first}") from None
+        raise DepthlabError(f"{what}: {first_line(causes[0])}") from None
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

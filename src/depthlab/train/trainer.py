@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from depthlab.config import RunConfig, TrainConfig, build_config
+from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
 from depthlab.model import DepthLM
@@ -99,20 +100,11 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
         if key not in RUNTIME_KEYS:
             conflicts.append(d)
         elif key == "train.device" and (mine.get("train") or {}).get("dtype", "auto") == "auto":
-            a, b = (_device_type((c.get("train") or {}).get("device", "auto"))
+            a, b = (device_type((c.get("train") or {}).get("device", "auto"))
                     for c in (theirs, mine))
             if a != b:
                 conflicts.append(f"{d} (with train.dtype=auto this changes the precision)")
     return conflicts
-
-
-def _device_type(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return torch.device(name).type
-    except RuntimeError:
-        return name
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
