@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from depthlab.devices import resolve_device as checked_device
+from depthlab.devices import resolve_device
 from depthlab.errors import DepthlabError
 from depthlab.probe.loading import check_hub_id
 
@@ -257,10 +257,6 @@ class EvalModel:
             self._tmp = None
 
 
-def resolve_device(device: str) -> str:
-    return str(checked_device(device))
-
-
 def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None = None):
     from lm_eval.models.huggingface import HFLM
 
@@ -289,7 +285,7 @@ def open_eval_model(model: str | Path, backend: str = "auto", device: str = "aut
 
     if backend not in ("auto", "hf", "native"):
         raise DepthlabError(f"--backend {backend!r}: choose auto, hf or native")
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     path = Path(str(model)).expanduser()
     if path.exists() and is_depthlab_source(path):
         net, cfg, run_dir, _ = load_source(path)
@@ -541,7 +537,7 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
     """
     from depthlab.interop.hf_export import is_depthlab_source, load_source, run_tokenizer
 
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     path = Path(str(model)).expanduser()
     if path.exists() and is_depthlab_source(path):
         net, cfg, run_dir, _ = load_source(path)
