@@ -1,0 +1,38 @@
+"""Claim 6 side check: how much of the MoE's extra last-layer variance comes from
+renormalising the top-k router weights?
+
+Trains the tiny reproduce plan's dense base and three MoEs of equal active size (default
+top-k renormalisation; no renormalisation, as in OLMoE; no renormalisation plus a shared
+expert), two seeds each, and prints the diagnose metrics. About 3 min on 2 CPU cores:
+
+    .venv/bin/python docs/reproduce/extra/claim6_renormalize.py [tiny|small] [SEEDS] [OUT]
+"""
+
+import sys
+from pathlib import Path
+
+from depthlab.config import build_config
+from depthlab.experiments.ablate import equal_active_moe
+from depthlab.experiments.reproduce import plan_for
+from depthlab.experiments.study import Point, make_sweep, run_study
+
+scale = sys.argv[1] if len(sys.argv) > 1 else "tiny"
+seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+out = Path(sys.argv[3] if len(sys.argv) > 3 else f"runs/claim6_renormalize_{scale}")
+
+plan = plan_for(scale)
+moe = equal_active_moe(build_config(plan.base).model.hidden, plan.moe["num_experts"],
+                       plan.moe["top_k"])
+variants = {
+    "dense": {},
+    "moe_renorm": {"model.moe": {**moe, "renormalize": True}},
+    "moe_norenorm": {"model.moe": {**moe, "renormalize": False}},
+    "moe_norenorm_shared": {"model.moe": {**moe, "renormalize": False, "shared_expert": True}},
+}
+points = [Point(f"{name}_s{s}", {**ov, "train.seed": s})
+          for name, ov in variants.items() for s in range(seeds)]
+results = run_study(make_sweep("claim6_renormalize", plan.base, points, out), jobs=2,
+                    settings=plan.diagnose)
+for name, m in sorted(results.items()):
+    print(f"{name:24s} val PPL {m.val_ppl:.3f}  last-layer var {m.last_layer_variance:8.3f}  "
+          f"usefulness {m.usefulness:.3f}")
