@@ -11,9 +11,7 @@ expert), two seeds each, and prints the diagnose metrics. About 3 min on 2 CPU c
 import sys
 from pathlib import Path
 
-from depthlab.config import build_config
-from depthlab.experiments.ablate import equal_active_moe
-from depthlab.experiments.reproduce import plan_for
+from depthlab.experiments.reproduce import moe_overrides, plan_for
 from depthlab.experiments.study import Point, make_sweep, run_study
 
 scale = sys.argv[1] if len(sys.argv) > 1 else "tiny"
@@ -21,8 +19,7 @@ seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 out = Path(sys.argv[3] if len(sys.argv) > 3 else f"runs/claim6_renormalize_{scale}")
 
 plan = plan_for(scale)
-moe = equal_active_moe(build_config(plan.base).model.hidden, plan.moe["num_experts"],
-                       plan.moe["top_k"])
+moe = moe_overrides(plan)["model.moe"]  # the reproduce plan's claim-6 MoE
 variants = {
     "dense": {},
     "moe_renorm": {"model.moe": {**moe, "renormalize": True}},

@@ -124,7 +124,8 @@ def _dense_hidden(plan: Plan) -> int:
     return build_config(plan.base).model.hidden
 
 
-def _moe_overrides(plan: Plan) -> dict[str, Any]:
+def moe_overrides(plan: Plan) -> dict[str, Any]:
+    """The claim-6 MoE: the base model's MLPs as top-k MoEs of equal active size."""
     return {"model.moe": equal_active_moe(_dense_hidden(plan), plan.moe["num_experts"],
                                           plan.moe["top_k"])}
 
@@ -158,7 +159,7 @@ def claims_for(plan: Plan) -> list[Claim]:
     ctx = [(f"T={T}", _context_overrides(plan, T)) for T in plan.contexts]
     heads = plan.base["model"]["n_heads"]
     gqa = [(f"G={G}", {"model.n_kv_heads": heads // G}) for G in plan.group_sizes]
-    moe = [("dense", {}), ("MoE", _moe_overrides(plan))]
+    moe = [("dense", {}), ("MoE", moe_overrides(plan))]
     base_cfg = build_config(plan.base)
     ladder = [(RUNGS[i], flatten_overrides(p.overrides))
               for i, p in enumerate(ladder_points(base_cfg, plan.ladder))]
