@@ -77,7 +77,6 @@ def install_stand_ins(free: set[str]) -> None:
 
 def worker(variant: str, steps: int, threads: int) -> None:
     import torch
-
     import train_throughput
 
     common.set_threads(threads)
