@@ -378,8 +378,7 @@ class Trainer:
                     for callback in self.callbacks:
                         callback(self, self.step)
                     last = self.step == tc.max_steps
-                    # step 1 too: the first loss is the sanity check (about ln(vocab))
-                    if self.step % tc.log_interval == 0 or last or self.step == 1:
+                    if self.step % tc.log_interval == 0 or last:
                         now = time.time()
                         tps = window_tokens / max(now - window_time, 1e-9)
                         window_time, window_tokens = now, 0
