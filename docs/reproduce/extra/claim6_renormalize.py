@@ -5,7 +5,11 @@ Trains the tiny reproduce plan's dense base and three MoEs of equal active size 
 top-k renormalisation; no renormalisation, as in OLMoE; no renormalisation plus a shared
 expert), two seeds each, and prints the diagnose metrics. About 3 min on 2 CPU cores:
 
-    .venv/bin/python docs/reproduce/extra/claim6_renormalize.py [tiny|small] [SEEDS] [OUT]
+    .venv/bin/python docs/reproduce/extra/claim6_renormalize.py [tiny|small] [SEEDS] [OUT] [VARIANTS]
+
+VARIANTS is a comma-separated subset of the names below (default: all four). At small
+scale the dense and moe_renorm runs are the same configs as `reproduce --scale small`'s
+claim 6, so those numbers can be read from its report instead of training them again.
 """
 
 import sys
@@ -26,8 +30,12 @@ variants = {
     "moe_norenorm": {"model.moe": {**moe, "renormalize": False}},
     "moe_norenorm_shared": {"model.moe": {**moe, "renormalize": False, "shared_expert": True}},
 }
-points = [Point(f"{name}_s{s}", {**ov, "train.seed": s})
-          for name, ov in variants.items() for s in range(seeds)]
+chosen = sys.argv[4].split(",") if len(sys.argv) > 4 else list(variants)
+unknown = sorted(set(chosen) - set(variants))
+if unknown:
+    sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
+points = [Point(f"{name}_s{s}", {**variants[name], "train.seed": s})
+          for name in chosen for s in range(seeds)]
 results = run_study(make_sweep("claim6_renormalize", plan.base, points, out), jobs=2,
                     settings=plan.diagnose)
 for name, m in sorted(results.items()):
