@@ -30,7 +30,12 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-VARIANTS = ("hf", "ours", "norms", "rope", "swiglu", "all")
+# variant -> the components it replaces by stand-ins ("hf" runs Qwen3-MoE instead)
+STAND_INS: dict[str, set[str]] = {
+    "hf": set(), "ours": set(), "norms": {"norms"}, "rope": {"rope"}, "swiglu": {"swiglu"},
+    "all": {"norms", "rope", "swiglu"},
+}
+VARIANTS = tuple(STAND_INS)
 
 
 def install_stand_ins(free: set[str]) -> None:
@@ -76,25 +81,13 @@ def install_stand_ins(free: set[str]) -> None:
 
 
 def worker(variant: str, steps: int, threads: int) -> None:
-    import torch
+    """train_throughput's own measurement, after swapping in the variant's stand-ins."""
     import train_throughput
 
-    common.set_threads(threads)
-    free = {"norms", "rope", "swiglu"} if variant == "all" else {variant}
-    install_stand_ins(free - {"hf", "ours"})
-    torch.manual_seed(0)
-    cfg, step, _ = train_throughput.build("moe", "hf" if variant == "hf" else "ours", "cpu")
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    x = torch.randint(0, train_throughput.VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    ids, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    for _ in range(3):
-        step(ids, targets)
-    times = []
-    for _ in range(steps):
-        t0 = common.now()
-        step(ids, targets)
-        times.append(common.now() - t0)
-    common.emit_result({"step_ms": 1e3 * common.median(times), "tokens_per_step": B * T})
+    install_stand_ins(STAND_INS[variant])
+    train_throughput.worker(argparse.Namespace(
+        case="moe", impl="hf" if variant == "hf" else "ours", steps=steps, warmup=3,
+        threads=threads, device="cpu", seed=0))
 
 
 def main() -> None:
@@ -113,8 +106,8 @@ def main() -> None:
         for v in order:
             res = common.run_isolated([__file__, "--worker", v, "--steps", str(args.steps),
                                        "--threads", str(args.threads)], threads=args.threads)
-            times[v].append(res["step_ms"])
-            print(f"  round {r + 1}/{args.rounds} {v:6s} {res['step_ms']:7.1f} ms/step",
+            times[v].append(res["step_ms_median"])
+            print(f"  round {r + 1}/{args.rounds} {v:6s} {res['step_ms_median']:7.1f} ms/step",
                   file=sys.stderr, flush=True)
     ms = {v: common.median(t) for v, t in times.items()}
     rows = []
