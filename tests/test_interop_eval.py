@@ -44,13 +44,16 @@ def write_run(root: Path, name: str = "run", **overrides) -> Path:
 
 
 @needs_data
-def test_cli_eval_runs_lm_eval_on_local_arc_piqa_copa(tmp_path, capsys):
+def test_cli_eval_runs_lm_eval_on_local_arc_piqa_copa(tmp_path, capfd, monkeypatch):
     run = write_run(tmp_path, **{"model.max_seq_len": 256})  # the first 8 piqa answers fit
     out = tmp_path / "eval"
+    monkeypatch.chdir(tmp_path)  # outside a git repository, as most users' working dirs
     main(["eval", str(run), "--tasks", "arc_easy,piqa,copa", "--limit", "8",
           "--data-dir", str(DATA), "--out", str(out), "--batch-size", "16"])
-    printed = " ".join(capsys.readouterr().out.split())
+    captured = capfd.readouterr()
+    printed = " ".join(captured.out.split())
     assert "hf backend" in printed and "average (3 tasks)" in printed
+    assert "not a git repository" not in captured.err  # lm-eval's git probe stays quiet
     summary = json.loads(next(out.glob("summary_*.json")).read_text())
     full = json.loads(next(out.glob("lm_eval_results_*.json")).read_text())
     assert summary["backend"] == "hf" and summary["tasks"] == ["arc_easy", "piqa", "copa"]

@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -416,6 +417,32 @@ def run_lm_eval(
     return report
 
 
+def _git_commit_hash() -> str | None:
+    """lm-eval's `git describe --always` of the working directory, with git's stderr
+    muted (outside a repository git prints "fatal: not a git repository" otherwise)."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                             check=True)
+        return out.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+@contextlib.contextmanager
+def _git_probe_muted() -> Iterator[None]:
+    """Run simple_evaluate with `_git_commit_hash` as its git probe (same value, no noise)."""
+    import lm_eval.evaluator as evaluator
+
+    probe = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
+
+
 def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot: int | None):
     import logging
 
@@ -427,10 +454,11 @@ def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot
     level = quiet.level
     quiet.setLevel(max(level, logging.ERROR))
     try:
-        results = simple_evaluate(
-            model=lm, tasks=task_specs, task_manager=tm, limit=limit,
-            num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
-        )
+        with _git_probe_muted():
+            results = simple_evaluate(
+                model=lm, tasks=task_specs, task_manager=tm, limit=limit,
+                num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
+            )
     except DepthlabError:
         raise
     except AssertionError:
