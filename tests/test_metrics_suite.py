@@ -71,7 +71,9 @@ def test_suite_shares_states_and_matches_standalone_metrics():
 
     out = run_suite(stack, ids, "all", batch_size=BS, progress=True,
                     console=Console(file=buf, force_terminal=False, width=100))
-    assert "causal" in buf.getvalue()
+    printed = buf.getvalue()  # not a terminal: one plain line per metric start and end
+    for name in NAMES:
+        assert f"{name}: running" in printed and f"{name}: done in" in printed
     json.dumps(out)  # JSON-ready
     m = out["metrics"]
     assert list(m) == NAMES
@@ -255,3 +257,24 @@ def test_hf_mixtral_moe_counts_from_real_forward():
     mod = copy.deepcopy(model)
     mod.model.layers[1].mlp.forward = lambda h: torch.zeros_like(h)
     assert res.importance[1] == pytest.approx(_hf_run(mod, ids)[1] - base, rel=1e-4, abs=1e-5)
+
+
+def test_throttled_lines_report_progress_with_eta(monkeypatch):
+    from depthlab import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    lines: list[str] = []
+    reporter = progress.ThrottledLines(lines.append, every=10.0)
+    update = reporter.start("jacobian")
+    now[0] = 105.0
+    update(1, 4)  # within 10 s of the start: quiet
+    now[0] = 120.0
+    update(2, 4)  # 20 s for 2 of 4 units: 20 s to go
+    now[0] = 125.0
+    update(3, 4)  # within 10 s of the last line: quiet
+    now[0] = 140.0
+    update(4, 4)  # complete: the end line says it
+    reporter.end("jacobian", 40.0)
+    assert lines == ["jacobian: running", "jacobian: 2/4  elapsed 0:00:20  ETA 0:00:20",
+                     "jacobian: done in 40.0s"]

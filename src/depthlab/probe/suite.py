@@ -10,6 +10,7 @@ reuses the skipped runs of `causal` when both are requested.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +42,7 @@ from depthlab.probe.metrics._common import (
     model_info,
 )
 from depthlab.probe.metrics.layerdrop import layer_drop_from_losses
+from depthlab.progress import ThrottledLines
 
 METRICS: dict[str, Callable[..., Any]] = {
     "variance": compute_variance,
@@ -72,6 +74,21 @@ def resolve_metrics(metrics: Sequence[str] | str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _is_terminal(console: Any) -> bool:
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    return bool(console.is_terminal)
+
+
+def _print_plain(console: Any, msg: str) -> None:
+    if console is None:
+        print(msg, file=sys.stderr, flush=True)
+    else:
+        console.print(msg, highlight=False, markup=False, soft_wrap=True)
+
+
 def run_suite(
     stack, ids: Tensor, metrics: Sequence[str] | str = "all", batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True, *, options: dict[str, dict[str, Any]] | None = None,
@@ -96,8 +113,10 @@ def run_suite(
     total = BlockCounter()
     t_all = time.perf_counter()
 
-    bar = None
-    if progress:
+    bar = lines = None
+    if progress and not _is_terminal(console):
+        lines = ThrottledLines(lambda msg: _print_plain(console, msg))
+    elif progress:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -113,7 +132,7 @@ def run_suite(
         tasks = {m: bar.add_task(m, total=None, start=False) for m in order} if bar else {}
         for name in order:
             counter = BlockCounter()
-            cb = None
+            cb = lines.start(name) if lines is not None else None
             if bar is not None:
                 task = tasks[name]
                 bar.start_task(task)
@@ -142,6 +161,8 @@ def run_suite(
             d["wall_s"] = wall
             results[name] = d
             total.add(counter)
+            if lines is not None:
+                lines.end(name, wall)
             if bar is not None:
                 bar.update(tasks[name], description=f"{name} ({wall:.1f}s)")
                 bar.stop_task(tasks[name])

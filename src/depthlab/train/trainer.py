@@ -35,6 +35,7 @@ from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
 from depthlab.model import DepthLM
+from depthlab.progress import clock
 from depthlab.train import distributed as D
 from depthlab.train.checkpoint import (
     latest_checkpoint,
@@ -461,13 +462,7 @@ class _LogLines:
         elapsed = time.time() - self._t0
         eta = elapsed / max(step - self._start, 1) * (self._total - step)
         print(f"{self._name}: step {step}/{self._total}  loss {loss:.4f}  {tps:,.0f} tok/s  "
-              f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}", flush=True)
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
+              f"elapsed {clock(elapsed)}  ETA {clock(eta)}", flush=True)
 
 
 @contextlib.contextmanager

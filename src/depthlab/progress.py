@@ -1,0 +1,42 @@
+"""Plain-text progress for output that is not a terminal (nohup, batch-job logs), where a
+live rich bar would show nothing until the work ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def clock(seconds: float) -> str:
+    """H:MM:SS."""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class ThrottledLines:
+    """Progress of named jobs as lines: one when a job starts, at most one every `every`
+    seconds while it runs (done/total, elapsed, ETA), and one when it ends."""
+
+    def __init__(self, emit: Callable[[str], None], every: float = 15.0) -> None:
+        self._emit, self._every = emit, every
+
+    def start(self, name: str) -> Callable[[int, int], None]:
+        """Announce `name`; returns its progress(done, total) callback."""
+        t0 = last = time.perf_counter()
+        self._emit(f"{name}: running")
+
+        def update(done: int, total: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if now - last < self._every or not 0 < done < total:
+                return
+            last = now
+            elapsed = now - t0
+            eta = elapsed / done * (total - done)
+            self._emit(f"{name}: {done}/{total}  elapsed {clock(elapsed)}  ETA {clock(eta)}")
+
+        return update
+
+    def end(self, name: str, seconds: float) -> None:
+        self._emit(f"{name}: done in {seconds:.1f}s")
