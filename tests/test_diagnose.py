@@ -267,3 +267,17 @@ def test_option_values_read_as_documented() -> None:
     assert parse_option("weight_sparsity.tau=1e-3") == ("weight_sparsity", "tau", 0.001)
     assert parse_option("jacobian.layers=[0,5]") == ("jacobian", "layers", [0, 5])
     assert check_options({"weight_sparsity": {"tau": 0.001}}, ["weight_sparsity"])
+
+
+def test_underdetermined_usefulness_fit_is_flagged(tiny_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """d=32: 2 x 16 tokens < d+1 = 33 unknowns is flagged in the table and summary.md;
+    3 x 16 = 48 tokens is not."""
+    for samples, flagged in ((2, True), (3, False)):
+        out = tmp_path / f"n{samples}"
+        main(["diagnose", str(tiny_run), "--metrics", "usefulness", "--samples", str(samples),
+              "--seq-len", str(SEQ), "--out", str(out), "--no-figures", "--no-progress"])
+        printed = " ".join(capsys.readouterr().out.split())
+        summary = (out / "summary.md").read_text()
+        expected = f"the affine fit saw {samples * SEQ} tokens, fewer than the d+1 = 33 unknowns"
+        assert (expected in printed) is flagged and (expected in summary) is flagged

@@ -62,7 +62,7 @@ def diagnose_command(
     from rich.table import Table
 
     from depthlab.probe.diagnose import default_out_dir, diagnose
-    from depthlab.probe.results import headline_rows
+    from depthlab.probe.results import headline_rows, result_warnings
 
     console = Console()
     if not console.is_terminal:  # piped / redirected: room for the whole table
@@ -115,6 +115,8 @@ def diagnose_command(
     for name, why in results["skipped"].items():
         table.add_row(name, "skipped", why, "", "")
     console.print(table)
+    for warning in result_warnings(results):
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     run = results["run"]
     console.print(f"total {run['total_seconds']:.1f}s (load {run['load_seconds']:.1f}s, data "
                   f"{run['data_seconds']:.1f}s)")

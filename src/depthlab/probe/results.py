@@ -357,6 +357,20 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def result_warnings(results: dict[str, Any]) -> list[str]:
+    """Caveats a reader of the headline table must not miss (printed under it)."""
+    out = []
+    d = results["model"].get("d_model")
+    use = results["metrics"].get("usefulness")
+    if use and use.get("underdetermined"):
+        effect = ("its loss ratios are ~1 by construction" if use.get("split") == "same"
+                  else "its fit is unreliable")
+        out.append(f"usefulness: the affine fit saw {use.get('fit_tokens'):,} tokens, fewer than "
+                   f"the d+1 = {d + 1 if d else 'd+1'} unknowns per output, so {effect}; "
+                   "use more tokens (--samples x --seq-len)")
+    return out
+
+
 def summary_markdown(results: dict[str, Any]) -> str:
     """The headline table as Markdown (also written to OUT/summary.md)."""
     model, data = results["model"], results["data"]
@@ -385,6 +399,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
                          f"{secs if first else ''} | {bf_s if first else ''} |")
     for name, why in (results.get("skipped") or {}).items():
         lines.append(f"| {name} | skipped | {why} | | |")
+    warnings = result_warnings(results)
+    if warnings:
+        lines += [""] + [f"**Warning**: {w}" for w in warnings]
     total = (results.get("run") or {}).get("total_seconds")
     if isinstance(total, (int, float)):
         lines += ["", f"Total {total:.1f} s (model load {results['run'].get('load_seconds', 0):.1f} s)."]
