@@ -134,6 +134,7 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (["eval", str(tmp_path / "missing"), "--tasks", "piqa", "--data-dir", str(partial)],
          "no such run"),
         (["eval", f"{tmp_path.name}/missing", "--ppl"], "no such run"),  # under a local dir
+        (["eval", str(run), "--ppl", "--limit", "0.5"], "--limit with --ppl is a number of windows"),
     ]:
         monkeypatch.chdir(tmp_path.parent)
         with pytest.raises(SystemExit) as exit_:
@@ -161,6 +162,27 @@ def test_perplexity_run_split_kjv_and_hf_export_agree(tmp_path, monkeypatch):
     assert own.loss == pytest.approx(kjv.loss, abs=1e-5)  # kjv val split, same windows
     assert hf.loss == pytest.approx(kjv.loss, abs=1e-5)
     assert 100 < kjv.ppl < 1000  # an untrained byte model: about exp(log 257)
+
+
+def test_cli_perplexity_writes_its_numbers(tmp_path, capsys, monkeypatch):
+    from depthlab.data.corpus import kjv_path
+
+    try:
+        kjv_path()
+    except DepthlabError as err:
+        pytest.skip(str(err))
+    monkeypatch.setenv("DEPTHLAB_CACHE", str(tmp_path / "cache"))
+    run = write_run(tmp_path)
+    main(["eval", str(run), "--ppl", "--limit", "4"])  # default output: RUN/eval
+    printed = " ".join(capsys.readouterr().out.split())
+    [saved] = (run / "eval").glob("ppl_*.json")
+    record = json.loads(saved.read_text())
+    assert record["windows"] == 4 and record["tokens"] == 4 * 32 and record["seq_len"] == 32
+    assert f"loss {record['loss']:.4f}, ppl {record['ppl']:.3f}" in printed
+    assert f"wrote {saved}" in printed and record["model"] == str(run)
+    main(["eval", str(run), "--ppl", "--limit", "4", "--data", "kjv", "--out", str(tmp_path / "o")])
+    [other] = (tmp_path / "o").glob("ppl_*.json")
+    assert json.loads(other.read_text())["data"] == "kjv"
 
 
 @needs_data

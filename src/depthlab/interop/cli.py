@@ -99,11 +99,11 @@ def eval_cmd(
     tasks: Annotated[str | None, typer.Option(help="Comma-separated lm-eval tasks, e.g. "
                                                    "arc_easy,piqa,copa.")] = None,
     limit: Annotated[float | None, typer.Option(help="Examples per task (N), or a fraction "
-                                                     "< 1.")] = None,
+                                                     "< 1; with --ppl, windows (N).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Folder of datasets.save_to_disk "
                                                        "validation splits (offline).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where to write the results JSON (default: "
-                                                  "RUN/eval for runs).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the results JSON files "
+                                                  "(default: RUN/eval for runs).")] = None,
     batch_size: Annotated[str, typer.Option(help="Batch size (or 'auto' for HF).")] = "8",
     backend: Annotated[str, typer.Option(help="auto, hf (export + lm-eval HFLM) or native "
                                               "(DepthLM adapter).")] = "auto",
@@ -127,6 +127,8 @@ def eval_cmd(
             raise DepthlabError(f"--batch-size {batch_size!r}: an integer or 'auto'") from None
         if bs < 1:
             raise DepthlabError("--batch-size must be >= 1")
+    if ppl and limit is not None and limit < 1:
+        raise DepthlabError("--limit with --ppl is a number of windows (a whole number >= 1)")
     if limit is not None and limit >= 1:
         if not float(limit).is_integer():
             raise DepthlabError("--limit: a whole number of examples or a fraction < 1")
@@ -144,15 +146,18 @@ def eval_cmd(
         console.print("averages: unweighted mean over tasks; 'acc_norm|acc' uses acc_norm where "
                       f"lm-eval reports it, else acc ({report.seconds:.1f}s)")
         for f in report.files:
-            console.print(f"wrote {f}")
+            console.print(f"wrote {f}", soft_wrap=True)
     if ppl:
-        from depthlab.interop.evaluate import run_perplexity
+        from depthlab.interop.evaluate import run_perplexity, write_ppl_report
 
         r = run_perplexity(model, data, batch_size=bs if isinstance(bs, int) else None,
                            seq_len=seq_len, limit=int(limit) if limit else None, device=device)
         bpb = f", ~{r.bits_per_byte:.3f} bits/byte" if r.bits_per_byte is not None else ""
         console.print(f"perplexity on {r.data}: loss {r.loss:.4f}, ppl {r.ppl:.3f}{bpb} "
                       f"({r.tokens:,} tokens, {r.windows} windows of {r.seq_len})")
+        target = out if out is not None else (r.run_dir / "eval" if r.run_dir else None)
+        if target is not None:
+            console.print(f"wrote {write_ppl_report(r, target.expanduser())}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

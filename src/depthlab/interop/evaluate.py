@@ -512,6 +512,18 @@ class PplReport:
     seq_len: int
     windows: int
     bits_per_byte: float | None = None
+    run_dir: Path | None = None  # the depthlab run evaluated (its eval/ is the default output)
+    seconds: float = 0.0
+
+
+def write_ppl_report(report: PplReport, out_dir: Path) -> Path:
+    """OUT/ppl_<time>.json: the numbers printed, with what produced them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"ppl_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    fields = {k: v for k, v in report.__dict__.items() if k != "run_dir"}
+    fields["seconds"] = round(report.seconds, 2)
+    path.write_text(json.dumps(fields, indent=2) + "\n")
+    return path
 
 
 def _nll_over_windows(forward: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray,
@@ -565,6 +577,8 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
     """
     from depthlab.interop.hf_export import is_depthlab_source, load_source, run_tokenizer
 
+    start = time.time()
+    run_dir: Path | None = None
     device = str(resolve_device(device))
     path = Path(str(model)).expanduser()
     if path.exists() and is_depthlab_source(path):
@@ -598,7 +612,8 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
                     count += y.numel()
             loss = total / count
             return PplReport(str(model), f"run validation split ({cfg.data.corpus})", loss,
-                             math.exp(min(loss, 50.0)), count, T, n_batches * bs)
+                             math.exp(min(loss, 50.0)), count, T, n_batches * bs,
+                             run_dir=run_dir, seconds=time.time() - start)
         tok = run_tokenizer(run_dir, cfg)
         texts = _held_out_texts(data)
         tokens = tok.encode_documents(texts)
@@ -631,4 +646,5 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     covered = count / max(1, len(tokens) - 1)
     bpb = (total / math.log(2)) / (n_bytes * covered) if n_bytes else None
-    return PplReport(str(model), data or "kjv", loss, math.exp(min(loss, 50.0)), count, T, n, bpb)
+    return PplReport(str(model), data or "kjv", loss, math.exp(min(loss, 50.0)), count, T, n, bpb,
+                     run_dir=run_dir, seconds=time.time() - start)
