@@ -222,6 +222,7 @@ def test_slurm_without_submitit_is_a_clear_error(tmp_path, monkeypatch):
     sw = load_sweep(_sweep(tmp_path))
     with pytest.raises(DepthlabError, match="pip install 'depthlab\\[slurm\\]'"):
         run_sweep(sw, slurm={})
+    assert not sw.out_dir.exists()  # refused before any status or run dir was written
 
 
 def test_slurm_submission_through_submitit(tmp_path, monkeypatch):
@@ -296,6 +297,12 @@ def test_cli_dry_run_lists_runs_and_params(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "L2" in out and "L4" in out and "params" in out and "new" in out
     assert not (tmp_path / "sweep").exists()
+    main(["sweep", str(path), "--dry-run", "--only", "L4"])  # --only selects here too
+    out = capsys.readouterr().out
+    assert "1 runs" in out and "L4" in out and "L2" not in out
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", str(path), "--dry-run", "--only", "L3"])
+    assert exc.value.code == 2 and "no run(s) named L3" in capsys.readouterr().err
 
 
 def test_cli_bad_key_is_one_line_exit_2(tmp_path, capsys):

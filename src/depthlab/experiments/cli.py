@@ -41,12 +41,18 @@ def sweep(
     from rich.table import Table
 
     from depthlab.errors import DepthlabError
-    from depthlab.experiments.sweep import load_sweep, param_counts, run_state, run_sweep
+    from depthlab.experiments.sweep import (
+        load_sweep,
+        param_counts,
+        run_state,
+        run_sweep,
+        select_runs,
+    )
 
     console = Console()
     sw = load_sweep(sweep_file, out_dir=out, overrides=set_ or [])
     if dry_run:
-        runs = sw.runs()
+        runs = select_runs(sw, only)
         table = Table(title=f"sweep {sw.name}: {len(runs)} runs -> {sw.out_dir}")
         for col in ("run", "overrides", "params", "active", "state"):
             table.add_column(col, justify="right" if col in ("params", "active") else "left",

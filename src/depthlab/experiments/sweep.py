@@ -606,11 +606,7 @@ def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int 
         raise
 
 
-def submit_slurm(sweep: Sweep, runs: list[SweepRun], status: StatusFile, *,
-                 partition: str | None = None, timeout_min: int = 240, gpus: int = 0,
-                 cpus: int = 8, mem_gb: int | None = None, diagnose: bool = False,
-                 on_status: StatusCallback | None = None) -> list[str]:
-    """Submit one SLURM job per run through submitit; returns the job ids."""
+def _submitit() -> Any:
     try:
         import submitit
     except ImportError:
@@ -618,6 +614,15 @@ def submit_slurm(sweep: Sweep, runs: list[SweepRun], status: StatusFile, *,
             "SLURM submission needs submitit, which is not installed: "
             "pip install 'depthlab[slurm]' (or pip install submitit)"
         ) from None
+    return submitit
+
+
+def submit_slurm(sweep: Sweep, runs: list[SweepRun], status: StatusFile, *,
+                 partition: str | None = None, timeout_min: int = 240, gpus: int = 0,
+                 cpus: int = 8, mem_gb: int | None = None, diagnose: bool = False,
+                 on_status: StatusCallback | None = None) -> list[str]:
+    """Submit one SLURM job per run through submitit; returns the job ids."""
+    submitit = _submitit()
     executor = submitit.AutoExecutor(folder=str(sweep.out_dir / "slurm" / "%j"))
     params: dict[str, Any] = {
         "name": f"depthlab-{sweep.name}", "timeout_min": timeout_min, "nodes": 1,
@@ -667,6 +672,17 @@ class SweepOutcome:
         return [n for n, e in self.status["runs"].items() if e.get("status") == "failed"]
 
 
+def select_runs(sweep: Sweep, only: list[str] | None = None) -> list[SweepRun]:
+    """The sweep's runs, or those named in `only` (every name must exist)."""
+    runs = sweep.runs()
+    if only:
+        unknown = sorted(set(only) - {r.name for r in runs})
+        if unknown:
+            raise DepthlabError(f"sweep {sweep.name} has no run(s) named {', '.join(unknown)}")
+        runs = [r for r in runs if r.name in only]
+    return runs
+
+
 def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = None,
               diagnose: bool | None = None, only: list[str] | None = None,
               on_status: StatusCallback | None = None) -> SweepOutcome:
@@ -678,12 +694,9 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = Non
     """
     if jobs < 1:
         raise DepthlabError(f"--jobs must be >= 1, got {jobs}")
-    runs = sweep.runs()
-    if only:
-        unknown = sorted(set(only) - {r.name for r in runs})
-        if unknown:
-            raise DepthlabError(f"sweep {sweep.name} has no run(s) named {', '.join(unknown)}")
-        runs = [r for r in runs if r.name in only]
+    if slurm is not None:
+        _submitit()  # before anything is written
+    runs = select_runs(sweep, only)
     states = {r.name: run_state(r) for r in runs}
     conflicts = [n for n, s in states.items() if s == "conflict"]
     if conflicts:
