@@ -276,3 +276,17 @@ def test_report_on_real_training_runs(tmp_path):
     assert page.tables == {"table-runs": 2}
     assert len(page.images) == len(rep.drawn)
     assert not rep.data.warnings
+
+
+def test_bookkeeping_keys_are_not_knobs(tmp_path):
+    """Runs that differ in weight decay and in when they log/checkpoint: only the weight
+    decay is a knob (a column of the runs table)."""
+    root = tmp_path / "runs"
+    fake_run(root, "a", wd=0.1, interval=5)
+    fake_run(root, "b", wd=0.3, interval=10)
+    cfg_b = root / "b" / "config.yaml"
+    raw = yaml.safe_load(cfg_b.read_text())
+    raw["train"].update(log_interval=1, ckpt_interval=7, keep_last=5, eval_interval=3)
+    cfg_b.write_text(yaml.safe_dump(raw))
+    rep = build_report([root], tmp_path / "out")
+    assert rep.data.knob_keys == ["train.weight_decay"]

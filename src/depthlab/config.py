@@ -22,6 +22,14 @@ NormPlacement = Literal["pre", "post", "mix", "scaled", "peri"]
 InitScheme = Literal["normal", "scaled", "paper"]
 
 
+RUNTIME_KEYS = frozenset({
+    "out_dir", "train.distributed", "train.device", "train.log_interval", "train.ckpt_interval",
+    "train.keep_last", "train.tensorboard", "train.wandb", "train.wandb_project",
+})
+"""Config keys a run may change between resumes: where and how it runs and logs, not what
+it computes (`out_dir` only names the directory the run was found in)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 

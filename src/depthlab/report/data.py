@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from depthlab.config import RUNTIME_KEYS
 from depthlab.errors import DepthlabError
 
 CONFIG_FILE = "config.yaml"
@@ -24,8 +25,10 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 LADDER_FILE = "ladder.json"
 SKIP_DIRS = {"checkpoints", "tensorboard", "tokenizer", "logs", "slurm", ".git", "__pycache__"}
-IGNORED_KNOBS = {"name", "out_dir", "model.vocab_size", "train.device", "train.tensorboard",
-                 "train.wandb", "train.wandb_project", "data.cache_dir"}
+IGNORED_KNOBS = RUNTIME_KEYS | {"name", "model.vocab_size", "data.cache_dir",
+                                "train.eval_interval", "train.stats_interval"}
+"""Config keys never shown as knobs: names, paths and when things are logged (the runtime
+keys a run may change on resume), not what a run computes."""
 
 
 def _read_json(path: Path) -> Any:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from depthlab.config import RunConfig, TrainConfig, build_config
+from depthlab.config import RUNTIME_KEYS, RunConfig, TrainConfig, build_config
 from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
@@ -52,13 +52,6 @@ from depthlab.train.schedule import lr_at
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
-RUNTIME_KEYS = frozenset({
-    "out_dir", "train.distributed", "train.device", "train.log_interval", "train.ckpt_interval",
-    "train.keep_last", "train.tensorboard", "train.wandb", "train.wandb_project",
-})
-"""Config keys a run may change between resumes: where and how it runs and logs, not what
-it computes (`out_dir` only names the directory the run was found in)."""
-
 
 def resolve_device(name: str) -> torch.device:
     return _resolve_device(name, what="train.device")
