@@ -187,6 +187,21 @@ def _register_optional_commands() -> None:
         mod.register(app)
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) as raised by this typer: recent typers raise their own vendored
+    copy of click's exceptions, which are not subclasses of the `click` package's."""
+    usage = {c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"}
+    aborts = {typer.Abort}
+    try:
+        import click
+
+        usage.add(click.exceptions.ClickException)
+        aborts.add(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(aborts)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     _register_optional_commands()
@@ -205,12 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except Exception as err:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+        usage_errors, aborts = _click_exception_types()
+        if isinstance(err, usage_errors):
             err.show()
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if isinstance(err, aborts):
             sys.exit(1)
         raise
     if code == 130:
