@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from depthlab.cli import main
@@ -28,3 +30,33 @@ def test_no_arguments_prints_help(capsys):
         main([])
     captured = capsys.readouterr()
     assert "diagnose" in captured.out + captured.err
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_file_system_and_config_file_mistakes_are_one_line(tmp_path, capsys):
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "cpu" / "tiny.yaml")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    assert "Not a directory" in _one_line_error(
+        ["train", tiny, "--set", f"out_dir={a_file}"], capsys)
+    assert "Is a directory" in _one_line_error(
+        ["recipe", "-L", "8", "--params", "10M", "--out", str(tmp_path)], capsys)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    assert "not UTF-8 text" in _one_line_error(["train", str(binary)], capsys)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert "empty file" in _one_line_error(["train", str(empty)], capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: [x\n")
+    assert "config.yaml: not valid YAML" in _one_line_error(["info", str(run)], capsys)
+    assert not (a_file.is_dir() or (tmp_path / "run" / "checkpoints").exists())

@@ -187,6 +187,14 @@ def _register_optional_commands() -> None:
         mod.register(app)
 
 
+def _fail(message: str) -> None:
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}",
+                                               highlight=False)
+    sys.exit(2)
+
+
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(usage errors, aborts) as raised by this typer: recent typers raise their own vendored
     copy of click's exceptions, which are not subclasses of the `click` package's."""
@@ -210,11 +218,11 @@ def main(argv: list[str] | None = None) -> None:
         # exit code instead of raising it.
         code = app(args=argv, standalone_mode=False)
     except DepthlabError as err:
-        from rich.markup import escape
-
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}",
-                                                   highlight=False)
-        sys.exit(2)
+        _fail(str(err))
+    except OSError as err:  # the file system refused a path the user gave (not a bug)
+        where = f": {err.filename}" if err.filename else ""
+        where += f" -> {err.filename2}" if err.filename2 else ""
+        _fail(f"{err.strerror or err}{where}")
     except KeyboardInterrupt:
         code = 130
     except typer.Exit as err:

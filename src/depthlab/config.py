@@ -336,15 +336,21 @@ def build_config(raw: dict[str, Any], overrides: list[str] | dict[str, Any] = ()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file; anything else (missing, unreadable, empty, not YAML, not a
+    mapping) is a one-line ConfigError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text (bad byte at offset {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read ({err.strerror or err})") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{p}: empty file")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     return data

@@ -362,7 +362,7 @@ def run_state(run: SweepRun) -> str:
     saved = run.run_dir / CONFIG_FILE
     if not saved.is_file():
         return "new"
-    if resume_conflicts(yaml.safe_load(saved.read_text()) or {}, run.cfg.to_dict()):
+    if resume_conflicts(read_yaml(saved), run.cfg.to_dict()):
         return "conflict"
     summary = run.run_dir / SUMMARY_FILE
     if summary.is_file():

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from depthlab.config import RUNTIME_KEYS, RunConfig, TrainConfig, build_config
+from depthlab.config import RUNTIME_KEYS, RunConfig, TrainConfig, build_config, read_yaml
 from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
@@ -105,7 +105,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise DepthlabError(f"{run_dir} is not a depthlab run (no {CONFIG_FILE})")
-    return build_config(yaml.safe_load(path.read_text()) or {})
+    return build_config(read_yaml(path))
 
 
 @dataclass
@@ -236,7 +236,7 @@ class Trainer:
         path = self.run_dir / CONFIG_FILE
         mine = self.cfg.to_dict()
         if path.is_file():
-            theirs = yaml.safe_load(path.read_text()) or {}
+            theirs = read_yaml(path)
             diffs = resume_conflicts(theirs, mine)
             if diffs:
                 raise DepthlabError(
