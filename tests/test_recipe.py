@@ -4,7 +4,13 @@ import pytest
 
 from depthlab.config import build_config, read_yaml
 from depthlab.errors import DepthlabError
-from depthlab.experiments.ablate import RUNGS, ladder_points, with_seeds
+from depthlab.experiments.ablate import (
+    RUNGS,
+    LadderSpec,
+    context_cap_note,
+    ladder_points,
+    with_seeds,
+)
 from depthlab.experiments.recipe import make_recipe, parse_count, render
 from depthlab.experiments.sweep import param_counts
 from depthlab.experiments.theory import simulate, theory_verdict
@@ -112,6 +118,21 @@ def test_ladder_refuses_moe_base():
     base = build_config(read_yaml("configs/cpu/moe.yaml"), {"model.vocab_size": 257})
     with pytest.raises(DepthlabError, match="already uses MoE"):
         ladder_points(base)
+
+
+def test_ladder_gqa_base_and_context_cap_are_explained():
+    gqa = build_config(read_yaml("configs/cpu/tiny.yaml"), {"model.vocab_size": 257})
+    with pytest.raises(DepthlabError, match="n_kv_heads=2; add --set model.n_kv_heads=4"):
+        ladder_points(gqa)
+    base = build_config(read_yaml("configs/cpu/dense.yaml"), {"model.vocab_size": 257})
+    with pytest.raises(DepthlabError, match="n_heads \\(4\\) divisible by --group-size 3"):
+        ladder_points(base, LadderSpec(group_size=3))
+    # dense.yaml: seq_len 128, max_seq_len 256, so x4 becomes x2, and the user is told
+    points = ladder_points(base)
+    assert context_cap_note(base, points) == (
+        "+T: seq_len 128 -> 256 (x2, not x4: capped by model.max_seq_len=256)")
+    assert context_cap_note(base, ladder_points(base, LadderSpec(context_factor=2)),
+                            LadderSpec(context_factor=2)) is None
 
 
 def test_growth_law_simulation():

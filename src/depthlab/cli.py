@@ -162,14 +162,20 @@ def info(
     last_val = next((r for r in reversed(records) if "val_loss" in r), None)
     table = Table(title="last metrics", show_header=False)
     if last_train:
-        table.add_row("step", str(last_train["step"]))
-        table.add_row("train loss", f"{last_train['loss']:.4f}")
-        table.add_row("tokens/s", f"{last_train.get('tokens_per_s', 0):,.0f}")
+        table.add_row("step", str(last_train.get("step")))
+        table.add_row("train loss", _number(last_train["loss"], ".4f"))
+        table.add_row("tokens/s", _number(last_train.get("tokens_per_s", 0), ",.0f"))
     if last_val:
-        table.add_row("val loss / ppl", f"{last_val['val_loss']:.4f} / {last_val['val_ppl']:.2f}")
+        table.add_row("val loss / ppl", f"{_number(last_val['val_loss'], '.4f')} / "
+                                        f"{_number(last_val.get('val_ppl'), '.2f')}")
     ckpts = checkpoint_dirs(target)
     table.add_row("checkpoints", ", ".join(p.name for p in ckpts) or "none")
     console.print(table)
+
+
+def _number(value: object, spec: str) -> str:
+    """`value` formatted with `spec`, or as found when a hand-edited record holds no number."""
+    return format(value, spec) if isinstance(value, (int, float)) else repr(value)
 
 
 def _register_optional_commands() -> None:

@@ -16,6 +16,7 @@ Each rung adds one change to the previous rung:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,14 @@ def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str =
         raise DepthlabError(f"ablate: cannot lengthen the context: data.seq_len={d.seq_len} is "
                             f"already model.max_seq_len; raise model.max_seq_len")
     batch_changes = _equal_tokens_batches(t.batch_size, t.global_batch_size, d.seq_len, T)
-    if m.n_heads % spec.group_size or m.kv_heads != m.n_heads:
+    if m.kv_heads != m.n_heads:
         raise DepthlabError(
-            f"ablate: the +G rung needs an MHA base whose n_heads ({m.n_heads}) is divisible by "
-            f"G={spec.group_size}; the base has n_kv_heads={m.kv_heads}")
+            f"ablate: the +G rung needs an MHA base (model.n_kv_heads == model.n_heads = "
+            f"{m.n_heads}), the base has n_kv_heads={m.kv_heads}; add --set "
+            f"model.n_kv_heads={m.n_heads}")
+    if m.n_heads % spec.group_size:
+        raise DepthlabError(f"ablate: the +G rung needs n_heads ({m.n_heads}) divisible by "
+                            f"--group-size {spec.group_size}")
     steps: list[dict[str, Any]] = [
         {},
         {"data.seq_len": T, **batch_changes},
@@ -80,6 +85,17 @@ def ladder_points(base: RunConfig, spec: LadderSpec | None = None, prefix: str =
         acc = {**acc, **change}
         points.append(Point(f"{prefix}{i}_{rung.lstrip('+')}", dict(acc)))
     return points
+
+
+def context_cap_note(base: RunConfig, points: list[Point], spec: LadderSpec | None = None
+                     ) -> str | None:
+    """What the user should hear when the +T rung lengthens the context less than asked."""
+    factor = (spec or LadderSpec()).context_factor
+    T, longer = base.data.seq_len, points[1].overrides["data.seq_len"]
+    if longer >= T * factor:
+        return None
+    return (f"+T: seq_len {T} -> {longer} (x{longer / T:g}, not x{factor}: capped by "
+            f"model.max_seq_len={base.model.max_seq_len})")
 
 
 def _check_spec(spec: LadderSpec) -> None:
@@ -153,7 +169,8 @@ def with_seeds(points: list[Point], seeds: int, base_seed: int = 0) -> list[Poin
 
 def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpec | None = None,
            jobs: int = 1, seeds: int = 1, overrides: list[str] | dict[str, Any] = (),
-           on_status: Any = None, on_diagnose: Any = None) -> dict[str, Any]:
+           on_status: Any = None, on_diagnose: Any = None,
+           on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train and diagnose the five rungs of `config`; write OUT/ladder.json and a report with
     the ladder chart (bars: validation PPL, markers: usefulness)."""
     import json
@@ -168,6 +185,9 @@ def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpe
     base = build_config(base_raw)
     out = Path(out or Path("runs/ablate") / base.name)
     points = ladder_points(base, spec)
+    note = context_cap_note(base, points, spec)
+    if note and on_note is not None:
+        on_note(note)
     runs = with_seeds(points, seeds, base_seed=base.train.seed)
     sweep = make_sweep(f"ablate_{base.name}", base_raw, runs, out / "runs")
     measurements = run_study(sweep, jobs=jobs, on_status=on_status, on_diagnose=on_diagnose)

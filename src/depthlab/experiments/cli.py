@@ -210,7 +210,8 @@ def ablate(
     spec = LadderSpec(context_factor=context_factor, weight_decay=weight_decay,
                       group_size=group_size, num_experts=experts, top_k=top_k)
     res = run(config, out, spec=spec, jobs=jobs, seeds=seeds, overrides=set_ or [],
-              on_status=_status_printer(console), on_diagnose=_diagnose_printer(console))
+              on_status=_status_printer(console), on_diagnose=_diagnose_printer(console),
+              on_note=lambda msg: console.print(f"note: {msg}", highlight=False))
     for row in res["rows"]:
         console.print(f"  {row['name']:>9s}  val PPL {row['val_ppl']:.3f}  usefulness "
                       f"{row['usefulness']:.3f}  last-layer var {row['last_layer_variance']:.3g}")
