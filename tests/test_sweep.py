@@ -315,3 +315,14 @@ def test_cli_bad_key_is_one_line_exit_2(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "model.n_layerz" in err.replace("\n", "")
+
+
+def test_a_killed_run_is_reported_by_its_signal(tmp_path):
+    from depthlab.experiments.sweep import _failure
+
+    log = tmp_path / "run.log"
+    log.write_text("step 3/10 ...\n$ python -m depthlab.cli train base.yaml --set name=x\n")
+    assert _failure(-9, log) == f"killed by SIGKILL (likely out of memory); see {log}"
+    assert _failure(-15, log) == f"killed by SIGTERM; see {log}"
+    log.write_text("step 3/10 ...\nerror: invalid config: model.n_heads (4) must be\ndivisible\n")
+    assert _failure(2, log) == "invalid config: model.n_heads (4) must be divisible"

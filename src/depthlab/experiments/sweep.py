@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -498,6 +499,18 @@ def _write_inputs(sweep: Sweep) -> None:
     }, sort_keys=False))
 
 
+def _failure(rc: int, log: Path) -> str:
+    """Why a run's process failed: the signal that killed it, else its log's error line."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        hint = " (likely out of memory)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}; see {log}"
+    return _last_error(log)
+
+
 def _last_error(log: Path) -> str:
     """The most useful line of a failed run's log (the CLI's one-line error, if any)."""
     try:
@@ -582,7 +595,7 @@ def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int 
                 if job.phase == "diagnose":
                     ok = rc == 0
                     note(job.run, diagnose="complete" if ok else "failed",
-                         diagnose_error=None if ok else _last_error(log_path))
+                         diagnose_error=None if ok else _failure(rc, log_path))
                     continue
                 if rc == 0 and run_state(job.run) == "complete":
                     note(job.run, status="complete", returncode=0, seconds=seconds, pid=None)
@@ -590,7 +603,7 @@ def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int 
                         active.append(start(job.run, "diagnose"))
                 else:
                     note(job.run, status="failed", returncode=rc, seconds=seconds, pid=None,
-                         error=_last_error(log_path))
+                         error=_failure(rc, log_path))
     except BaseException:
         for job in active:  # only the processes this sweep started
             if job.proc.poll() is None:
