@@ -297,3 +297,27 @@ def test_import_hf_missing_local_path_is_one_line(tmp_path, capsys, monkeypatch)
         main(["import-hf", f"{tmp_path.name}/nope", str(tmp_path / "out")])
     assert exit_.value.code == 2
     assert "no such run, checkpoint or model directory" in capsys.readouterr().err
+
+
+def test_import_hf_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    run, _ = write_run(tmp_path)
+    main(["export", str(run), "--to", "hf", str(tmp_path / "hf")])
+    bare = tmp_path / "bare"  # weights and config, no tokenizer
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tmp_path / "hf" / name).read_bytes())
+    capsys.readouterr()
+    for argv, needle in [
+        ([str(bare), str(tmp_path / "out1")], "has no tokenizer (tokenizer.json"),
+        ([str(tmp_path / "hf"), str(tmp_path / "out2"), "--keep-layers", "1-0"],
+         "range '1-0' runs backwards"),
+        ([str(tmp_path / "hf"), str(tmp_path / "out3"), "--keep-layers", ""],
+         "--keep-layers is empty"),
+        ([str(tmp_path / "hf"), str(tmp_path / "out4"), "--max-seq-len", "0"],
+         "--max-seq-len must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["import-hf", *argv])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and needle in " ".join(err.split()) and "\n" not in err, err
+    assert not any((tmp_path / f"out{i}").exists() for i in range(1, 5))

@@ -135,6 +135,9 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
          "no such run"),
         (["eval", f"{tmp_path.name}/missing", "--ppl"], "no such run"),  # under a local dir
         (["eval", str(run), "--ppl", "--limit", "0.5"], "--limit with --ppl is a number of windows"),
+        (["eval", str(run), "--ppl", "--limit", "0"], "--limit must be positive"),
+        (["eval", str(run), "--ppl", "--seq-len", "0"], "--seq-len must be >= 1"),
+        (["eval", str(run), "--ppl", "--backend", "magic"], "one of auto, hf, native"),
     ]:
         monkeypatch.chdir(tmp_path.parent)
         with pytest.raises(SystemExit) as exit_:

@@ -64,6 +64,8 @@ def import_hf_cmd(
     """Load a Llama-family HF checkpoint into a depthlab run dir (step 0, no optimizer)."""
     from depthlab.interop.hf_import import import_hf_to_run, parse_layers
 
+    if max_seq_len is not None and max_seq_len < 1:
+        raise DepthlabError(f"--max-seq-len must be >= 1, got {max_seq_len}")
     _quiet_transformers()
     out, mcfg = import_hf_to_run(hf_dir, out_run_dir, parse_layers(keep_layers), max_seq_len,
                                  overwrite)
@@ -127,6 +129,12 @@ def eval_cmd(
             raise DepthlabError(f"--batch-size {batch_size!r}: an integer or 'auto'") from None
         if bs < 1:
             raise DepthlabError("--batch-size must be >= 1")
+    if backend not in ("auto", "hf", "native"):
+        raise DepthlabError(f"--backend {backend!r}: one of auto, hf, native")
+    if limit is not None and limit <= 0:
+        raise DepthlabError("--limit must be positive")
+    if seq_len is not None and seq_len < 1:
+        raise DepthlabError(f"--seq-len must be >= 1, got {seq_len}")
     if ppl and limit is not None and limit < 1:
         raise DepthlabError("--limit with --ppl is a number of windows (a whole number >= 1)")
     if limit is not None and limit >= 1:

@@ -264,19 +264,25 @@ def write_run(
     if _check_run_dir(out, overwrite):
         for old in ("tokenizer", "checkpoints"):  # an earlier import's files: replaced whole
             shutil.rmtree(out / old, ignore_errors=True)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    data = _write_tokenizer(hf_source, out) if hf_source is not None else {}
-    seq_len = min(DataConfig().seq_len, model.cfg.max_seq_len)
     try:
-        cfg = RunConfig(name=out.name, out_dir=str(out.parent.resolve()), model=model.cfg,
-                        data=DataConfig(seq_len=seq_len, **data))
-    except Exception as err:
-        raise ConfigError(f"imported config is invalid: {err}") from None
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    ckpt = out / "checkpoints" / "step_0000000"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    meta = {"step": "0", "source": str(hf_source) if hf_source is not None else "in-memory"}
-    save_file(model_state(model), str(ckpt / "model.safetensors"), metadata=meta)
+        data = _write_tokenizer(hf_source, out) if hf_source is not None else {}
+        seq_len = min(DataConfig().seq_len, model.cfg.max_seq_len)
+        try:
+            cfg = RunConfig(name=out.name, out_dir=str(out.parent.resolve()), model=model.cfg,
+                            data=DataConfig(seq_len=seq_len, **data))
+        except Exception as err:
+            raise ConfigError(f"imported config is invalid: {err}") from None
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        ckpt = out / "checkpoints" / "step_0000000"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        meta = {"step": "0", "source": str(hf_source) if hf_source is not None else "in-memory"}
+        save_file(model_state(model), str(ckpt / "model.safetensors"), metadata=meta)
+    except BaseException:
+        if created:  # leave nothing half-written behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 
@@ -301,11 +307,18 @@ def _check_run_dir(out: Path, overwrite: bool) -> bool:
     return True
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _write_tokenizer(hf_source: str | Path, out: Path) -> dict[str, Any]:
     """Save the HF tokenizer as RUN/tokenizer (depthlab format); data-config keys to set."""
     from depthlab.data.tokenizer import META_FILE, ByteTokenizer
     from depthlab.interop.hf_export import byte_level_tokenizer
 
+    local = Path(str(hf_source)).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise DepthlabError(f"{hf_source} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                            "import-hf needs the model's tokenizer next to its weights")
     try:
         from transformers import AutoTokenizer
 
@@ -341,9 +354,11 @@ def import_hf_to_run(
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """'0,1,2', '0-5', '0-3,8,10-11' -> list of ints (None for None/empty)."""
-    if not text:
+    """'0,1,2', '0-5', '0-3,8,10-11' -> list of ints (None when not given)."""
+    if text is None:
         return None
+    if not text.strip(" ,"):
+        raise DepthlabError("--keep-layers is empty (give e.g. 0-5,8, or leave it out for all)")
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -353,7 +368,10 @@ def parse_layers(text: str | None) -> list[int] | None:
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
                 lo, hi = int(a), int(b)
-                out += list(range(lo, hi + 1)) if hi >= lo else []
+                if hi < lo:
+                    raise DepthlabError(f"--keep-layers: range {part!r} runs backwards "
+                                        f"(use {hi}-{lo}, or list the layers in order)")
+                out += list(range(lo, hi + 1))
             else:
                 out.append(int(part))
         except ValueError:
