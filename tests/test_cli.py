@@ -60,3 +60,13 @@ def test_file_system_and_config_file_mistakes_are_one_line(tmp_path, capsys):
     (run / "config.yaml").write_text("name: [x\n")
     assert "config.yaml: not valid YAML" in _one_line_error(["info", str(run)], capsys)
     assert not (a_file.is_dir() or (tmp_path / "run" / "checkpoints").exists())
+
+
+def test_recipe_out_never_replaces_a_file_silently(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("# my own config\n")
+    assert "exists; choose another file or pass --overwrite" in _one_line_error(
+        ["recipe", "-L", "8", "--params", "10M", "--out", str(mine)], capsys)
+    assert mine.read_text() == "# my own config\n"
+    main(["recipe", "-L", "8", "--params", "10M", "--out", str(mine), "--overwrite"])
+    assert "n_layers: 8" in mine.read_text()

@@ -238,9 +238,15 @@ def recipe(
                                                   "reproduce.json (default: runs/reproduce/"
                                                   "{small,tiny} if present).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the config YAML here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """A depth-effective config for L layers within a parameter budget, with reasons."""
     from rich.console import Console
+
+    from depthlab.errors import DepthlabError
+
+    if out is not None and out.is_file() and not overwrite:
+        raise DepthlabError(f"--out {out} exists; choose another file or pass --overwrite")
 
     from depthlab.experiments.recipe import make_recipe, parse_count, render
 
