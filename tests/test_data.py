@@ -178,6 +178,14 @@ def test_prepare_bpe_and_refuses_foreign_out_dir(tmp_path):
     assert splits.vocab_size == splits.tokenizer.vocab_size and splits.tokenizer.kind == "bpe"
     with pytest.raises(DepthlabError, match="already holds tokens"):
         prepare(_cfg(tmp_path, corpus=corpus), out_dir=out, progress=False)
+    mine = tmp_path / "mine"  # a user's own token file, no manifest yet: never overwritten
+    mine.mkdir()
+    (mine / "train.bin").write_bytes(b"\x01\x00" * 8)
+    with pytest.raises(DepthlabError, match="holds no depthlab manifest.json"):
+        prepare(_cfg(tmp_path, corpus=corpus), out_dir=mine, progress=False)
+    assert (mine / "train.bin").read_bytes() == b"\x01\x00" * 8
+    (out / "manifest.json").unlink()  # an interrupted prepare (tokenizer/ written) is redone
+    assert prepare(cfg, out_dir=out, progress=False) == out and (out / "manifest.json").is_file()
 
 
 def test_uint32_when_vocab_exceeds_uint16(tmp_path):

@@ -84,6 +84,10 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
             raise DepthlabError(
                 f"{d} holds a manifest.json not written by depthlab; not overwriting it"
             )
+    elif d.is_dir() and any(d.iterdir()) and not (d / "tokenizer").is_dir():
+        # (an interrupted prepare has written its tokenizer/ first: that one is resumed)
+        raise DepthlabError(f"{d} is not empty and holds no depthlab manifest.json; not writing "
+                            "token files into it (choose a new or empty directory)")
     _write(d, corpus, tokenizer, progress)
     return d
 
