@@ -281,3 +281,12 @@ def test_underdetermined_usefulness_fit_is_flagged(tiny_run: Path, tmp_path: Pat
         summary = (out / "summary.md").read_text()
         expected = f"the affine fit saw {samples * SEQ} tokens, fewer than the d+1 = 33 unknowns"
         assert (expected in printed) is flagged and (expected in summary) is flagged
+
+
+def test_figure_titles_name_the_metric_own_n() -> None:
+    from depthlab.probe.figures import _title
+
+    results = {"model_name": "m", "model": {"n_layers": 4, "d_model": 32},
+               "data": {"n_samples": 16, "seq_len": 128, "source": "kjv"}}
+    assert "N=2 x T=128" in _title(results, "Jacobian", {"n_samples": 2})  # jacobian.samples=2
+    assert "N=16 x T=128" in _title(results, "Variance profile", {})

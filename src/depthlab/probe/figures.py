@@ -32,10 +32,12 @@ def _nums(xs: list[Any] | None) -> list[float]:
             for x in (xs or [])]
 
 
-def _title(results: dict[str, Any], what: str) -> str:
+def _title(results: dict[str, Any], what: str, metric: dict[str, Any]) -> str:
+    """Model, data and the N the metric itself ran on (`METRIC.samples=K` may lower it)."""
     m, d = results["model"], results["data"]
+    n = metric.get("n_samples") or d.get("n_samples")
     return (f"{what}: {results.get('model_name')}\n"
-            f"L={m.get('n_layers')}, d={m.get('d_model')}; N={d.get('n_samples')} x "
+            f"L={m.get('n_layers')}, d={m.get('d_model')}; N={n} x "
             f"T={d.get('seq_len')} tokens of {d.get('source')}")
 
 
@@ -72,7 +74,7 @@ def fig_variance(results: dict[str, Any], m: dict[str, Any], path: Path) -> Path
         ax.set_yscale("log")
     ax.set_xlabel("block l")
     ax.set_ylabel("mean per-token variance across d")
-    ax.set_title(_title(results, "Variance profile"), fontsize=9)
+    ax.set_title(_title(results, "Variance profile", m), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -107,11 +109,12 @@ def fig_jacobian(results: dict[str, Any], m: dict[str, Any], path: Path) -> Path
                       else "diagonal mean", fontsize=9)
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
-    fig.suptitle(_title(results, "Jacobian"), fontsize=9)
+    fig.suptitle(_title(results, "Jacobian", m), fontsize=9)
     return _save(fig, path)
 
 
-def _heatmap(results: dict[str, Any], matrix: list[list[Any]], path: Path, what: str,
+def _heatmap(results: dict[str, Any], m: dict[str, Any], matrix: list[list[Any]], path: Path,
+             what: str,
              ylabel: str, xlabel: str, cbar: str, lower_blank: bool) -> Path:
     import numpy as np
 
@@ -129,7 +132,7 @@ def _heatmap(results: dict[str, Any], matrix: list[list[Any]], path: Path, what:
     ax.set_yticks(range(0, L, step))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(_title(results, what), fontsize=9)
+    ax.set_title(_title(results, what, m), fontsize=9)
     return _save(fig, path)
 
 
@@ -138,7 +141,7 @@ def fig_causal(results: dict[str, Any], m: dict[str, Any], path: Path) -> Path:
     what = "Causal score C[s, l]"
     if isinstance(cp, float) and isinstance(cr, float):
         what += f" (causal_pairs {cp:.3f}, causal_rows {cr:.3f})"
-    return _heatmap(results, m["matrix"], path, what, "skipped block s", "later block l",
+    return _heatmap(results, m, m["matrix"], path, what, "skipped block s", "later block l",
                     "relative change of the block update", lower_blank=True)
 
 
@@ -147,7 +150,7 @@ def fig_permutation(results: dict[str, Any], m: dict[str, Any], path: Path) -> P
     what = f"Permutation score P(l1, l2), {m.get('pair_set')} pairs"
     if isinstance(p, float):
         what += f" (mean {p:.3f})"
-    return _heatmap(results, m["matrix"], path, what, "block l1", "block l2",
+    return _heatmap(results, m, m["matrix"], path, what, "block l1", "block l2",
                     "|L_base - L_swap| / L_base", lower_blank=False)
 
 
@@ -169,7 +172,7 @@ def fig_usefulness(results: dict[str, Any], m: dict[str, Any], path: Path) -> Pa
     what = "Usefulness"
     if isinstance(u, float):
         what += f" = {u:.3f} ({n}/{len(ratio)} useful)"
-    ax.set_title(_title(results, what), fontsize=9)
+    ax.set_title(_title(results, what, m), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
@@ -187,7 +190,7 @@ def fig_layer_drop(results: dict[str, Any], m: dict[str, Any], path: Path) -> Pa
         ax.set_yscale("log")
     ax.set_xlabel("skipped block l")
     ax.set_ylabel("next-token cross-entropy (nats)")
-    ax.set_title(_title(results, "Layer drop"), fontsize=9)
+    ax.set_title(_title(results, "Layer drop", m), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
