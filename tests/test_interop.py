@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,8 @@ def test_cli_export_and_import_hf_run_dirs(tmp_path, capsys):
     assert "LlamaForCausalLM" in capsys.readouterr().out
     files = {p.name for p in (tmp_path / "hf").iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # a name transformers 4 knows
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, V, (1, 16))
     with torch.no_grad():
