@@ -119,6 +119,8 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     run = write_run(tmp_path)
     partial = tmp_path / "partial"
     partial.mkdir()
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF not really")
     if DATA.is_dir():
         (partial / "piqa").symlink_to(DATA / "piqa")
     with pytest.raises(DepthlabError, match="unknown task 'hellaswag' for --data-dir.*copa"):
@@ -138,6 +140,8 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (["eval", str(run), "--ppl", "--limit", "0"], "--limit must be positive"),
         (["eval", str(run), "--ppl", "--seq-len", "0"], "--seq-len must be >= 1"),
         (["eval", str(run), "--ppl", "--backend", "magic"], "one of auto, hf, native"),
+        (["eval", str(partial), "--ppl"], "neither a depthlab run (config.yaml) nor a Hugging"),
+        (["eval", str(gguf), "--ppl"], "GGUF files are read by `depthlab diagnose` only"),
     ]:
         monkeypatch.chdir(tmp_path.parent)
         with pytest.raises(SystemExit) as exit_:

@@ -272,6 +272,15 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
                             f"({str(err).splitlines()[0]})") from None
 
 
+def _check_hf_dir(path: Path) -> None:
+    """A local MODEL that is not a depthlab run must be a Hugging Face model directory."""
+    if (path / "config.json").is_file():
+        return
+    gguf = "; GGUF files are read by `depthlab diagnose` only" if path.suffix == ".gguf" else ""
+    raise DepthlabError(f"{path} is neither a depthlab run (config.yaml) nor a Hugging Face "
+                        f"model dir (config.json){gguf}")
+
+
 def open_eval_model(model: str | Path, backend: str = "auto", device: str = "auto",
                     batch_size: int | str = 8) -> EvalModel:
     """Load MODEL (depthlab run/checkpoint dir, HF dir or hub id) as an lm-eval LM."""
@@ -317,9 +326,7 @@ def open_eval_model(model: str | Path, backend: str = "auto", device: str = "aut
     if backend == "native":
         raise DepthlabError(f"{model}: --backend native needs a depthlab run or checkpoint dir")
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise DepthlabError(f"{path} is neither a depthlab run (config.yaml) nor a Hugging "
-                                "Face model dir (config.json)")
+        _check_hf_dir(path)
         return EvalModel(_hflm(str(path), device, batch_size), "hf", "hf", path)
     check_hub_id(model)
     return EvalModel(_hflm(str(model), device, batch_size), "hf", "hf", str(model))
@@ -618,7 +625,9 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
         texts = _held_out_texts(data)
         tokens = tok.encode_documents(texts)
     else:
-        if not path.exists():
+        if path.exists():
+            _check_hf_dir(path)
+        else:
             check_hub_id(model)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
