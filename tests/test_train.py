@@ -96,6 +96,9 @@ def test_run_dir_with_different_config_is_refused(tmp_path, corpus):
     with pytest.raises(DepthlabError, match=r"different config \(model.n_layers: 2 -> 3"):
         Trainer(other, progress=False).fit()
     assert (tmp_path / "runs" / "t" / "config.yaml").read_text() == before
+    longer = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 6})
+    with pytest.raises(DepthlabError, match=r"max_steps: 3 -> 6.*--set train.init_from="):
+        Trainer(longer, progress=False).fit()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):

@@ -239,9 +239,12 @@ class Trainer:
             theirs = read_yaml(path)
             diffs = resume_conflicts(theirs, mine)
             if diffs:
+                longer = any(d.startswith("train.max_steps") for d in diffs)
+                hint = (f"; to train on from its weights, start a new run with --set "
+                        f"train.init_from={self.run_dir}" if longer else "")
                 raise DepthlabError(
                     f"{self.run_dir} already holds a different config ({'; '.join(diffs[:3])}); "
-                    "choose another name/out_dir or delete that run"
+                    f"choose another name/out_dir or delete that run{hint}"
                 )
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
