@@ -646,7 +646,7 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
         eos = hf_tok.eos_token_id
         ids: list[int] = []
         for text in texts:
-            ids += hf_tok.encode(text, add_special_tokens=False)
+            ids += hf_tok.encode(text, add_special_tokens=False, verbose=False)
             if eos is not None:
                 ids.append(int(eos))
         tokens = np.asarray(ids, dtype=np.int64)

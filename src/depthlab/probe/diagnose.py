@@ -164,7 +164,7 @@ class _HFEncoder:
 
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
         out: list[int] = []
-        enc = self.tok(list(texts), add_special_tokens=False)["input_ids"]
+        enc = self.tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         for ids in enc:
             out += list(ids)
             if self.eos_id is not None:
