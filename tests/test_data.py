@@ -184,6 +184,12 @@ def test_prepare_bpe_and_refuses_foreign_out_dir(tmp_path):
     with pytest.raises(DepthlabError, match="holds no depthlab manifest.json"):
         prepare(_cfg(tmp_path, corpus=corpus), out_dir=mine, progress=False)
     assert (mine / "train.bin").read_bytes() == b"\x01\x00" * 8
+    from depthlab.train.trainer import _token_dir_tokenizer_note
+
+    note = _token_dir_tokenizer_note("byte", splits)  # byte is the default: say what is used
+    assert note == (f"{out} holds tokens of the bpe-300 tokenizer; the run uses it "
+                    "(data.tokenizer=byte applies only to raw text)")
+    assert _token_dir_tokenizer_note("bpe", splits) is None
     (out / "manifest.json").unlink()  # an interrupted prepare (tokenizer/ written) is redone
     assert prepare(cfg, out_dir=out, progress=False) == out and (out / "manifest.json").is_file()
 

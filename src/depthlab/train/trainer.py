@@ -101,6 +101,17 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
     return conflicts
 
 
+def _token_dir_tokenizer_note(configured: str, splits: Any) -> str | None:
+    """A prepared token directory brings its own tokenizer; say so when the config names
+    another (it is the directory's tokenizer that the run uses and saves)."""
+    recorded = splits.manifest.get("tokenizer", {}) if splits.path is not None else {}
+    kind = recorded.get("kind")
+    if kind is None or configured not in ("byte", "bpe") or kind == configured:
+        return None
+    return (f"{splits.path} holds tokens of the {recorded.get('name') or kind} tokenizer; the run "
+            f"uses it (data.tokenizer={configured} applies only to raw text)")
+
+
 def read_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -146,6 +157,9 @@ class Trainer:
             self.splits = D.main_first(lambda: open_splits(cfg.data, progress=D.is_main()))
         else:
             self.splits = open_splits(cfg.data)
+        note = _token_dir_tokenizer_note(cfg.data.tokenizer, self.splits)
+        if note and self.progress:
+            print(f"note: {note}", file=sys.stderr, flush=True)
         if cfg.model.vocab_size is None:
             cfg = build_config(cfg.to_dict(), {"model.vocab_size": self.splits.vocab_size})
         elif cfg.model.vocab_size < self.splits.vocab_size:
