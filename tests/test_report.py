@@ -223,6 +223,11 @@ def test_cli_report_and_ladder_and_standalone_diagnosis(tmp_path, capsys):
     page = parse(out / "report.html")
     assert page.tables == {"table-runs": 2, "table-diagnoses": 1, "table-ladder": 3}
     assert "λ (wd)" in (out / "report.html").read_text()
+    ladder.write_text(yaml.safe_dump([{"name": "baseline", "ppl": "high"}]))  # no number
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "o2"),
+              "--ladder", str(ladder)])
+    assert exc.value.code == 2 and "no step has a numeric score" in capsys.readouterr().err
 
 
 def test_colours_are_consistent_across_figures(tmp_path):

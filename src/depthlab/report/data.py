@@ -292,7 +292,24 @@ def read_ladder(path: Path) -> list[dict[str, Any]]:
         data = data.get("steps", data.get("ladder", data.get("rows")))
     if not isinstance(data, list) or not all(isinstance(s, dict) for s in data):
         raise DepthlabError(f"ladder data {path} must be a list of steps (mappings)")
+    if not any(score is not None for _, score, _ in ladder_rows(data)[1]):
+        raise DepthlabError(f"ladder data {path}: no step has a numeric score (ppl, val_ppl, "
+                            "accuracy or avg_accuracy)")
     return data
+
+
+def ladder_rows(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float | None,
+                                                                     float | None]]]:
+    """(score name, [(step name, score, usefulness)]) of ladder data."""
+    score_keys = [("avg_accuracy", "average accuracy (%)"), ("accuracy", "accuracy (%)"),
+                  ("val_ppl", "validation perplexity"), ("ppl", "perplexity")]
+    key, name = next(((k, n) for k, n in score_keys if any(k in r for r in rows)),
+                     ("score", "score"))
+    out = []
+    for i, r in enumerate(rows):
+        label = str(r.get("name", r.get("label", r.get("step", f"step {i}"))))
+        out.append((label, num(r.get(key)), num(r.get("usefulness"))))
+    return name, out
 
 
 def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportData:

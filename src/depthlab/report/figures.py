@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from depthlab.report.data import Diagnosis, ReportData, RunData, num
+from depthlab.report.data import Diagnosis, ReportData, RunData, ladder_rows, num
 
 NAN = float("nan")
 STYLE = {
@@ -295,20 +295,6 @@ def fig_permutation_heatmaps(data: ReportData, colors: dict[str, str]) -> Figure
 
 
 # ----------------------------------------------------------------------------- ladder
-
-
-def ladder_rows(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float | None,
-                                                                     float | None]]]:
-    """(score name, [(step name, score, usefulness)]) of ladder data."""
-    score_keys = [("avg_accuracy", "average accuracy (%)"), ("accuracy", "accuracy (%)"),
-                  ("val_ppl", "validation perplexity"), ("ppl", "perplexity")]
-    key, name = next(((k, n) for k, n in score_keys if any(k in r for r in rows)),
-                     ("score", "score"))
-    out = []
-    for i, r in enumerate(rows):
-        label = str(r.get("name", r.get("label", r.get("step", f"step {i}"))))
-        out.append((label, num(r.get(key)), num(r.get("usefulness"))))
-    return name, out
 
 
 def fig_ladder(data: ReportData, colors: dict[str, str]) -> Figure | str:
