@@ -295,3 +295,24 @@ def test_bookkeeping_keys_are_not_knobs(tmp_path):
     cfg_b.write_text(yaml.safe_dump(raw))
     rep = build_report([root], tmp_path / "out")
     assert rep.data.knob_keys == ["train.weight_decay"]
+
+
+def test_rewriting_a_report_removes_its_stale_files_and_spares_foreign_pages(tmp_path):
+    from depthlab.errors import DepthlabError
+
+    fake_run(tmp_path / "runs", "a", diagnose=True)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "results.json").write_text(json.dumps(fake_results(4)))
+    out = tmp_path / "out"
+    first = build_report([tmp_path / "runs"], out)
+    second = build_report([hf], out)  # a standalone diagnosis: no training-curve figures
+    kept = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    assert kept == {p.relative_to(out) for p in second.files} | {Path(".report_files.json")}
+    assert any(p not in second.files for p in first.files)  # those were removed
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("<html>my own notes</html>")
+    with pytest.raises(DepthlabError, match="not written by depthlab report"):
+        build_report([hf], mine)
+    assert (mine / "report.html").read_text() == "<html>my own notes</html>"

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from depthlab.errors import DepthlabError
 from depthlab.report.data import ReportData, collect
 from depthlab.report.figures import FigureOut, make_figures, palette
 from depthlab.report.tables import Table, make_tables
 
 REPORT_FILE = "report.html"
+FILES_LIST = ".report_files.json"  # what this report wrote (stale files are removed next time)
+SIGNATURE = "by depthlab report."  # in every page we write: only such a page is replaced
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
@@ -77,7 +81,7 @@ def render_html(data: ReportData, figures: list[FigureOut], tables: list[Table],
         f"<h1>{e(title)}</h1>",
         f'<p class="meta">{len(data.runs)} run(s), {len(data.diagnoses)} other diagnosed '
         f"model(s); sources: {e(', '.join(str(s) for s in data.sources))}; generated "
-        f"{e(time.strftime('%Y-%m-%d %H:%M'))} by depthlab report.</p>",
+        f"{e(time.strftime('%Y-%m-%d %H:%M'))} {SIGNATURE}</p>",
     ]
     if colors:
         swatches = "".join(
@@ -114,7 +118,12 @@ def build_report(dirs: list[str | Path], out: str | Path, *, ladder: str | Path 
     OUT/figures/*.{png,svg} and OUT/tables/*.{md,csv}."""
     data = collect(dirs, ladder=ladder)
     out = Path(out)
+    page = out / REPORT_FILE
+    if page.is_file() and SIGNATURE not in page.read_text(encoding="utf-8", errors="replace"):
+        raise DepthlabError(f"{page} exists and was not written by depthlab report; not "
+                            "replacing it (choose another --out)")
     out.mkdir(parents=True, exist_ok=True)
+    previous = _listed_files(out)
     labels = [r.label for r in data.runs] + [d.label for d in data.diagnoses
                                              if d.label not in {r.label for r in data.runs}]
     colors = palette(labels)
@@ -130,8 +139,22 @@ def build_report(dirs: list[str | Path], out: str | Path, *, ladder: str | Path 
         (tdir / f"{t.name}.md").write_text(t.to_markdown())
         (tdir / f"{t.name}.csv").write_text(t.to_csv())
         files += [tdir / f"{t.name}.md", tdir / f"{t.name}.csv"]
-    page = out / REPORT_FILE
     page.write_text(render_html(data, figures, tables, colors, title or "depthlab report"),
                     encoding="utf-8")
     files.insert(0, page)
+    # files an earlier report wrote here that this one did not: stale, remove them
+    current = {str(f.relative_to(out)) for f in files}
+    for rel in previous - current:
+        (out / rel).unlink(missing_ok=True)
+    (out / FILES_LIST).write_text(json.dumps(sorted(current), indent=1) + "\n")
     return Report(page, figures, tables, data, files)
+
+
+def _listed_files(out: Path) -> set[str]:
+    """The figure and table files (relative to `out`) an earlier report listed."""
+    try:
+        listed = json.loads((out / FILES_LIST).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {p for p in listed if isinstance(p, str)
+            and Path(p).parts[:1] in (("figures",), ("tables",))}
