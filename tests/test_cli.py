@@ -55,6 +55,10 @@ def test_file_system_and_config_file_mistakes_are_one_line(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert "empty file" in _one_line_error(["train", str(empty)], capsys)
+    assert "is a directory; give a YAML file" in _one_line_error(["train", str(tmp_path)], capsys)
+    assert "the key before '=' is empty" in _one_line_error(["train", tiny, "--set", "=5"], capsys)
+    assert "the key before '=' is empty" in _one_line_error(
+        ["train", tiny, "--set", "train..lr=5"], capsys)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("name: [x\n")

@@ -179,6 +179,9 @@ def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
     err = _error(["diagnose", str(tiny_run), "--opt", "usefulness.threshold=abc", "--metrics",
                   "usefulness", *base], capsys)
     assert "usefulness.threshold='abc': expected float" in err
+    err = _error(["diagnose", str(tiny_run), "--opt", "jacobian.layers=0,2", "--metrics",
+                  "jacobian", *base], capsys)
+    assert "jacobian.layers='0,2': expected list[int] | None (a list in brackets" in err
     (tmp_path / "a_file").write_text("x")
     err = _error(["diagnose", str(tiny_run), "--metrics", "variance", "--out",
                   str(tmp_path / "a_file" / "sub"), "--no-progress"], capsys)

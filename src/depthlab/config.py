@@ -323,6 +323,9 @@ def _split_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.path=value")
     key, value = text.split("=", 1)
+    if not key.strip() or "" in key.strip().split("."):
+        raise ConfigError(f"override '{text}': the key before '=' is empty or malformed "
+                          "(e.g. train.max_steps=200)")
     return key.strip(), parse_value(value)
 
 
@@ -339,6 +342,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file; anything else (missing, unreadable, empty, not YAML, not a
     mapping) is a one-line ConfigError naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory; give a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:

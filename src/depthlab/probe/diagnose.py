@@ -319,7 +319,9 @@ def _check_option_types(metric: str, opts: dict[str, Any]) -> None:
             adapter.validate_python(value, strict=True)
         except ValidationError:
             kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-            raise DepthlabError(f"--opt {metric}.{key}={value!r}: expected {kind}") from None
+            example = " (a list in brackets, e.g. [0,5,10])" if "list[" in kind else ""
+            raise DepthlabError(f"--opt {metric}.{key}={value!r}: expected {kind}{example}"
+                                ) from None
 
 
 def parse_option(text: str) -> tuple[str, str, Any]:
