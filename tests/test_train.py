@@ -327,3 +327,15 @@ def test_resume_conflicts_rules():
     assert "changes the precision" in resume_conflicts(base, mine(device="cuda"))[0]
     fixed = {**base, "train": {**base["train"], "dtype": "fp32"}}
     assert resume_conflicts(fixed, {**fixed, "train": {**fixed["train"], "device": "cuda"}}) == []
+
+
+def test_corrupt_training_state_names_the_file_and_the_way_out(tmp_path, corpus):
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4, "train.ckpt_interval": 2})
+    Trainer(cfg, progress=False).fit()
+    last = checkpoint_dirs(cfg.run_dir)[-1]
+    (last / "state.pt").write_text("garbage\n")
+    longer = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4, "train.ckpt_interval": 2})
+    (cfg.run_dir / "summary.json").unlink()  # as if stopped after the last checkpoint
+    with pytest.raises(DepthlabError, match=f"cannot read {last / 'state.pt'} .*; delete {last} "
+                                            "to resume from the checkpoint before it"):
+        Trainer(longer, progress=False).fit()

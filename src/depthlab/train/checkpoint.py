@@ -239,10 +239,21 @@ def load_training_state(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
     format (optimizer.pt + state.pt)."""
     try:
         opt = torch.load(Path(ckpt_dir) / "optimizer.pt", weights_only=False, map_location="cpu")
-        state = torch.load(Path(ckpt_dir) / "state.pt", weights_only=False)
     except Exception as err:
-        raise DepthlabError(f"cannot read training state in {ckpt_dir}: {err}") from None
-    return opt, state
+        raise _unreadable(ckpt_dir, "optimizer.pt", err) from None
+    return opt, _read_state(Path(ckpt_dir))
+
+
+def _read_state(ckpt_dir: Path) -> dict[str, Any]:
+    try:
+        return torch.load(ckpt_dir / "state.pt", weights_only=False)
+    except Exception as err:
+        raise _unreadable(ckpt_dir, "state.pt", err) from None
+
+
+def _unreadable(ckpt_dir: Path, name: str, err: Exception) -> DepthlabError:
+    return DepthlabError(f"cannot read {ckpt_dir / name} ({first_line(err)}); delete "
+                         f"{ckpt_dir} to resume from the checkpoint before it")
 
 
 @contextlib.contextmanager
@@ -270,10 +281,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
 
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / DCP_DIR).is_dir():
-        try:
-            state = torch.load(ckpt_dir / "state.pt", weights_only=False)
-        except Exception as err:
-            raise DepthlabError(f"cannot read training state in {ckpt_dir}: {err}") from None
+        state = _read_state(ckpt_dir)
         sd = _dcp_state(model, optimizer)
         with _single_process_quiet(), _dcp_errors(
                 f"cannot load the model/optimizer state in {ckpt_dir / DCP_DIR}"):
