@@ -205,3 +205,26 @@ def test_eval_any_hf_model_dir(tmp_path):
     assert all(r["n"] == 4 and 0.0 <= r["value"] <= 1.0 for r in report.rows)
     with pytest.raises(DepthlabError, match="--backend native needs a depthlab run"):
         run_lm_eval(tmp_path / "hf", "copa", limit=2, data_dir=DATA, backend="native")
+
+
+def test_unreachable_hub_fails_offline_at_once(tmp_path, monkeypatch):
+    """No network: lm-eval runs in offline mode (no retry back-off) and says to use
+    --data-dir."""
+    from depthlab.interop import evaluate
+
+    monkeypatch.setattr(evaluate, "hub_reachable", lambda: False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+    seen = {}
+    real = evaluate._simple_evaluate
+
+    def spy(*args, **kwargs):
+        import huggingface_hub.constants as hub
+
+        seen["offline"] = hub.HF_HUB_OFFLINE
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "_simple_evaluate", spy)
+    run = write_run(tmp_path)
+    with pytest.raises(DepthlabError, match="could not load task data.*use --data-dir"):
+        evaluate.run_lm_eval(run, "piqa", limit=2)
+    assert seen["offline"] is True

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from depthlab.devices import resolve_device
 from depthlab.errors import DepthlabError
-from depthlab.probe.loading import check_hub_id
+from depthlab.probe.loading import check_hub_id, hub_reachable
 
 
 @dataclass(frozen=True)
@@ -397,7 +397,9 @@ def run_lm_eval(
         raise DepthlabError("--limit must be positive")
     start = time.time()
     offline = data_dir is not None
-    ctx = offline_hub() if offline else contextlib.nullcontext()
+    # without a reachable Hub, go offline at once: cached task data still loads, missing
+    # data fails in seconds instead of after huggingface_hub's retry back-off
+    ctx = offline_hub() if offline or not hub_reachable() else contextlib.nullcontext()
     with ctx:
         if offline:
             pairs = resolve_local_tasks(names, Path(data_dir).expanduser())
