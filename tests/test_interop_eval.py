@@ -129,6 +129,10 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         run_lm_eval(run, "copa", data_dir=partial)
     with pytest.raises(DepthlabError, match="no such directory"):
         run_lm_eval(run, "copa", data_dir=tmp_path / "nope")
+    (tmp_path / "junk" / "copa").mkdir(parents=True)
+    (tmp_path / "junk" / "copa" / "notes.txt").write_text("not a dataset")
+    with pytest.raises(DepthlabError, match="each task folder under --data-dir is a datasets"):
+        run_lm_eval(run, "copa", data_dir=tmp_path / "junk")
     with pytest.raises(DepthlabError, match="unknown task 'arc_eazy'; did you mean arc_easy"):
         resolve_hub_tasks(["arc_eazy"])
     for argv, needle in [

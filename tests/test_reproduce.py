@@ -90,6 +90,8 @@ def test_ablate_end_to_end(tmp_path, capsys):
     (["ablate", "configs/cpu/moe.yaml"], "already uses MoE"),
     (["ablate", "configs/cpu/tiny.yaml"], "needs an MHA base"),
     (["reproduce", "--steps", "0"], "--steps must be >= 1"),
+    (["reproduce", "--scale", "paper", "--seeds", "0"], "--seeds must be >= 1"),
+    (["data", "prepare", "--bpe-vocab-size", "500"], "--bpe-vocab-size applies to --tokenizer bpe"),
     (["reproduce", "--claims", ","], "--claims takes numbers"),
     (["ablate", "configs/cpu/dense.yaml", "--group-size", "0"], "--group-size must be >= 2"),
     (["ablate", "configs/cpu/dense.yaml", "--top-k", "0"], "--top-k must be between"),

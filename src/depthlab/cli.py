@@ -89,6 +89,9 @@ def data_prepare(
         data_cfg = _config_from(config, set_).data
     else:  # the options left out take the config defaults
         data_cfg = build_config({"data": given}, set_ or []).data
+    if bpe_vocab_size is not None and data_cfg.tokenizer != "bpe":
+        raise DepthlabError(f"--bpe-vocab-size applies to --tokenizer bpe, not "
+                            f"{data_cfg.tokenizer}")
     if data_cfg.corpus != "kjv" and is_token_dir(Path(data_cfg.corpus).expanduser()):
         raise DepthlabError(f"{data_cfg.corpus} already holds token files: nothing to prepare "
                             f"(train on it with --set data.corpus={data_cfg.corpus})")

@@ -166,6 +166,8 @@ def reproduce(
             wanted = []
         if not wanted:
             raise DepthlabError(f"--claims takes numbers like 1,2,8, got {claims!r}")
+    if seeds is not None and seeds < 1:
+        raise DepthlabError(f"--seeds must be >= 1, got {seeds}")
     command = "depthlab " + shlex.join(sys.argv[1:])
     results = run(scale, out, jobs=jobs, seeds=seeds, steps=steps, claims=wanted,
                   eval_tokens=eval_tokens,

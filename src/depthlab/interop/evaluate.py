@@ -410,7 +410,7 @@ def run_lm_eval(
             task_specs = list(task_names)
         em = open_eval_model(model, backend, device, batch_size)
         try:
-            results = _simple_evaluate(em.lm, task_specs, tm, limit, num_fewshot)
+            results = _simple_evaluate(em.lm, task_specs, tm, limit, num_fewshot, offline)
         finally:
             em.close()
     rows, averages = summarize(results, task_names)
@@ -452,7 +452,8 @@ def _git_probe_muted() -> Iterator[None]:
         evaluator.get_git_commit_hash = probe
 
 
-def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot: int | None):
+def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot: int | None,
+                     local_data: bool = False):
     import logging
 
     from lm_eval import simple_evaluate
@@ -478,8 +479,11 @@ def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot
             f"({lm.max_length} tokens); use --backend native for depthlab runs (scores its tail)"
         ) from None
     except (ConnectionError, OSError) as err:
+        advice = ("check that each task folder under --data-dir is a datasets.save_to_disk "
+                  "copy of its validation split" if local_data
+                  else "use --data-dir with local copies offline")
         raise DepthlabError(f"lm-eval could not load task data ({str(err).splitlines()[0]}); "
-                            "use --data-dir with local copies offline") from None
+                            f"{advice}") from None
     finally:
         quiet.setLevel(level)
     if results is None:
