@@ -284,6 +284,9 @@ def test_underdetermined_usefulness_fit_is_flagged(tiny_run: Path, tmp_path: Pat
         summary = (out / "summary.md").read_text()
         expected = f"the affine fit saw {samples * SEQ} tokens, fewer than the d+1 = 33 unknowns"
         assert (expected in printed) is flagged and (expected in summary) is flagged
+    main(["diagnose", str(tiny_run), "--metrics", "variance", "--samples", "2", "--seq-len",
+          str(SEQ), "--out", str(out), "--no-figures", "--no-progress"])
+    assert f"note: replacing the earlier diagnosis in {out}" in capsys.readouterr().err
 
 
 def test_figure_titles_name_the_metric_own_n() -> None:

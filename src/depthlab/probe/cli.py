@@ -84,6 +84,9 @@ def diagnose_command(
     def log(msg: str) -> None:
         if progress:
             err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
+    if (Path(out_dir) / "results.json").is_file():
+        err_console.print(f"note: replacing the earlier diagnosis in {out_dir}", highlight=False,
+                          markup=False, soft_wrap=True)
     results = diagnose(
         model, metrics=metrics, out=out_dir, data=data, samples=samples, seq_len=seq_len,
         seed=seed, batch_size=batch_size, dtype=dtype, device=device, options=options,
