@@ -135,6 +135,10 @@ def test_unknown_sweep_key_is_an_error_before_anything_runs(tmp_path):
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(ConfigError, match="empty"):  # used to become a one-run sweep
         load_sweep(tmp_path / "empty.yaml")
+    no_base = {k: v for k, v in _sweep(tmp_path, grid={"model.n_layers": [2]}).items()
+               if k != "base"}
+    with pytest.raises(ConfigError, match="no `base`"):  # used to train the defaults
+        load_sweep(no_base)
     assert not (tmp_path / "sweep").exists()
 
 

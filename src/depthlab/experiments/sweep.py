@@ -308,6 +308,9 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
         raise ConfigError(f"sweep: unknown key(s) {', '.join(unknown)} "
                           f"(expected {', '.join(sorted(SWEEP_KEYS))})")
     name = _safe(str(raw.get("name") or (path.stem if path else "sweep")), underscore=True)
+    if "base" not in raw:
+        raise ConfigError(f"sweep {name}: no `base` (a run config file, or a mapping; "
+                          "`base: {}` for the built-in defaults)")
     base = raw.get("base", {})
     if isinstance(base, str):
         base_path = Path(base)
