@@ -339,3 +339,22 @@ def test_corrupt_training_state_names_the_file_and_the_way_out(tmp_path, corpus)
     with pytest.raises(DepthlabError, match=f"cannot read {last / 'state.pt'} .*; delete {last} "
                                             "to resume from the checkpoint before it"):
         Trainer(longer, progress=False).fit()
+
+
+def test_ctrl_c_during_a_checkpoint_waits_for_it(tmp_path):
+    """SIGINT inside the deferred block (as during a checkpoint write) does not interrupt
+    it; it is raised once the block is done, and the usual handler is back."""
+    import os
+    import signal
+
+    from depthlab.train.checkpoint import _ctrl_c_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the rest of the checkpoint")
+    assert done == ["the rest of the checkpoint"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with _ctrl_c_deferred():  # no signal: nothing raised
+        pass

@@ -23,6 +23,8 @@ import contextlib
 import os
 import random
 import shutil
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +152,31 @@ def save_checkpoint(
     rank writes its DCP shard); rank 0 writes the rest and renames the directory.
     `state` is rank 0's (the data position is global, the same on every rank).
     """
+    with _ctrl_c_deferred():
+        return _save_checkpoint(run_dir, step, model, optimizer, state, keep_last)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it: an interrupt that
+    unwinds the main thread mid-checkpoint closes files that DCP's writer still uses, and
+    the process then aborts in C++ (and a half-written checkpoint helps nobody)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                     keep_last: int) -> Path:
     import torch.distributed.checkpoint as dcp
 
     root = Path(run_dir) / CKPT_DIR
