@@ -63,7 +63,7 @@ def test_file_system_and_config_file_mistakes_are_one_line(tmp_path, capsys):
     run.mkdir()
     (run / "config.yaml").write_text("name: [x\n")
     assert "config.yaml: not valid YAML" in _one_line_error(["info", str(run)], capsys)
-    assert not (a_file.is_dir() or (tmp_path / "run" / "checkpoints").exists())
+    assert a_file.read_text() == "not a directory"  # refused, untouched
 
 
 def test_recipe_out_never_replaces_a_file_silently(tmp_path, capsys):
@@ -74,3 +74,20 @@ def test_recipe_out_never_replaces_a_file_silently(tmp_path, capsys):
     assert mine.read_text() == "# my own config\n"
     main(["recipe", "-L", "8", "--params", "10M", "--out", str(mine), "--overwrite"])
     assert "n_layers: 8" in mine.read_text()
+
+
+def test_only_file_system_refusals_become_one_line(tmp_path, monkeypatch):
+    """A missing path or a full disk is said in one line; any other OSError (network, a
+    bug) keeps its traceback, and DEPTHLAB_DEBUG=1 keeps it for all."""
+    import errno
+
+    from depthlab.cli import _file_system_refusal
+
+    assert _file_system_refusal(FileNotFoundError(errno.ENOENT, "No such file", "x.yaml"))
+    assert _file_system_refusal(OSError(errno.ENOSPC, "No space left on device"))
+    assert not _file_system_refusal(FileNotFoundError(errno.ENOENT, "No such file"))
+    assert not _file_system_refusal(ConnectionError(errno.ECONNREFUSED, "refused", "h"))
+    assert not _file_system_refusal(OSError("a library's own OSError"))
+    monkeypatch.setenv("DEPTHLAB_DEBUG", "1")
+    with pytest.raises(IsADirectoryError):
+        main(["recipe", "-L", "8", "--params", "10M", "--out", str(tmp_path)])

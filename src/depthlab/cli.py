@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -196,6 +197,19 @@ def _register_optional_commands() -> None:
         mod.register(app)
 
 
+# The file system's refusals of a path (or of space): a user's or a machine's problem, said
+# in one line. Any other OSError (network, a bug in depthlab) keeps its traceback.
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                errno.EROFS, errno.EEXIST, errno.ENAMETOOLONG, errno.ENOTEMPTY}
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _file_system_refusal(err: OSError) -> bool:
+    if isinstance(err, (ConnectionError, TimeoutError)) or not err.strerror:
+        return False
+    return err.errno in _SPACE_ERRNOS or (err.errno in _PATH_ERRNOS and bool(err.filename))
+
+
 def _fail(message: str) -> None:
     from rich.markup import escape
 
@@ -228,10 +242,12 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, standalone_mode=False)
     except DepthlabError as err:
         _fail(str(err))
-    except OSError as err:  # the file system refused a path the user gave (not a bug)
+    except OSError as err:
+        if not _file_system_refusal(err) or os.environ.get("DEPTHLAB_DEBUG"):
+            raise
         where = f": {err.filename}" if err.filename else ""
         where += f" -> {err.filename2}" if err.filename2 else ""
-        _fail(f"{err.strerror or err}{where}")
+        _fail(f"{err.strerror}{where}")
     except KeyboardInterrupt:
         code = 130
     except typer.Exit as err:
