@@ -181,9 +181,15 @@ def test_prepare_bpe_and_refuses_foreign_out_dir(tmp_path):
     mine = tmp_path / "mine"  # a user's own token file, no manifest yet: never overwritten
     mine.mkdir()
     (mine / "train.bin").write_bytes(b"\x01\x00" * 8)
-    with pytest.raises(DepthlabError, match="holds no depthlab manifest.json"):
+    with pytest.raises(DepthlabError, match="holds token files that depthlab did not write"):
         prepare(_cfg(tmp_path, corpus=corpus), out_dir=mine, progress=False)
     assert (mine / "train.bin").read_bytes() == b"\x01\x00" * 8
+    run = tmp_path / "run"  # a run directory (it has a tokenizer/ too): never written into
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: run\n")
+    with pytest.raises(DepthlabError, match="holds other files \\(config.yaml\\)"):
+        prepare(_cfg(tmp_path, corpus=corpus), out_dir=run, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "tokenizer"]
     from depthlab.train.trainer import _token_dir_tokenizer_note
 
     note = _token_dir_tokenizer_note("byte", splits)  # byte is the default: say what is used

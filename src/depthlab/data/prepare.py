@@ -18,7 +18,7 @@ import numpy as np
 from depthlab.config import DataConfig
 from depthlab.data.cache import cache_root, write_json
 from depthlab.data.corpus import Corpus, Split, is_token_dir, load_corpus
-from depthlab.data.tokenizer import Tokenizer, load_tokenizer, load_tokenizer_path
+from depthlab.data.tokenizer import META_FILE, Tokenizer, load_tokenizer, load_tokenizer_path
 from depthlab.data.tokens import (
     FORMAT_VERSION,
     MANIFEST,
@@ -60,6 +60,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     existing = _token_dir_of(cfg)
     if existing is not None:
         return existing
+    if out_dir is not None:  # before any tokenizer training
+        _check_foreign(Path(out_dir).expanduser())
     corpus = load_corpus(cfg)
     tokenizer = load_tokenizer(cfg, corpus)
     d = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(
@@ -84,12 +86,28 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
             raise DepthlabError(
                 f"{d} holds a manifest.json not written by depthlab; not overwriting it"
             )
-    elif d.is_dir() and any(d.iterdir()) and not (d / "tokenizer").is_dir():
-        # (an interrupted prepare has written its tokenizer/ first: that one is resumed)
-        raise DepthlabError(f"{d} is not empty and holds no depthlab manifest.json; not writing "
-                            "token files into it (choose a new or empty directory)")
+    else:
+        _check_foreign(d)
     _write(d, corpus, tokenizer, progress)
     return d
+
+
+OWN_FILES = {"tokenizer", "train.bin", "val.bin", MANIFEST}
+
+
+def _check_foreign(d: Path) -> None:
+    """Refuse a directory that holds anything but what `prepare` writes (a run, a user's
+    own token files): only a new or empty one, or an earlier prepare's, is written into."""
+    if not d.is_dir():
+        return
+    names = {p.name for p in d.iterdir() if not p.name.startswith(".")}
+    if names - OWN_FILES:
+        raise DepthlabError(f"{d} holds other files ({', '.join(sorted(names - OWN_FILES)[:3])}"
+                            "); not writing token files into it (choose a new or empty "
+                            "directory)")
+    if names and not (d / MANIFEST).exists() and not (d / "tokenizer" / META_FILE).is_file():
+        raise DepthlabError(f"{d} holds token files that depthlab did not write (no "
+                            "manifest.json); not overwriting them")
 
 
 def _quiet_manifest(d: Path) -> dict[str, Any]:
