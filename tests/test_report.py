@@ -228,6 +228,9 @@ def test_cli_report_and_ladder_and_standalone_diagnosis(tmp_path, capsys):
         main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "o2"),
               "--ladder", str(ladder)])
     assert exc.value.code == 2 and "no step has a numeric score" in capsys.readouterr().err
+    (tmp_path / "runs" / "ladder.json").write_text(json.dumps([{"name": "a", "ppl": "high"}]))
+    rep = build_report([tmp_path / "runs"], tmp_path / "o3")  # found, not named: a note
+    assert "ladder" in [f.name for f in rep.skipped]
 
 
 def test_colours_are_consistent_across_figures(tmp_path):
@@ -316,3 +319,8 @@ def test_rewriting_a_report_removes_its_stale_files_and_spares_foreign_pages(tmp
     with pytest.raises(DepthlabError, match="not written by depthlab report"):
         build_report([hf], mine)
     assert (mine / "report.html").read_text() == "<html>my own notes</html>"
+    outside = tmp_path / "outside.txt"  # a tampered list never reaches outside OUT
+    outside.write_text("keep")
+    (out / ".report_files.json").write_text(json.dumps(["figures/../../outside.txt"]))
+    build_report([hf], out)
+    assert outside.read_text() == "keep"

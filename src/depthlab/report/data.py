@@ -280,7 +280,7 @@ def _sort_key(value: Any) -> tuple:
     return (2, 0.0, json.dumps(value, sort_keys=True, default=str))
 
 
-def read_ladder(path: Path) -> list[dict[str, Any]]:
+def read_ladder(path: Path, *, need_scores: bool = True) -> list[dict[str, Any]]:
     """Ladder steps from JSON/YAML: a list, or {"steps": [...]} / {"ladder": [...]}.
     Each step: name/label, a score (ppl/val_ppl, accuracy/avg_accuracy) and usefulness."""
     try:
@@ -292,13 +292,13 @@ def read_ladder(path: Path) -> list[dict[str, Any]]:
         data = data.get("steps", data.get("ladder", data.get("rows")))
     if not isinstance(data, list) or not all(isinstance(s, dict) for s in data):
         raise DepthlabError(f"ladder data {path} must be a list of steps (mappings)")
-    if not any(score is not None for _, score, _ in ladder_rows(data)[1]):
+    if need_scores and not any(score is not None for _, score, _ in ladder_scores(data)[1]):
         raise DepthlabError(f"ladder data {path}: no step has a numeric score (ppl, val_ppl, "
                             "accuracy or avg_accuracy)")
     return data
 
 
-def ladder_rows(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float | None,
+def ladder_scores(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float | None,
                                                                      float | None]]]:
     """(score name, [(step name, score, usefulness)]) of ladder data."""
     score_keys = [("avg_accuracy", "average accuracy (%)"), ("accuracy", "accuracy (%)"),
@@ -343,13 +343,14 @@ def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportD
             if r.is_dir() and (r / LADDER_FILE).is_file():
                 ladder_path = r / LADDER_FILE
                 break
-    ladder_rows = None
+    ladder_steps = None
     if ladder_path is not None:
         if not ladder_path.is_file():
             raise DepthlabError(f"ladder file not found: {ladder_path}")
-        ladder_rows = read_ladder(ladder_path)
+        # a file named by --ladder must hold scores; a found one may be skipped with a note
+        ladder_steps = read_ladder(ladder_path, need_scores=ladder is not None)
 
-    if not run_paths and not diag_paths and ladder_rows is None:
+    if not run_paths and not diag_paths and ladder_steps is None:
         raise DepthlabError(
             f"no depthlab runs (config.yaml) or diagnose results (results.json) under "
             f"{', '.join(str(r) for r in roots)}"
@@ -413,4 +414,4 @@ def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportD
                 target = f" of {r.max_steps}" if r.max_steps else ""
                 warnings.append(f"{r.label}: incomplete (no summary.json), last logged step "
                                 f"{r.final_step}{target}")
-    return ReportData(runs, diagnoses, ladder_rows, ladder_path, knob_keys, warnings, roots)
+    return ReportData(runs, diagnoses, ladder_steps, ladder_path, knob_keys, warnings, roots)

@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from depthlab.report.data import Diagnosis, ReportData, RunData, ladder_rows, num
+from depthlab.report.data import Diagnosis, ReportData, RunData, ladder_scores, num
 
 NAN = float("nan")
 STYLE = {
@@ -300,7 +300,7 @@ def fig_permutation_heatmaps(data: ReportData, colors: dict[str, str]) -> Figure
 def fig_ladder(data: ReportData, colors: dict[str, str]) -> Figure | str:
     if not data.ladder:
         return "no ladder data (pass --ladder FILE or put ladder.json in a report directory)"
-    score_name, rows = ladder_rows(data.ladder)
+    score_name, rows = ladder_scores(data.ladder)
     if not any(s is not None for _, s, _ in rows):
         return "ladder data has no scores (ppl / val_ppl / accuracy / avg_accuracy)"
     fig, axes = _fig(max(5.0, 1.2 * len(rows) + 2), 4.0)

@@ -156,5 +156,5 @@ def _listed_files(out: Path) -> set[str]:
         listed = json.loads((out / FILES_LIST).read_text())
     except (OSError, ValueError):
         return set()
-    return {p for p in listed if isinstance(p, str)
-            and Path(p).parts[:1] in (("figures",), ("tables",))}
+    return {p for p in listed if isinstance(p, str) and len(Path(p).parts) == 2
+            and Path(p).parts[0] in ("figures", "tables") and Path(p).name not in ("..", ".")}

@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from depthlab.report.data import ReportData, ladder_rows, num
+from depthlab.report.data import ReportData, ladder_scores, num
 
 ABBREV = {
     "model.n_layers": "L", "model.d_model": "d", "model.n_heads": "heads",
@@ -148,7 +148,7 @@ def diagnoses_table(data: ReportData) -> Table | None:
 def ladder_table(data: ReportData) -> Table | None:
     if not data.ladder:
         return None
-    score_name, rows = ladder_rows(data.ladder)
+    score_name, rows = ladder_scores(data.ladder)
     return Table("ladder", "Ablation ladder", ["step", score_name, "usefulness ↑"],
                  [[lab, fmt(s), fmt(u)] for lab, s, u in rows])
 
