@@ -286,7 +286,7 @@ def test_underdetermined_usefulness_fit_is_flagged(tiny_run: Path, tmp_path: Pat
         assert (expected in printed) is flagged and (expected in summary) is flagged
     main(["diagnose", str(tiny_run), "--metrics", "variance", "--samples", "2", "--seq-len",
           str(SEQ), "--out", str(out), "--no-figures", "--no-progress"])
-    assert f"note: replacing the earlier diagnosis in {out}" in capsys.readouterr().err
+    assert f"note: replaced the earlier diagnosis in {out}" in capsys.readouterr().err
 
 
 def test_figure_titles_name_the_metric_own_n() -> None:

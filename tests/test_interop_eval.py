@@ -141,6 +141,7 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
          "no such run"),
         (["eval", f"{tmp_path.name}/missing", "--ppl"], "no such run"),  # under a local dir
         (["eval", str(run), "--ppl", "--limit", "0.5"], "--limit with --ppl is a number of windows"),
+        (["eval", str(run), "--ppl", "--limit", "4.5"], "--limit with --ppl is a number of windows"),
         (["eval", str(run), "--ppl", "--limit", "0"], "--limit must be positive"),
         (["eval", str(run), "--ppl", "--seq-len", "0"], "--seq-len must be >= 1"),
         (["eval", str(run), "--ppl", "--backend", "magic"], "one of auto, hf, native"),
@@ -217,7 +218,12 @@ def test_unreachable_hub_fails_offline_at_once(tmp_path, monkeypatch):
     from depthlab.interop import evaluate
 
     monkeypatch.setattr(evaluate, "hub_reachable", lambda: False)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+    import datasets.config
+    import huggingface_hub.constants
+
+    # empty caches, so a machine that once downloaded piqa still has nothing offline
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
     seen = {}
     real = evaluate._simple_evaluate
 

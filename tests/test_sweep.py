@@ -133,8 +133,8 @@ def test_unknown_sweep_key_is_an_error_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="non-empty list"):
         load_sweep(_sweep(tmp_path, grid={"model.n_layers": 4}))
     (tmp_path / "empty.yaml").write_text("")
-    with pytest.raises(ConfigError, match="empty"):  # used to become a one-run sweep
-        load_sweep(tmp_path / "empty.yaml")
+    with pytest.raises(ConfigError, match="empty; give at least `base` and a `grid`"):
+        load_sweep(tmp_path / "empty.yaml")  # used to become a one-run sweep
     no_base = {k: v for k, v in _sweep(tmp_path, grid={"model.n_layers": [2]}).items()
                if k != "base"}
     with pytest.raises(ConfigError, match="no `base`"):  # used to train the defaults

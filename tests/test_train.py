@@ -336,8 +336,8 @@ def test_corrupt_training_state_names_the_file_and_the_way_out(tmp_path, corpus)
     (last / "state.pt").write_text("garbage\n")
     longer = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4, "train.ckpt_interval": 2})
     (cfg.run_dir / "summary.json").unlink()  # as if stopped after the last checkpoint
-    with pytest.raises(DepthlabError, match=f"cannot read {last / 'state.pt'} .*; delete {last} "
-                                            "to resume from the checkpoint before it"):
+    with pytest.raises(DepthlabError, match=f"cannot read {last / 'state.pt'} .*; if it is "
+                                            f"damaged, delete {last} to resume from step_0000002"):
         Trainer(longer, progress=False).fit()
 
 

@@ -338,7 +338,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | dict[str, Any] = ()
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, *, allow_empty: bool = False) -> dict[str, Any]:
     """A YAML mapping from a file; anything else (missing, unreadable, empty, not YAML, not a
     mapping) is a one-line ConfigError naming the file."""
     p = Path(path)
@@ -355,6 +355,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{p}: cannot read ({err.strerror or err})") from None
     if data is None:
+        if allow_empty:
+            return {}
         raise ConfigError(f"{p}: empty file")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")

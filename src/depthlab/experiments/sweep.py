@@ -298,7 +298,7 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
         here = Path.cwd()
     else:
         path = Path(source)
-        raw = read_yaml(path)
+        raw = read_yaml(path, allow_empty=True)
         here = path.parent
     if not raw:
         raise ConfigError(f"sweep {path or ''}: empty; give at least `base` and a `grid` or "

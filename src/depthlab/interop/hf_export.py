@@ -276,7 +276,8 @@ def export_model(
         hf.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-            _portable_tokenizer_class(tmp / "tokenizer_config.json")
+            if (tmp / "tokenizer_config.json").is_file():
+                _portable_tokenizer_class(tmp / "tokenizer_config.json")
         info = {"arch": arch, "hf_class": CLASS_NAMES[arch], "dtype": dtype,
                 "max_abs_logit_diff": diff, "notes": notes,
                 "depthlab_model": model.cfg.model_dump(mode="json"), **(provenance or {})}
@@ -287,7 +288,8 @@ def export_model(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    tok_name = FAST_TOKENIZER if tokenizer is not None else "none"
+    tok_name = type(tokenizer).__name__ if tokenizer is not None else "none"
+    tok_name = FAST_TOKENIZER if tok_name == "TokenizersBackend" else tok_name
     return ExportResult(out, arch, CLASS_NAMES[arch], diff, tok_name, notes=notes)
 
 
@@ -299,8 +301,9 @@ def _portable_tokenizer_class(config_file: Path) -> None:
     resolves (transformers 5 writes its own new name, TokenizersBackend, which 4.x lacks;
     in 5.x the old name is an alias of it)."""
     config = json.loads(config_file.read_text())
-    config["tokenizer_class"] = FAST_TOKENIZER
-    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = FAST_TOKENIZER
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:

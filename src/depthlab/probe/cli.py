@@ -84,15 +84,16 @@ def diagnose_command(
     def log(msg: str) -> None:
         if progress:
             err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
-    if (Path(out_dir) / "results.json").is_file():
-        err_console.print(f"note: replacing the earlier diagnosis in {out_dir}", highlight=False,
-                          markup=False, soft_wrap=True)
+    replaces = (Path(out_dir) / "results.json").is_file()
     results = diagnose(
         model, metrics=metrics, out=out_dir, data=data, samples=samples, seq_len=seq_len,
         seed=seed, batch_size=batch_size, dtype=dtype, device=device, options=options,
         figures=figures, progress=progress, console=err_console, command=command, log=log,
     )
 
+    if replaces:
+        err_console.print(f"note: replaced the earlier diagnosis in {out_dir}", highlight=False,
+                          markup=False, soft_wrap=True)
     m, d = results["model"], results["data"]
     table = Table(title=f"{results['model_name']}: {m['arch']}, L={m['n_layers']}, "
                         f"d={m['d_model']}, {m['params'] / 1e6:.1f}M params, {m['dtype']}; "

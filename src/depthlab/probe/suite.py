@@ -79,7 +79,7 @@ def _is_terminal(console: Any) -> bool:
         from rich.console import Console
 
         console = Console(stderr=True)
-    return bool(console.is_terminal)
+    return bool(console.is_terminal or console.is_jupyter)  # notebooks render live bars
 
 
 def _print_plain(console: Any, msg: str) -> None:

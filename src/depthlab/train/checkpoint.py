@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -279,8 +280,15 @@ def _read_state(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def _unreadable(ckpt_dir: Path, name: str, err: Exception) -> DepthlabError:
-    return DepthlabError(f"cannot read {ckpt_dir / name} ({first_line(err)}); delete "
-                         f"{ckpt_dir} to resume from the checkpoint before it")
+    """Cut or corrupt files get the way out (resume from an earlier checkpoint); anything
+    else (permissions, a library version that cannot unpickle it) only the cause."""
+    damaged = isinstance(err, (EOFError, ValueError, pickle.UnpicklingError)) or (
+        isinstance(err, RuntimeError) and "zip" in str(err).lower())
+    earlier = [c for c in checkpoint_dirs(ckpt_dir.parent.parent) if c.name < ckpt_dir.name]
+    way_out = (f"; if it is damaged, delete {ckpt_dir} to resume from "
+               f"{earlier[-1].name if earlier else 'step 0 (no earlier checkpoint)'}"
+               if damaged else "")
+    return DepthlabError(f"cannot read {ckpt_dir / name} ({first_line(err)}){way_out}")
 
 
 @contextlib.contextmanager

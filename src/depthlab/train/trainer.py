@@ -158,7 +158,7 @@ class Trainer:
         else:
             self.splits = open_splits(cfg.data)
         note = _token_dir_tokenizer_note(cfg.data.tokenizer, self.splits)
-        if note and self.progress:
+        if note and self.dist.is_main:
             print(f"note: {note}", file=sys.stderr, flush=True)
         if cfg.model.vocab_size is None:
             cfg = build_config(cfg.to_dict(), {"model.vocab_size": self.splits.vocab_size})
