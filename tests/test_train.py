@@ -119,6 +119,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_full_disk_stops_with_the_step_and_the_checkpoints_kept(tmp_path, corpus):
+    import errno
+
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.ckpt_interval": 2})
+    trainer = Trainer(cfg, progress=False)
+
+    def disk_full(tr, step):  # any write in the loop (metrics, TensorBoard, a callback's)
+        if step == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tr.run_dir / "x"))
+
+    trainer.callbacks.append(disk_full)
+    with pytest.raises(DepthlabError, match="training stopped after step 5: No space left on "
+                                            ".*checkpoints up to step_0000004 are intact; free "
+                                            "space and run the same command again to resume"):
+        trainer.fit()
+
+
 def test_vocab_too_small_is_a_clear_error(tmp_path, corpus):
     with pytest.raises(DepthlabError, match="vocab_size"):
         Trainer(tiny_cfg(tmp_path, corpus, **{"model.vocab_size": 100}), progress=False)

@@ -17,6 +17,7 @@ means, and rank 0 alone writes the run directory, logs and the progress bar.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import json
 import math
@@ -376,6 +377,7 @@ class Trainer:
         done = read_metrics(self.run_dir) if self.step and self.dist.is_main else []
         train_loss = next((r["loss"] for r in reversed(done) if "loss" in r), None)
         val_loss = next((r["val_loss"] for r in reversed(done) if "val_loss" in r), None)
+        finished = False
         try:
             with _progress_bar(self.progress, tc.max_steps, self.step, self.cfg.name) as bar:
                 while self.step < tc.max_steps:
@@ -407,8 +409,22 @@ class Trainer:
                     if self.step % tc.ckpt_interval == 0 or last:
                         self._save()
                     bar.update(self.step, loss, None)
+            finished = True
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            ckpt = latest_checkpoint(self.run_dir)
+            kept = f"checkpoints up to {ckpt.name} are intact" if ckpt else "no checkpoint yet"
+            raise DepthlabError(
+                f"training stopped after step {self.step}: {err.strerror} "
+                f"({err.filename or self.run_dir}); {kept}; free space and run the same command "
+                "again to resume") from None
         finally:
-            logger.close()
+            if finished:
+                logger.close()
+            else:  # the error that stopped training is the one to report
+                with contextlib.suppress(Exception):
+                    logger.close()
         seconds = time.time() - start_time
         summary = TrainSummary(self.run_dir, self.step, train_loss, val_loss,
                                self.step * tokens_per_step, seconds)
