@@ -324,3 +324,10 @@ def test_import_hf_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert exc.value.code == 2 and needle in " ".join(err.split()) and "\n" not in err, err
     assert not any((tmp_path / f"out{i}").exists() for i in range(1, 5))
+    main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imp")])
+    before = {p: p.read_bytes() for p in (tmp_path / "imp").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a failed --overwrite keeps the earlier import whole
+        main(["import-hf", str(bare), str(tmp_path / "imp"), "--overwrite"])
+    assert {p: p.read_bytes() for p in (tmp_path / "imp").rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no tmp left

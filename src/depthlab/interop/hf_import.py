@@ -15,6 +15,7 @@ Everything else is refused with the reason.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,42 +262,51 @@ def write_run(
     from depthlab.train.checkpoint import model_state
 
     out = Path(out_run_dir).expanduser()
-    if _check_run_dir(out, overwrite):
-        for old in ("tokenizer", "checkpoints"):  # an earlier import's files: replaced whole
-            shutil.rmtree(out / old, ignore_errors=True)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(out, overwrite)
+    # written beside OUT first and moved in at the end: a failed import changes nothing
+    # (with --overwrite, the earlier import stays until the new one is complete)
+    tmp = out.parent / f".{out.name}.import-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        data = _write_tokenizer(hf_source, out) if hf_source is not None else {}
+        data = (_write_tokenizer(hf_source, tmp / "tokenizer", out / "tokenizer")
+                if hf_source is not None else {})
         seq_len = min(DataConfig().seq_len, model.cfg.max_seq_len)
         try:
             cfg = RunConfig(name=out.name, out_dir=str(out.parent.resolve()), model=model.cfg,
                             data=DataConfig(seq_len=seq_len, **data))
         except Exception as err:
             raise ConfigError(f"imported config is invalid: {err}") from None
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        ckpt = out / "checkpoints" / "step_0000000"
-        ckpt.mkdir(parents=True, exist_ok=True)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        ckpt = tmp / "checkpoints" / "step_0000000"
+        ckpt.mkdir(parents=True)
         meta = {"step": "0", "source": str(hf_source) if hf_source is not None else "in-memory"}
         save_file(model_state(model), str(ckpt / "model.safetensors"), metadata=meta)
-    except BaseException:
-        if created:  # leave nothing half-written behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        out.mkdir(parents=True, exist_ok=True)
+        for name in IMPORT_ENTRIES:  # an earlier import's files: replaced whole
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            if (tmp / name).exists():
+                os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _check_run_dir(out: Path, overwrite: bool) -> bool:
-    """A new or empty directory (False), or with overwrite one an earlier import wrote
-    (True: replace it); never a run that has trained (its checkpoints and metrics would be
-    mixed with the imported weights) and never another non-empty directory."""
+IMPORT_ENTRIES = ("tokenizer", "checkpoints", "config.yaml")  # config last: marks it complete
+
+
+def _check_run_dir(out: Path, overwrite: bool) -> None:
+    """A new or empty directory, or with overwrite one an earlier import wrote; never a run
+    that has trained (its checkpoints and metrics would be mixed with the imported weights)
+    and never another non-empty directory."""
     if out.exists() and not out.is_dir():
         raise DepthlabError(f"{out} exists and is not a directory")
     if not (out / "config.yaml").exists():
         if out.is_dir() and any(out.iterdir()):
             raise DepthlabError(f"{out} is not empty and is not a depthlab run; choose a new "
                                 "or empty directory")
-        return False
+        return
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     if (out / "metrics.jsonl").exists() or any(c != "step_0000000" for c in ckpts):
         raise DepthlabError(f"{out} holds a trained run ({', '.join(ckpts[-1:]) or 'metrics'}); "
@@ -304,13 +314,12 @@ def _check_run_dir(out: Path, overwrite: bool) -> bool:
     if not overwrite:
         raise DepthlabError(f"{out} already holds an imported run; choose another directory "
                             "or pass --overwrite")
-    return True
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _write_tokenizer(hf_source: str | Path, out: Path) -> dict[str, Any]:
+def _write_tokenizer(hf_source: str | Path, tok_dir: Path, final_dir: Path) -> dict[str, Any]:
     """Save the HF tokenizer as RUN/tokenizer (depthlab format); data-config keys to set."""
     from depthlab.data.tokenizer import META_FILE, ByteTokenizer
     from depthlab.interop.hf_export import byte_level_tokenizer
@@ -330,7 +339,6 @@ def _write_tokenizer(hf_source: str | Path, out: Path) -> dict[str, Any]:
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend is None:
         raise DepthlabError(f"{hf_source}: its tokenizer has no tokenizer.json (fast) form")
-    tok_dir = out / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     if backend.to_str() == byte_level_tokenizer().backend_tokenizer.to_str():
         ByteTokenizer().save(tok_dir)
@@ -338,7 +346,7 @@ def _write_tokenizer(hf_source: str | Path, out: Path) -> dict[str, Any]:
     backend.save(str(tok_dir / "tokenizer.json"))
     (tok_dir / META_FILE).write_text(json.dumps(
         {"kind": "file", "name": str(hf_source), "eos_id": tok.eos_token_id}, indent=2) + "\n")
-    return {"tokenizer": str(tok_dir.resolve())}
+    return {"tokenizer": str(final_dir.resolve())}
 
 
 def import_hf_to_run(
