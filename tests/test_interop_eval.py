@@ -145,6 +145,9 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (["eval", str(run), "--ppl", "--limit", "0"], "--limit must be positive"),
         (["eval", str(run), "--ppl", "--seq-len", "0"], "--seq-len must be >= 1"),
         (["eval", str(run), "--ppl", "--backend", "magic"], "one of auto, hf, native"),
+        (["eval", str(run), "--ppl", "--num-fewshot", "3"], "--num-fewshot would be ignored"),
+        (["eval", str(run), "--tasks", "piqa", "--seq-len", "64", "--data-dir", str(partial)],
+         "--seq-len would be ignored"),
         (["eval", str(partial), "--ppl"], "neither a depthlab run (config.yaml) nor a Hugging"),
         (["eval", str(gguf), "--ppl"], "GGUF files are read by `depthlab diagnose` only"),
     ]:

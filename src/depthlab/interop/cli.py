@@ -129,6 +129,15 @@ def eval_cmd(
             raise DepthlabError(f"--batch-size {batch_size!r}: an integer or 'auto'") from None
         if bs < 1:
             raise DepthlabError("--batch-size must be >= 1")
+    ignored = [flag for flag, given, applies in (
+        ("--num-fewshot", num_fewshot is not None, tasks),
+        ("--data-dir", data_dir is not None, tasks),
+        ("--seq-len", seq_len is not None, ppl),
+        ("--data", data is not None, ppl),
+    ) if given and not applies]
+    if ignored:
+        raise DepthlabError(f"{', '.join(ignored)} would be ignored: --num-fewshot and --data-dir "
+                            "apply to --tasks, --seq-len and --data to --ppl")
     if backend not in ("auto", "hf", "native"):
         raise DepthlabError(f"--backend {backend!r}: one of auto, hf, native")
     if limit is not None and limit <= 0:
