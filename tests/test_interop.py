@@ -331,3 +331,14 @@ def test_import_hf_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
         main(["import-hf", str(bare), str(tmp_path / "imp"), "--overwrite"])
     assert {p: p.read_bytes() for p in (tmp_path / "imp").rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no tmp left
+
+
+def test_write_run_without_a_tokenizer_source_only_for_byte_models(tmp_path):
+    from depthlab.interop.hf_import import write_run as write_imported
+
+    with pytest.raises(DepthlabError, match="a model with a 64-token vocabulary needs its "
+                                            "tokenizer; pass hf_source=HF_DIR"):
+        write_imported(make(**{"model.vocab_size": 64}), tmp_path / "no_tok")
+    assert not (tmp_path / "no_tok").exists()
+    write_imported(make(**{"model.vocab_size": 257}), tmp_path / "byte")
+    assert (tmp_path / "byte" / "config.yaml").is_file()

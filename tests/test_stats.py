@@ -182,3 +182,14 @@ def test_callback_constructor_options(tmp_path):
     st = cb.compute(0)
     assert "attn_entropy" not in st and len(st["var"]) == 3
     assert st["grad_norm"] == [None, None, None]  # no gradient hook ran at this step
+
+
+def test_a_custom_callback_replaces_the_trainers_own(tmp_path):
+    """The trainer installs a stats callback itself; installing a customised one replaces
+    it, so every stats step is still logged exactly once."""
+    trainer = Trainer(_cfg(tmp_path, **{"train.stats_interval": 2, "train.max_steps": 4}),
+                      progress=False)
+    LayerStatsCallback(trainer, probe_sequences=1, attn_sequences=0).install()
+    trainer.fit()
+    steps = [r["step"] for r in read_metrics(trainer.run_dir) if "stats" in r]
+    assert steps == [2, 4]

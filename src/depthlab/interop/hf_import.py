@@ -259,9 +259,15 @@ def write_run(
     """Write a depthlab run dir holding `model` as checkpoint step 0 (no optimizer)."""
     from safetensors.torch import save_file
 
+    from depthlab.data.tokenizer import ByteTokenizer
     from depthlab.train.checkpoint import model_state
 
     out = Path(out_run_dir).expanduser()
+    byte_vocab = ByteTokenizer.vocab_size
+    if hf_source is None and model.cfg.vocab_size != byte_vocab:
+        raise DepthlabError(f"write_run: a model with a {model.cfg.vocab_size}-token vocabulary "
+                            "needs its tokenizer; pass hf_source=HF_DIR (only byte-level "
+                            f"models, vocab {byte_vocab}, are written without one)")
     _check_run_dir(out, overwrite)
     # written beside OUT first and moved in at the end: a failed import changes nothing
     # (with --overwrite, the earlier import stays until the new one is complete)

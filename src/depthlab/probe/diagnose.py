@@ -431,7 +431,8 @@ def diagnose(
     `data` (then samples/seq_len/seed/data are ignored). metrics: "all", "a,b" or a list.
     options: per-metric keyword options ({"permutation": {"pairs": "adjacent"}}), plus
     `samples=K` for any metric (run it on the first K sequences). tokenizer: overrides the
-    model's tokenizer (a transformers tokenizer or a depthlab Tokenizer).
+    model's tokenizer (a transformers tokenizer or a depthlab Tokenizer) for models that
+    are not depthlab runs (a run always uses the tokenizer it was trained with).
     Returns the results dict (schema in `depthlab.probe.results`).
     """
     from depthlab import __version__

@@ -176,6 +176,11 @@ class LayerStatsCallback:
         self._grad_norms: dict[int, list[float | None]] = {}
 
     def install(self) -> LayerStatsCallback:
+        """Hook into the trainer in place of any stats callback already there (the trainer
+        installs one itself when stats_interval > 0), so no stats step is logged twice."""
+        for hooks in (self.trainer.callbacks, self.trainer.grad_callbacks):
+            hooks[:] = [h for h in hooks
+                        if not isinstance(getattr(h, "__self__", None), LayerStatsCallback)]
         if self.interval > 0:
             import depthlab.probe.adapters  # noqa: F401  (import once now, not at the first stats step)
             import depthlab.probe.metrics  # noqa: F401
