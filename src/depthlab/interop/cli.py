@@ -97,7 +97,7 @@ def results_table(report) -> Table:  # noqa: ANN001
 
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="A depthlab run/checkpoint dir, a Hugging Face "
-                                              "model dir, or a hub id.")],
+                                              "model dir, a .gguf file, smollm2, or a hub id.")],
     tasks: Annotated[str | None, typer.Option(help="Comma-separated lm-eval tasks, e.g. "
                                                    "arc_easy,piqa,copa.")] = None,
     limit: Annotated[float | None, typer.Option(help="Examples per task (N), or a fraction "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -276,9 +277,30 @@ def _check_hf_dir(path: Path) -> None:
     """A local MODEL that is not a depthlab run must be a Hugging Face model directory."""
     if (path / "config.json").is_file():
         return
-    gguf = "; GGUF files are read by `depthlab diagnose` only" if path.suffix == ".gguf" else ""
-    raise DepthlabError(f"{path} is neither a depthlab run (config.yaml) nor a Hugging Face "
-                        f"model dir (config.json){gguf}")
+    raise DepthlabError(f"{path} is neither a depthlab run (config.yaml), a Hugging Face "
+                        "model dir (config.json) nor a .gguf file")
+
+
+def _gguf_file(model: str | Path) -> Path | None:
+    """The GGUF file MODEL names (`smollm2`, a .gguf path, or a folder holding one and no
+    config.json), else None."""
+    from depthlab.probe.diagnose import resolve_spec
+
+    path = Path(resolve_spec(model)).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    return ggufs[0] if len(ggufs) == 1 and not (path / "config.json").is_file() else None
+
+
+def _load_gguf(path: Path, device: str) -> tuple[Any, Any]:
+    """(transformers model in fp32, its tokenizer) from a GGUF file: the loader diagnose uses."""
+    from depthlab.probe.loading import load_model
+
+    hf, tok, _ = load_model(path, dtype="fp32", device=device)
+    if tok is None:
+        raise DepthlabError(f"{path}: the GGUF file carries no tokenizer")
+    return hf, tok
 
 
 def open_eval_model(model: str | Path, backend: str = "auto", device: str = "auto",
@@ -325,6 +347,14 @@ def open_eval_model(model: str | Path, backend: str = "auto", device: str = "aut
         return EvalModel(lm, "depthlab", "hf", path, run_dir, notes, tmp)
     if backend == "native":
         raise DepthlabError(f"{model}: --backend native needs a depthlab run or checkpoint dir")
+    gguf = _gguf_file(model)
+    if gguf is not None:
+        from lm_eval.models.huggingface import HFLM
+
+        hf, tok = _load_gguf(gguf, device)
+        with _lm_eval_quiet():  # its "pretrained is not a str" advice is for its own CLI
+            lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=batch_size)
+        return EvalModel(lm, "hf", "hf", gguf, notes=[f"dequantized from {gguf.name} to fp32"])
     if path.exists():
         _check_hf_dir(path)
         return EvalModel(_hflm(str(path), device, batch_size), "hf", "hf", path)
@@ -440,6 +470,18 @@ def _git_commit_hash() -> str | None:
 
 
 @contextlib.contextmanager
+def _lm_eval_quiet() -> Iterator[None]:
+    """lm-eval's own log lines (warnings meant for its CLI) only at ERROR."""
+    quiet = logging.getLogger("lm_eval")
+    level = quiet.level
+    quiet.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
+@contextlib.contextmanager
 def _git_probe_muted() -> Iterator[None]:
     """Run simple_evaluate with `_git_commit_hash` as its git probe (same value, no noise)."""
     import lm_eval.evaluator as evaluator
@@ -454,17 +496,13 @@ def _git_probe_muted() -> Iterator[None]:
 
 def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot: int | None,
                      local_data: bool = False):
-    import logging
 
     from lm_eval import simple_evaluate
 
     if isinstance(limit, float) and limit.is_integer() and limit >= 1:
         limit = int(limit)
-    quiet = logging.getLogger("lm_eval")
-    level = quiet.level
-    quiet.setLevel(max(level, logging.ERROR))
     try:
-        with _git_probe_muted():
+        with _lm_eval_quiet(), _git_probe_muted():
             results = simple_evaluate(
                 model=lm, tasks=task_specs, task_manager=tm, limit=limit,
                 num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
@@ -484,8 +522,6 @@ def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot
                   else "use --data-dir with local copies offline")
         raise DepthlabError(f"lm-eval could not load task data ({str(err).splitlines()[0]}); "
                             f"{advice}") from None
-    finally:
-        quiet.setLevel(level)
     if results is None:
         raise DepthlabError("lm-eval returned no results")
     return results
@@ -577,6 +613,26 @@ def _held_out_texts(data: str) -> list[str]:
     return corpus.texts("train") + corpus.texts("val")
 
 
+def _load_hf_for_ppl(model: str | Path, path: Path, device: str) -> tuple[Any, Any]:
+    """(transformers model, tokenizer) of a GGUF file, HF dir or hub id."""
+    gguf = _gguf_file(model)
+    if gguf is not None:
+        return _load_gguf(gguf, device)
+    if path.exists():
+        _check_hf_dir(path)
+    else:
+        check_hub_id(model)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(str(model))
+        hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise DepthlabError(f"{model}: cannot load with transformers "
+                            f"({str(err).splitlines()[0]})") from None
+    return hf, hf_tok
+
+
 def run_perplexity(model: str | Path, data: str | None = None, batch_size: int | None = None,
                    seq_len: int | None = None, limit: int | None = None,
                    device: str = "auto") -> PplReport:
@@ -631,18 +687,7 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
         texts = _held_out_texts(data)
         tokens = tok.encode_documents(texts)
     else:
-        if path.exists():
-            _check_hf_dir(path)
-        else:
-            check_hub_id(model)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            hf_tok = AutoTokenizer.from_pretrained(str(model))
-            hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
-        except (OSError, ValueError) as err:
-            raise DepthlabError(f"{model}: cannot load with transformers "
-                                f"({str(err).splitlines()[0]})") from None
+        hf, hf_tok = _load_hf_for_ppl(model, path, device)
         hf = hf.to(device).eval()
         max_len = int(getattr(hf.config, "max_position_embeddings", 1024) or 1024)
         T = seq_len or min(1024, max_len)
