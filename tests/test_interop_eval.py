@@ -158,17 +158,24 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         assert needle in " ".join(capsys.readouterr().err.split())
 
 
-def test_perplexity_run_split_kjv_and_hf_export_agree(tmp_path, monkeypatch):
+@pytest.fixture
+def kjv_run(tmp_path, monkeypatch) -> Path:
+    """A tiny byte-level run on the kjv corpus (token cache under tmp_path)."""
     from depthlab.data.corpus import kjv_path
-    from depthlab.interop.evaluate import run_perplexity
-    from depthlab.interop.hf_export import export_hf
 
     try:
         kjv_path()
     except DepthlabError as err:
         pytest.skip(str(err))
     monkeypatch.setenv("DEPTHLAB_CACHE", str(tmp_path / "cache"))
-    run = write_run(tmp_path)
+    return write_run(tmp_path)
+
+
+def test_perplexity_run_split_kjv_and_hf_export_agree(tmp_path, kjv_run):
+    from depthlab.interop.evaluate import run_perplexity
+    from depthlab.interop.hf_export import export_hf
+
+    run = kjv_run
     own = run_perplexity(run, limit=8)
     kjv = run_perplexity(run, data="kjv", limit=8)
     export_hf(run, tmp_path / "hf")
@@ -179,15 +186,8 @@ def test_perplexity_run_split_kjv_and_hf_export_agree(tmp_path, monkeypatch):
     assert 100 < kjv.ppl < 1000  # an untrained byte model: about exp(log 257)
 
 
-def test_cli_perplexity_writes_its_numbers(tmp_path, capsys, monkeypatch):
-    from depthlab.data.corpus import kjv_path
-
-    try:
-        kjv_path()
-    except DepthlabError as err:
-        pytest.skip(str(err))
-    monkeypatch.setenv("DEPTHLAB_CACHE", str(tmp_path / "cache"))
-    run = write_run(tmp_path)
+def test_cli_perplexity_writes_its_numbers(tmp_path, kjv_run, capsys):
+    run = kjv_run
     main(["eval", str(run), "--ppl", "--limit", "4"])  # default output: RUN/eval
     printed = " ".join(capsys.readouterr().out.split())
     [saved] = (run / "eval").glob("ppl_*.json")

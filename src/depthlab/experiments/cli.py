@@ -246,12 +246,10 @@ def recipe(
     from rich.console import Console
 
     from depthlab.errors import DepthlabError
+    from depthlab.experiments.recipe import make_recipe, parse_count, render
 
     if out is not None and out.is_file() and not overwrite:
         raise DepthlabError(f"--out {out} exists; choose another file or pass --overwrite")
-
-    from depthlab.experiments.recipe import make_recipe, parse_count, render
-
     console = Console()
     rec = make_recipe(layers, parse_count(params, "--params"), context=context,
                       tokens=parse_count(budget, "--budget") if budget else None,

@@ -311,7 +311,7 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
     if "base" not in raw:
         raise ConfigError(f"sweep {name}: no `base` (a run config file, or a mapping; "
                           "`base: {}` for the built-in defaults)")
-    base = raw.get("base", {})
+    base = raw["base"]
     if isinstance(base, str):
         base_path = Path(base)
         if not base_path.is_absolute():

@@ -285,12 +285,9 @@ def _gguf_file(model: str | Path) -> Path | None:
     """The GGUF file MODEL names (`smollm2`, a .gguf path, or a folder holding one and no
     config.json), else None."""
     from depthlab.probe.diagnose import resolve_spec
+    from depthlab.probe.loading import gguf_file
 
-    path = Path(resolve_spec(model)).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return path
-    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
-    return ggufs[0] if len(ggufs) == 1 and not (path / "config.json").is_file() else None
+    return gguf_file(Path(resolve_spec(model)).expanduser())
 
 
 def _load_gguf(path: Path, device: str) -> tuple[Any, Any]:
@@ -496,7 +493,6 @@ def _git_probe_muted() -> Iterator[None]:
 
 def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot: int | None,
                      local_data: bool = False):
-
     from lm_eval import simple_evaluate
 
     if isinstance(limit, float) and limit.is_integer() and limit >= 1:

@@ -278,6 +278,17 @@ def _load_hub(spec: str, dtype: Any, device: Any, local_files_only: bool | None)
 # ----------------------------------------------------------------------- entry
 
 
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` names: a .gguf file, or a folder holding exactly one and no
+    Hugging Face config.json; else None."""
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    ggufs = sorted(path.glob("*.gguf"))
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
 def load_model(
     spec: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -297,9 +308,10 @@ def load_model(
     text = str(spec)
     path = Path(text).expanduser()
     if path.exists():
+        gguf = gguf_file(path)
         if path.is_file():
-            if path.suffix.lower() == ".gguf":
-                out = _load_gguf(path, dtype, device)
+            if gguf is not None:
+                out = _load_gguf(gguf, dtype, device)
             elif path.name == "model.safetensors" and _depthlab_paths(path.parent):
                 cfg_path, ckpt = _depthlab_paths(path.parent)  # type: ignore[misc]
                 out = _load_depthlab(path, cfg_path, ckpt, dtype, device)
@@ -307,13 +319,12 @@ def load_model(
                 raise DepthlabError(f"{text} is not a model: {NOT_A_MODEL}")
         else:
             found = _depthlab_paths(path)
-            ggufs = sorted(path.glob("*.gguf"))
             if found is not None:
                 out = _load_depthlab(path, found[0], found[1], dtype, device)
             elif (path / "config.json").is_file():
                 out = _load_hf_dir(path, dtype, device)
-            elif len(ggufs) == 1:
-                out = _load_gguf(ggufs[0], dtype, device)
+            elif gguf is not None:
+                out = _load_gguf(gguf, dtype, device)
             else:
                 raise DepthlabError(f"{text} is not a model: {NOT_A_MODEL}")
     elif _HUB_ID.match(text) and not text.endswith((".gguf", ".safetensors", ".yaml", ".json")):

@@ -10,7 +10,6 @@ reuses the skipped runs of `causal` when both are requested.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,21 +73,6 @@ def resolve_metrics(metrics: Sequence[str] | str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _is_terminal(console: Any) -> bool:
-    if console is None:
-        from rich.console import Console
-
-        console = Console(stderr=True)
-    return bool(console.is_terminal or console.is_jupyter)  # notebooks render live bars
-
-
-def _print_plain(console: Any, msg: str) -> None:
-    if console is None:
-        print(msg, file=sys.stderr, flush=True)
-    else:
-        console.print(msg, highlight=False, markup=False, soft_wrap=True)
-
-
 def run_suite(
     stack, ids: Tensor, metrics: Sequence[str] | str = "all", batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True, *, options: dict[str, dict[str, Any]] | None = None,
@@ -114,9 +98,8 @@ def run_suite(
     t_all = time.perf_counter()
 
     bar = lines = None
-    if progress and not _is_terminal(console):
-        lines = ThrottledLines(lambda msg: _print_plain(console, msg))
-    elif progress:
+    if progress:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -125,9 +108,15 @@ def run_suite(
             TimeElapsedColumn,
         )
 
-        bar = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=console, transient=False)
-        bar.start()
+        console = console if console is not None else Console()  # rich's default, as before
+        if console.is_terminal or console.is_jupyter:  # a live bar
+            bar = Progress(TextColumn("{task.description:<22}"), BarColumn(),
+                           MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                           transient=False)
+            bar.start()
+        else:  # a batch log: plain lines
+            lines = ThrottledLines(lambda msg: console.print(msg, highlight=False, markup=False,
+                                                             soft_wrap=True))
     try:
         tasks = {m: bar.add_task(m, total=None, start=False) for m in order} if bar else {}
         for name in order:

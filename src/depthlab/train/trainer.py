@@ -105,7 +105,7 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
 def _token_dir_tokenizer_note(configured: str, splits: Any) -> str | None:
     """A prepared token directory brings its own tokenizer; say so when the config names
     another (it is the directory's tokenizer that the run uses and saves)."""
-    recorded = splits.manifest.get("tokenizer", {}) if splits.path is not None else {}
+    recorded = splits.manifest.get("tokenizer") or {}
     kind = recorded.get("kind")
     if kind is None or configured not in ("byte", "bpe") or kind == configured:
         return None
