@@ -20,18 +20,21 @@ module in the `dist` fixture; single-process reference runs happen in this proce
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from depthlab.config import build_config
 from depthlab.errors import DepthlabError
@@ -147,7 +150,11 @@ def _moe_counts(model, x: torch.Tensor) -> torch.Tensor:
 
 def worker(rank: int, root: str, port: int) -> None:
     """One of two ranks: env as torchrun sets it, then several runs on one process group."""
+    import faulthandler
+
     import torch.distributed as dist
+
+    faulthandler.enable()  # a C++ abort in a rank prints that rank's Python stacks
 
     from depthlab.train import distributed as D
 
@@ -157,6 +164,15 @@ def worker(rank: int, root: str, port: int) -> None:
     dist.init_process_group("gloo")
     root_p = Path(root)
     out: dict = {}
+    # train() frees its FSDP2 modules (they sit in reference cycles) before it returns
+    from torch.distributed.fsdp import FSDPModule
+
+    from depthlab.train.trainer import train
+
+    gc.disable()
+    train(build_config(raw_cfg(root_p, "freed", **{"train.distributed": "fsdp"})), False)
+    out["fsdp_modules_left"] = sum(isinstance(o, FSDPModule) for o in gc.get_objects())
+    gc.enable()
     # DDP and FSDP2 with per-rank batch b (global 2b)
     run(raw_cfg(root_p, "ddp", **{"train.distributed": "ddp"}))
     fsdp = run(raw_cfg(root_p, "fsdp", **{"train.distributed": "fsdp"}))
@@ -199,8 +215,13 @@ def worker(rank: int, root: str, port: int) -> None:
     out["moe_counts_both"] = _moe_counts(moe.raw_model, torch.cat(xs)).tolist()
     out["moe_counts_local"] = local.tolist()
     (root_p / f"rank{rank}.json").write_text(json.dumps(out))
+    # as depthlab's own train() does: free the (cyclic) FSDP2 modules, so the gloo group's
+    # worker threads are joined now and not during interpreter shutdown
+    del fsdp, moe, params
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    gc.collect()
 
 
 def free_port() -> int:
@@ -211,7 +232,19 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dist")
+    """The runs every test here reads. A rank killed by a signal (a C++ abort, seen once in
+    CI as "terminate called without an active exception" and never in ~100 local runs) is
+    retried once in a fresh directory, with a warning; a Python error in a rank is not."""
+    try:
+        return make_runs(tmp_path_factory.mktemp("dist"))
+    except ProcessExitedException as err:
+        if err.signal_name is None:
+            raise
+        warnings.warn(f"2-process job: {err}; retried once", stacklevel=1)
+        return make_runs(tmp_path_factory.mktemp("dist"))
+
+
+def make_runs(root: Path) -> Path:
     write_corpus(root)
     torch.set_num_threads(1)
     # one process: batch 2b; b with 2 accumulation steps (the same config as the 2-rank runs)
@@ -317,6 +350,12 @@ def test_resume_needs_the_same_global_batch(dist):
     (dist / "runs" / "other_batch" / "config.yaml").write_text(yaml.safe_dump(bigger.to_dict()))
     with pytest.raises(DepthlabError, match=r"global batch was 4 sequences per step, now 8"):
         Trainer(bigger, progress=False).fit()
+
+
+def test_train_frees_its_fsdp_modules(dist):
+    """Left to interpreter shutdown, they keep the process group's threads alive there."""
+    r0, r1 = (json.loads((dist / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["fsdp_modules_left"] == r1["fsdp_modules_left"] == 0
 
 
 # --------------------------------------------------------------------------- reductions

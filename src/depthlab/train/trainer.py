@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import importlib.util
 import json
 import math
@@ -532,6 +533,13 @@ def _train(cfg: RunConfig, progress: bool) -> TrainSummary:
     trainer = Trainer(cfg, progress=progress)
     summary = trainer.fit()
     trainer.close()
+    if trainer.dist.world_size > 1:
+        # FSDP2 modules sit in reference cycles and would live until interpreter shutdown,
+        # keeping the process group and its C++ worker threads alive that long, where a
+        # thread that needs the GIL can abort a finished job ("terminate called without an
+        # active exception"). Free them now, while Python is whole.
+        del trainer
+        gc.collect()
     return summary
 
 
