@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -330,3 +331,18 @@ def test_a_killed_run_is_reported_by_its_signal(tmp_path):
     assert _failure(-15, log) == f"killed by SIGTERM; see {log}"
     log.write_text("step 3/10 ...\nerror: invalid config: model.n_heads (4) must be\ndivisible\n")
     assert _failure(2, log) == "invalid config: model.n_heads (4) must be divisible"
+
+
+def test_a_rank_killed_under_torchrun_is_reported_by_its_signal(tmp_path):
+    """torchrun exits 1 when a rank dies by a signal; the signal is in its failure report."""
+    from depthlab.experiments.sweep import _failure
+
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        rc = subprocess.run(
+            [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=1",
+             "--no-python", sys.executable, "-c",
+             "import os; print('step 1', flush=True); os.kill(os.getpid(), 9)"],
+            stdout=out, stderr=subprocess.STDOUT, timeout=120).returncode
+    assert rc == 1
+    assert _failure(rc, log) == f"a rank was killed by SIGKILL (likely out of memory); see {log}"

@@ -367,11 +367,27 @@ def test_ctrl_c_during_a_checkpoint_waits_for_it(tmp_path):
     from depthlab.train.checkpoint import _ctrl_c_deferred
 
     done = []
-    with pytest.raises(KeyboardInterrupt):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _ctrl_c_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("the rest of the checkpoint")
+        assert done == ["the rest of the checkpoint"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # an ignored SIGINT (nohup, a background job) stays ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with _ctrl_c_deferred():
             os.kill(os.getpid(), signal.SIGINT)
-            done.append("the rest of the checkpoint")
-    assert done == ["the rest of the checkpoint"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        # someone else's handler gets the signal, after the block
+        calls = []
+        signal.signal(signal.SIGINT, lambda signum, frame: calls.append((signum, done[:])))
+        with _ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("written")
+        assert calls == [(signal.SIGINT, ["the rest of the checkpoint", "written"])]
+    finally:
+        signal.signal(signal.SIGINT, previous)
     with _ctrl_c_deferred():  # no signal: nothing raised
         pass

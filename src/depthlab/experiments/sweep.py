@@ -503,15 +503,30 @@ def _write_inputs(sweep: Sweep) -> None:
 
 
 def _failure(rc: int, log: Path) -> str:
-    """Why a run's process failed: the signal that killed it, else its log's error line."""
+    """Why a run's process failed: the signal that killed it (or, under torchrun, one of
+    its ranks: torchrun itself then exits 1), else its log's error line."""
     if rc < 0:
         try:
             name = signal.Signals(-rc).name
         except ValueError:
             name = f"signal {-rc}"
-        hint = " (likely out of memory)" if name == "SIGKILL" else ""
-        return f"killed by {name}{hint}; see {log}"
-    return _last_error(log)
+        who = "killed"
+    else:
+        name, who = _torchrun_rank_signal(log), "a rank was killed"
+        if name is None:
+            return _last_error(log)
+    hint = " (likely out of memory)" if name == "SIGKILL" else ""
+    return f"{who} by {name}{hint}; see {log}"
+
+
+def _torchrun_rank_signal(log: Path) -> str | None:
+    """The signal named in torchrun's failure report ("Signal 9 (SIGKILL) received by PID")."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    found = re.findall(r"Signal \d+ \((SIG[A-Z0-9]+)\) received by PID", text)
+    return found[0] if found else None
 
 
 def _last_error(log: Path) -> str:

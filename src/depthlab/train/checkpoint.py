@@ -29,6 +29,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -159,20 +160,21 @@ def save_checkpoint(
 
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it: an interrupt that
+    """Hold a Ctrl-C (SIGINT) until the block is done, then deliver it: an interrupt that
     unwinds the main thread mid-checkpoint closes files that DCP's writer still uses, and
     the process then aborts in C++ (and a half-written checkpoint helps nobody)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield  # SIGINT ignored (nohup) or left to the OS: nothing to hold
         return
-    held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    held: list[FrameType | None] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if held:
-        raise KeyboardInterrupt
+    if held:  # now the handler that was in place (Python's raises KeyboardInterrupt)
+        previous(signal.SIGINT, held[0])
 
 
 def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,
