@@ -525,8 +525,8 @@ def _torchrun_rank_signal(log: Path) -> str | None:
         text = log.read_text(errors="replace")
     except OSError:
         return None
-    found = re.findall(r"Signal \d+ \((SIG[A-Z0-9]+)\) received by PID", text)
-    return found[0] if found else None
+    found = re.search(r"Signal \d+ \((SIG[A-Z0-9]+)\) received by PID", text)
+    return found.group(1) if found else None
 
 
 def _last_error(log: Path) -> str:
