@@ -14,6 +14,7 @@ from depthlab.cli import main
 from depthlab.config import build_config
 from depthlab.errors import DepthlabError
 from depthlab.model import DepthLM
+from depthlab.probe import build_stack
 from depthlab.train.checkpoint import model_state
 
 transformers = pytest.importorskip("transformers")
@@ -102,6 +103,10 @@ def test_export_gives_same_logits_and_loss_in_stock_transformers(tmp_path, name)
         got = hf(input_ids=ids, labels=ids)
     torch.testing.assert_close(got.logits[:, :-1], ref.logits, atol=1e-5, rtol=0)
     assert abs(got.loss.item() - ref.loss.item()) < 1e-5
+    # diagnose reads every export: its LayerStack has the DepthLM's residual stream
+    want = build_stack(model).hidden_states(ids)
+    for a, b in zip(build_stack(hf).hidden_states(ids), want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     if model.cfg.moe is not None:  # routing really differs between tokens
         r = model.moe_layers()[0].route(model.embed(ids).flatten(0, 1))
         assert r.experts.unique().numel() > 1

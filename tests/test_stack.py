@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from depthlab.errors import DepthlabError
@@ -17,6 +18,7 @@ V, D, L, T, N = 100, 32, 3, 8, 2
 COMMON = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4,
               max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1,
               eos_token_id=2, pad_token_id=0)
+MIXED = ["sliding_attention", "full_attention", "sliding_attention"]
 
 
 def _configs() -> dict[str, object]:
@@ -46,13 +48,34 @@ def _configs() -> dict[str, object]:
         "gemma2": t.Gemma2Config(**COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8,
                                  sliding_window=4, final_logit_softcapping=3.0,
                                  attn_logit_softcapping=5.0, query_pre_attn_scalar=8),
+        # one RoPE per attention type (sliding / full)
+        "gemma3_text": t.Gemma3TextConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                          head_dim=8, sliding_window=4, layer_types=MIXED,
+                                          final_logit_softcapping=3.0),
+        "olmo3": t.Olmo3Config(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                               sliding_window=4, layer_types=MIXED),
+        "olmo": t.OlmoConfig(**COMMON, intermediate_size=64, num_key_value_heads=2),
+        "phi3": t.Phi3Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
+        "smollm3": t.SmolLM3Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
+        "stablelm": t.StableLmConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                     partial_rotary_factor=0.5),
+        "starcoder2": t.Starcoder2Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
+        "cohere": t.CohereConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                 logit_scale=0.5),
+        "exaone4": t.Exaone4Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
+        "glm4": t.Glm4Config(**COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8),
+        "phi": t.PhiConfig(**COMMON, intermediate_size=64, partial_rotary_factor=0.5),
+        "qwen2_moe": t.Qwen2MoeConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                      num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=24, norm_topk_prob=False),
     }
 
 
 CONFIGS = _configs()
 IMPLS = ("eager", "sdpa")
 CASES = [(n, i) for n in CONFIGS for i in IMPLS if not (n == "gemma2" and i == "sdpa")]
-MOE = ("qwen3_moe", "olmoe", "mixtral")
+MOE = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe")
 
 
 def _model(name: str, impl: str) -> torch.nn.Module:
@@ -248,12 +271,35 @@ def test_fused_qkv_split() -> None:
         _close(k.reshape(5, D), x @ w["attn.k_proj"].T + bias[:, 1].reshape(-1))
 
 
+def test_fused_phi3_and_glm4_splits() -> None:
+    """Phi-3 qkv_proj splits into q/k/v (GQA sizes); the Phi-3 and GLM-4 gate_up_proj into
+    gate/up, gate first: the split weights recompute the modules' own outputs."""
+    x = torch.randn(5, D)
+    phi3 = build_stack(_model("phi3", "eager"))
+    qkv = phi3.block_module(0).self_attn.qkv_proj
+    w = phi3.weight_matrices(0)
+    with torch.no_grad():
+        q, k, v = qkv(x).split([D, D // 2, D // 2], dim=-1)
+        for got, key in ((q, "attn.q_proj"), (k, "attn.k_proj"), (v, "attn.v_proj")):
+            _close(got, x @ w[key].T)
+    for name in ("phi3", "glm4"):
+        stack = build_stack(_model(name, "eager"))
+        w = stack.weight_matrices(0)
+        assert "mlp.gate_up_proj" not in w
+        with torch.no_grad():
+            swiglu = F.silu(x @ w["mlp.gate_proj"].T) * (x @ w["mlp.up_proj"].T)
+            _close(swiglu @ w["mlp.down_proj"].T, stack.block_module(0).mlp(x), atol=1e-4)
+    shared = build_stack(_model("qwen2_moe", "eager")).weight_matrices(0)
+    assert {"shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+            "mlp.shared_expert_gate", "router"} <= set(shared)
+
+
 @pytest.mark.parametrize("name", MOE)
 def test_hf_moe_router(name: str) -> None:
     stack = build_stack(_model(name, "eager"))
     info = stack.moe_router(1)
     assert info is not None and info.top_k == 2 and info.num_experts == 4
-    assert info.renormalize is (name != "olmoe")  # OLMoE: norm_topk_prob=False by default
+    assert info.renormalize is (name not in ("olmoe", "qwen2_moe"))  # OLMoE's default; set
     seen: dict[str, torch.Tensor] = {}
     info.router.register_forward_hook(
         lambda _m, a, o: seen.update(x=a[0].reshape(-1, D), idx=o[2]))

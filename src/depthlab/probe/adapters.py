@@ -17,6 +17,7 @@ with the mask from `transformers.masking_utils` for the block's attention type
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -121,11 +122,25 @@ HF_SPECS: dict[str, HFSpec] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
+    "olmo": _LLAMA,
+    "phi3": _LLAMA,
+    "smollm3": _LLAMA,
+    "stablelm": _LLAMA,
+    "starcoder2": _LLAMA,
+    "cohere": _LLAMA,
     "olmo2": _POSTNORM,
+    "olmo3": _POSTNORM,
     "gemma2": _POSTNORM,
+    "gemma3_text": _POSTNORM,
+    "exaone4": _POSTNORM,
+    "glm4": HFSpec("model", "layers", "norm", "self_attn", "decoder",
+                   ("post_self_attn_layernorm", "post_mlp_layernorm")),
     "qwen3_moe": _MOE,
+    "qwen2_moe": _MOE,
     "olmoe": _MOE,
     "mixtral": _MOE,
+    "phi": HFSpec("model", "layers", "final_layernorm", "self_attn", "decoder",
+                  ("self_attn", "mlp")),
     "gpt2": HFSpec("transformer", "h", "ln_f", "attn", "gpt2", ("attn", "mlp"), rotary=False),
     "gpt_neox": HFSpec("gpt_neox", "layers", "final_layer_norm", "attention", "neox",
                        ("attention", "mlp")),
@@ -139,14 +154,15 @@ def _canonical_hf_name(arch: str, name: str) -> str:
     for prefix in ("self_attn.", "attention."):
         if name.startswith(prefix):
             name = "attn." + name.removeprefix(prefix)
-    if name == "mlp.gate" and arch in ("qwen3_moe", "olmoe", "mixtral"):
+    if name == "mlp.gate" and HF_SPECS[arch].moe:
         return "router"
-    if name.startswith("mlp.experts."):
-        return "experts." + name.removeprefix("mlp.experts.")
+    for prefix in ("experts.", "shared_expert."):
+        if name.startswith("mlp." + prefix):
+            return prefix + name.removeprefix("mlp." + prefix)
     renames = {
         "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj",
         "attn.dense": "attn.o_proj", "mlp.dense_h_to_4h": "mlp.up_proj",
-        "mlp.dense_4h_to_h": "mlp.down_proj",
+        "mlp.dense_4h_to_h": "mlp.down_proj", "mlp.fc1": "mlp.up_proj", "mlp.fc2": "mlp.down_proj",
     }
     return renames.get(name, name)
 
@@ -198,6 +214,9 @@ class HFStack(LayerStack):
 
     def head(self, h: Tensor) -> Tensor:
         logits = self.lm_head(h)
+        scale = getattr(self.config, "logit_scale", None)  # Cohere
+        if scale is not None:
+            logits = logits * scale
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -231,7 +250,10 @@ class HFStack(LayerStack):
             pe = None
             if self.spec.rotary:
                 rot_in = torch.zeros((1, T, self.d_model), dtype=h.dtype, device=h.device)
-                pe = self.base.rotary_emb(rot_in, position_ids=pos)
+                # Gemma-3 and OLMo-3 keep one RoPE per attention type
+                per_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
+                extra = {"layer_type": kind} if per_type else {}
+                pe = self.base.rotary_emb(rot_in, position_ids=pos, **extra)
         if len(self._cache) > 16:
             self._cache.clear()
         self._cache[key] = (mask, pos, pe)
@@ -305,8 +327,9 @@ class HFStack(LayerStack):
 
     def weight_matrices(self, l: int) -> dict[str, Tensor]:  # noqa: E741
         """Canonical names, Linear convention [out, in]; fused weights split:
-        GPT-2 c_attn -> attn.q/k/v_proj, NeoX query_key_value -> attn.q/k/v_proj,
-        expert gate_up_proj -> experts.gate_proj / experts.up_proj."""
+        GPT-2 c_attn, NeoX query_key_value and Phi-3 qkv_proj -> attn.q/k/v_proj,
+        Phi-3 / GLM-4 mlp.gate_up_proj -> mlp.gate_proj / mlp.up_proj, expert
+        gate_up_proj -> experts.gate_proj / experts.up_proj."""
         block = self.block_module(l)
         out: dict[str, Tensor] = {}
         for raw, p in block.named_parameters():
@@ -327,10 +350,19 @@ class HFStack(LayerStack):
                 for i, n in enumerate(("q_proj", "k_proj", "v_proj")):
                     out[f"attn.{n}"] = w3[:, i].reshape(-1, w.shape[-1])
                 continue
-            if name == "experts.gate_up_proj":
-                g, u = w.chunk(2, dim=1)
-                out["experts.gate_proj"] = g
-                out["experts.up_proj"] = u
+            if name == "attn.qkv_proj":
+                hd = w.shape[0] // (self.config.num_attention_heads
+                                    + 2 * self.config.num_key_value_heads)
+                q, k, v = w.split([self.config.num_attention_heads * hd,
+                                   self.config.num_key_value_heads * hd,
+                                   self.config.num_key_value_heads * hd])
+                out.update({"attn.q_proj": q, "attn.k_proj": k, "attn.v_proj": v})
+                continue
+            if name in ("experts.gate_up_proj", "mlp.gate_up_proj"):  # gate first, then up
+                g, u = w.chunk(2, dim=w.ndim - 2)
+                prefix = name.removesuffix("gate_up_proj")
+                out[prefix + "gate_proj"] = g
+                out[prefix + "up_proj"] = u
                 continue
             out[name] = w
         return out
