@@ -264,3 +264,30 @@ def test_eval_a_gguf_model_smollm2(tmp_path, capsys):
     [summary] = tmp_path.glob("summary_*.json")
     [row] = json.loads(summary.read_text())["rows"]
     assert row["task"] == "copa" and row["n"] == 4 and 0.0 <= row["value"] <= 1.0
+
+
+def test_a_tokenizer_without_vocabulary_is_refused(tmp_path, capsys):
+    """transformers 5 builds a Gemma tokenizer even with no tokenizer file next to the
+    weights; it turns every word into <unk>. eval refuses it and diagnose treats the model
+    as having no tokenizer, instead of scoring strings of <unk>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+
+    from depthlab.probe import load_model
+
+    hf = tmp_path / "gemma3"
+    cfg = Gemma3TextConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           intermediate_size=64, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(hf)
+    tok = AutoTokenizer.from_pretrained(hf)  # the premise: it loads, and has no words
+    assert set(tok.encode("In the beginning", add_special_tokens=False)) == {tok.unk_token_id}
+    assert load_model(hf)[1] is None
+    modes = [["--ppl", "--limit", "1", "--seq-len", "8"]]
+    if DATA.is_dir():
+        modes.append(["--tasks", "copa", "--limit", "2", "--data-dir", str(DATA)])
+    for args in modes:
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", str(hf), *args])
+        assert exc.value.code == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "tokenizer (GemmaTokenizer) has no vocabulary" in err, err

@@ -267,10 +267,23 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
     if max_length:
         kwargs["max_length"] = max_length
     try:
-        return HFLM(**kwargs)
+        lm = HFLM(**kwargs)
     except OSError as err:
         raise DepthlabError(f"{path}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None
+    _check_vocabulary(path, lm.tokenizer)
+    return lm
+
+
+def _check_vocabulary(model: str | Path, tokenizer: Any) -> None:
+    """Refuse a tokenizer without vocabulary: every task would be scored on <unk> strings."""
+    from depthlab.probe.loading import has_vocabulary
+
+    if not has_vocabulary(tokenizer):
+        raise DepthlabError(
+            f"{model}: its tokenizer ({type(tokenizer).__name__}) has no vocabulary and turns "
+            "every word into an unknown token; put the model's tokenizer files "
+            "(tokenizer.json or tokenizer.model, ...) next to its weights")
 
 
 def _check_hf_dir(path: Path) -> None:
@@ -622,6 +635,7 @@ def _load_hf_for_ppl(model: str | Path, path: Path, device: str) -> tuple[Any, A
 
     try:
         hf_tok = AutoTokenizer.from_pretrained(str(model))
+        _check_vocabulary(model, hf_tok)
         hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise DepthlabError(f"{model}: cannot load with transformers "

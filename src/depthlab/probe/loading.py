@@ -147,8 +147,19 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except Exception:  # noqa: BLE001  weights without a tokenizer are still measurable
         tokenizer = None
+    if tokenizer is not None and not has_vocabulary(tokenizer):
+        tokenizer = None
     model.to(device).eval()
     return model, tokenizer
+
+
+def has_vocabulary(tokenizer: Any) -> bool:
+    """False for a tokenizer that maps plain words to nothing or to its unknown token only:
+    transformers 5 builds some classes (Gemma's, for one) without any vocabulary file,
+    and text tokenized with those would be measured as a string of <unk>."""
+    ids = tokenizer.encode("In the beginning God created the heaven and the earth.",
+                           add_special_tokens=False)
+    return bool(ids) and any(i != tokenizer.unk_token_id for i in ids)
 
 
 @contextlib.contextmanager
