@@ -279,7 +279,10 @@ def test_a_tokenizer_without_vocabulary_is_refused(tmp_path, capsys):
                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                            intermediate_size=64, max_position_embeddings=64)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(hf)
-    tok = AutoTokenizer.from_pretrained(hf)  # the premise: it loads, and has no words
+    try:  # the premise: it loads, and has no words
+        tok = AutoTokenizer.from_pretrained(hf)
+    except (OSError, ValueError):
+        pytest.skip("this transformers builds no Gemma tokenizer without files")
     assert set(tok.encode("In the beginning", add_special_tokens=False)) == {tok.unk_token_id}
     assert load_model(hf)[1] is None
     modes = [["--ppl", "--limit", "1", "--seq-len", "8"]]

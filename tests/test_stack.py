@@ -19,6 +19,8 @@ COMMON = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_he
               max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1,
               eos_token_id=2, pad_token_id=0)
 MIXED = ["sliding_attention", "full_attention", "sliding_attention"]
+ROPE_BY_TYPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e5, "factor": 8.0}}
 
 
 def _configs() -> dict[str, object]:
@@ -53,7 +55,7 @@ def _configs() -> dict[str, object]:
                                           head_dim=8, sliding_window=4, layer_types=MIXED,
                                           final_logit_softcapping=3.0),
         "olmo3": t.Olmo3Config(**COMMON, intermediate_size=64, num_key_value_heads=2,
-                               sliding_window=4, layer_types=MIXED),
+                               sliding_window=4, layer_types=MIXED, rope_parameters=ROPE_BY_TYPE),
         "olmo": t.OlmoConfig(**COMMON, intermediate_size=64, num_key_value_heads=2),
         "phi3": t.Phi3Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
         "smollm3": t.SmolLM3Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
@@ -62,7 +64,8 @@ def _configs() -> dict[str, object]:
         "starcoder2": t.Starcoder2Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
         "cohere": t.CohereConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
                                  logit_scale=0.5),
-        "exaone4": t.Exaone4Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
+        "exaone4": t.Exaone4Config(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                   sliding_window=4, layer_types=MIXED),
         "glm4": t.Glm4Config(**COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8),
         "phi": t.PhiConfig(**COMMON, intermediate_size=64, partial_rotary_factor=0.5),
         "qwen2_moe": t.Qwen2MoeConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
@@ -247,6 +250,16 @@ def test_hf_hooks(name: str, impl: str) -> None:
     else:
         assert {"mlp.up_proj", "mlp.down_proj"} <= set(w)
         assert stack.moe_router(0) is None
+    assert not [k for k in w if k.endswith("norm")]  # norm gains are not weight matrices
+
+
+def test_bidirectional_gemma3_is_refused() -> None:
+    """EmbeddingGemma's config is a gemma3_text one with bidirectional attention."""
+    cfg = copy.deepcopy(CONFIGS["gemma3_text"])
+    cfg.use_bidirectional_attention = True
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(DepthlabError, match="bidirectional.*not a causal LM"):
+        build_stack(model)
 
 
 def test_fused_qkv_split() -> None:
@@ -273,7 +286,8 @@ def test_fused_qkv_split() -> None:
 
 def test_fused_phi3_and_glm4_splits() -> None:
     """Phi-3 qkv_proj splits into q/k/v (GQA sizes); the Phi-3 and GLM-4 gate_up_proj into
-    gate/up, gate first: the split weights recompute the modules' own outputs."""
+    gate/up, gate first: the split weights recompute the modules' own outputs. Qwen2-MoE's
+    shared expert keeps its names; 2-D norm gains are left out."""
     x = torch.randn(5, D)
     phi3 = build_stack(_model("phi3", "eager"))
     qkv = phi3.block_module(0).self_attn.qkv_proj
@@ -292,6 +306,11 @@ def test_fused_phi3_and_glm4_splits() -> None:
     shared = build_stack(_model("qwen2_moe", "eager")).weight_matrices(0)
     assert {"shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
             "mlp.shared_expert_gate", "router"} <= set(shared)
+    # Cohere's per-head q/k norm gains are 2-D, and still not weight matrices
+    cohere = copy.deepcopy(CONFIGS["cohere"])
+    cohere.use_qk_norm = True
+    w = build_stack(transformers.AutoModelForCausalLM.from_config(cohere)).weight_matrices(0)
+    assert "attn.q_proj" in w and not [k for k in w if k.endswith("norm")]
 
 
 @pytest.mark.parametrize("name", MOE)

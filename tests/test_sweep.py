@@ -329,7 +329,7 @@ def test_a_killed_run_is_reported_by_its_signal(tmp_path):
     log.write_text("step 3/10 ...\n$ python -m depthlab.cli train base.yaml --set name=x\n")
     assert _failure(-9, log) == f"killed by SIGKILL (likely out of memory); see {log}"
     assert _failure(-15, log) == f"killed by SIGTERM; see {log}"
-    log.write_text("step 3/10 ...\nerror: invalid config: model.n_heads (4) must be\ndivisible\n")
+    log.write_text("step 3/10 ...\nerror: invalid config: model.n_heads (4) must be divisible\n")
     assert _failure(2, log) == "invalid config: model.n_heads (4) must be divisible"
 
 
@@ -346,3 +346,27 @@ def test_a_rank_killed_under_torchrun_is_reported_by_its_signal(tmp_path):
             stdout=out, stderr=subprocess.STDOUT, timeout=120).returncode
     assert rc == 1
     assert _failure(rc, log) == f"a rank was killed by SIGKILL (likely out of memory); see {log}"
+
+
+
+def test_a_torchrun_failure_is_reported_by_its_root_cause(tmp_path):
+    """Under torchrun the CLI's error line is followed by torchrun's report: the sweep
+    reports the error line alone; a rank that died by a signal only after the rank at
+    the root cause failed (a gloo abort, say) does not hide that error."""
+    from depthlab.experiments.sweep import _failure
+
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        rc = subprocess.run(
+            [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+             "-m", "depthlab.cli", "train", str(ROOT / "configs" / "cpu" / "tiny.yaml"),
+             "--set", "model.n_kv_heads=3", "--set", f"out_dir={tmp_path}"],
+            stdout=out, stderr=subprocess.STDOUT, timeout=120).returncode
+    assert rc == 1 and "Root Cause (first observed failure):" in log.read_text()
+    error = "invalid config: model.n_heads (4) must be divisible by model.n_kv_heads (3)"
+    assert _failure(rc, log) == error
+    # the same report with the other rank killed by SIGABRT, listed before the root cause
+    report = log.read_text().replace(
+        "Failures:\n", "Failures:\n[1]:\n  traceback : Signal 6 (SIGABRT) received by PID 9\n", 1)
+    log.write_text(report)
+    assert _failure(rc, log) == error

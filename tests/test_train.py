@@ -192,11 +192,15 @@ def test_ctrl_c_during_train_exits_130_and_keeps_checkpoints(tmp_path, corpus):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # as from a terminal: a job started in the background inherits an ignored SIGINT
-    proc = subprocess.Popen([sys.executable, "-m", "depthlab.cli", "train", str(path),
+    # Ctrl-C handling as from a terminal (a job started in the background inherits an
+    # ignored SIGINT, which the run rightly keeps), then `python -m depthlab.cli`
+    as_from_a_terminal = ("import runpy, signal, sys; "
+                          "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "sys.argv[0] = 'depthlab'; "
+                          "runpy.run_module('depthlab.cli', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", as_from_a_terminal, "train", str(path),
                              "--no-progress"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not checkpoint_dirs(cfg.run_dir) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()

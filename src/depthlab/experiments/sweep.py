@@ -520,12 +520,15 @@ def _failure(rc: int, log: Path) -> str:
 
 
 def _torchrun_rank_signal(log: Path) -> str | None:
-    """The signal named in torchrun's failure report ("Signal 9 (SIGKILL) received by PID")."""
+    """The signal that killed the rank torchrun names as the root cause of its failure
+    ("Signal 9 (SIGKILL) received by PID"); None when the root cause is a Python error
+    (another rank may have died by a signal as a consequence)."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return None
-    found = re.search(r"Signal \d+ \((SIG[A-Z0-9]+)\) received by PID", text)
+    _, marker, root = text.rpartition("Root Cause (first observed failure):")
+    found = re.search(r"Signal \d+ \((SIG[A-Z0-9]+)\) received by PID", root) if marker else None
     return found.group(1) if found else None
 
 
@@ -535,9 +538,9 @@ def _last_error(log: Path) -> str:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return "no log"
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("error:"):  # the CLI's one-line error (rejoined if wrapped)
-            return " ".join(lines[i:]).removeprefix("error:").strip()[:2000]
+    for line in reversed(lines):
+        if line.startswith("error:"):  # the CLI never wraps it; under torchrun its report follows
+            return line.removeprefix("error:").strip()[:2000]
     return lines[-1] if lines else "no output"
 
 

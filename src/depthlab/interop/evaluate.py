@@ -266,13 +266,14 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
                               "dtype": "float32", "batch_size": batch_size}
     if max_length:
         kwargs["max_length"] = max_length
+    from transformers import AutoTokenizer
+
     try:
-        lm = HFLM(**kwargs)
+        _check_vocabulary(path, AutoTokenizer.from_pretrained(path))  # before the weights
+        return HFLM(**kwargs)
     except OSError as err:
         raise DepthlabError(f"{path}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None
-    _check_vocabulary(path, lm.tokenizer)
-    return lm
 
 
 def _check_vocabulary(model: str | Path, tokenizer: Any) -> None:
@@ -281,8 +282,8 @@ def _check_vocabulary(model: str | Path, tokenizer: Any) -> None:
 
     if not has_vocabulary(tokenizer):
         raise DepthlabError(
-            f"{model}: its tokenizer ({type(tokenizer).__name__}) has no vocabulary and turns "
-            "every word into an unknown token; put the model's tokenizer files "
+            f"{model}: its tokenizer ({type(tokenizer).__name__}) has no vocabulary (words "
+            "map to nothing or to <unk>); put the model's tokenizer files "
             "(tokenizer.json or tokenizer.model, ...) next to its weights")
 
 

@@ -182,8 +182,16 @@ class HFStack(LayerStack):
                 f"{type(model).__name__} has no language-model head: pass the *ForCausalLM model"
                 f" (e.g. AutoModelForCausalLM), not the bare backbone"
             )
+        if getattr(config, "use_bidirectional_attention", False):
+            raise DepthlabError(
+                f"{self.arch} with use_bidirectional_attention=True (an embedding model such "
+                "as EmbeddingGemma) is not a causal LM: the LayerStack runs causal attention")
         self.base = base
         self.layers: nn.ModuleList = getattr(base, self.spec.layers)
+        # Gemma-3 and OLMo-3 keep one RoPE per attention type
+        rotary = getattr(base, "rotary_emb", None)
+        self._rope_per_type = rotary is not None and (
+            "layer_type" in inspect.signature(rotary.forward).parameters)
         self.lm_head: nn.Module = model.get_output_embeddings()
         n_pos = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None)
@@ -214,9 +222,8 @@ class HFStack(LayerStack):
 
     def head(self, h: Tensor) -> Tensor:
         logits = self.lm_head(h)
-        scale = getattr(self.config, "logit_scale", None)  # Cohere
-        if scale is not None:
-            logits = logits * scale
+        if self.arch == "cohere":
+            logits = logits * self.config.logit_scale
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -250,9 +257,7 @@ class HFStack(LayerStack):
             pe = None
             if self.spec.rotary:
                 rot_in = torch.zeros((1, T, self.d_model), dtype=h.dtype, device=h.device)
-                # Gemma-3 and OLMo-3 keep one RoPE per attention type
-                per_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
-                extra = {"layer_type": kind} if per_type else {}
+                extra = {"layer_type": kind} if self._rope_per_type else {}
                 pe = self.base.rotary_emb(rot_in, position_ids=pos, **extra)
         if len(self._cache) > 16:
             self._cache.clear()
@@ -333,10 +338,10 @@ class HFStack(LayerStack):
         block = self.block_module(l)
         out: dict[str, Tensor] = {}
         for raw, p in block.named_parameters():
-            if p.ndim < 2:
+            name = _canonical_hf_name(self.arch, raw)
+            if p.ndim < 2 or name.endswith("norm"):  # (Cohere's per-head q/k norm gains are 2-D)
                 continue
             w = p.detach()
-            name = _canonical_hf_name(self.arch, raw)
             if self.arch == "gpt2":
                 if type(block.get_submodule(raw.rsplit(".", 1)[0])).__name__ == "Conv1D":
                     w = w.t()

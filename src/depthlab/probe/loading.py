@@ -145,9 +145,9 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
         source, config=config, dtype=dtype if dtype is not None else "auto", **kw)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        if not has_vocabulary(tokenizer):
+            tokenizer = None
     except Exception:  # noqa: BLE001  weights without a tokenizer are still measurable
-        tokenizer = None
-    if tokenizer is not None and not has_vocabulary(tokenizer):
         tokenizer = None
     model.to(device).eval()
     return model, tokenizer
