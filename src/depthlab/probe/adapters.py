@@ -128,6 +128,17 @@ HF_SPECS: dict[str, HFSpec] = {
     "stablelm": _LLAMA,
     "starcoder2": _LLAMA,
     "cohere": _LLAMA,
+    "cohere2": _LLAMA,
+    "ministral": _LLAMA,
+    "arcee": _LLAMA,
+    "ernie4_5": _LLAMA,
+    "seed_oss": _LLAMA,
+    "hunyuan_v1_dense": _LLAMA,
+    "glm": _LLAMA,
+    "helium": _LLAMA,
+    "apertus": _LLAMA,
+    "nemotron": _LLAMA,
+    "vaultgemma": _LLAMA,
     "olmo2": _POSTNORM,
     "olmo3": _POSTNORM,
     "gemma2": _POSTNORM,
@@ -222,7 +233,7 @@ class HFStack(LayerStack):
 
     def head(self, h: Tensor) -> Tensor:
         logits = self.lm_head(h)
-        if self.arch == "cohere":
+        if self.arch in ("cohere", "cohere2"):
             logits = logits * self.config.logit_scale
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
