@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from test_stack import CONFIGS, MOE, L, V, _delete_layer, _ids, _layers, _model, _swap_layers
 
 from depthlab.probe import build_stack
-from depthlab.probe.metrics import compute_causal, compute_jacobian, compute_permutation
+from depthlab.probe.metrics import (
+    compute_causal,
+    compute_jacobian,
+    compute_permutation,
+    compute_variance,
+)
 from depthlab.probe.metrics.usefulness import compute_usefulness
 
 transformers = pytest.importorskip("transformers")
@@ -116,3 +121,27 @@ def test_usefulness_of_exactly_affine_block_is_one(name: str) -> None:
     res = compute_usefulness(stack, ids, batch_size=4)
     assert not res.underdetermined
     assert res.loss_ratio[1] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "granite"])
+def test_branch_variance_is_that_of_the_residual_update(name: str) -> None:
+    """metrics.md section 1: attn_var_l / mlp_var_l are the variances of what each branch
+    adds to the residual stream; Granite scales both by residual_multiplier (0.5 here).
+    Oracle: the stream between the branches is the input of post_attention_layernorm."""
+    model = _model(name, "eager")
+    stack = build_stack(model)
+    ids = _ids(7)
+    res = compute_variance(stack, ids)
+    mids: list[torch.Tensor] = []
+    hooks = [lay.post_attention_layernorm.register_forward_pre_hook(
+        lambda _m, a: mids.append(a[0])) for lay in _layers(model)]
+    try:
+        states = stack.hidden_states(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for l in range(L):
+        attn = mids[l] - states[l]
+        mlp = states[l + 1] - mids[l]
+        assert res.attn_variance[l] == pytest.approx(float(attn.var(-1).mean()), rel=1e-4)
+        assert res.mlp_variance[l] == pytest.approx(float(mlp.var(-1).mean()), rel=1e-4)

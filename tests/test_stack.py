@@ -83,6 +83,9 @@ def _configs() -> dict[str, object]:
                                      head_dim=8, partial_rotary_factor=0.5),
         "vaultgemma": t.VaultGemmaConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
                                          head_dim=8),
+        "granite": t.GraniteConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                   embedding_multiplier=3.0, residual_multiplier=0.5,
+                                   attention_multiplier=0.2, logits_scaling=2.0),
         "exaone4": t.Exaone4Config(**COMMON, intermediate_size=64, num_key_value_heads=2,
                                    sliding_window=4, layer_types=MIXED),
         "glm4": t.Glm4Config(**COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8),
@@ -240,7 +243,7 @@ def _branch_check(stack: LayerStack, l: int, h: torch.Tensor) -> None:  # noqa: 
     for hd in handles:
         hd.remove()
     assert set(outs) == {"attn", "mlp"}
-    _close(y, h + outs["attn"] + outs["mlp"], atol=1e-4)
+    _close(y, h + stack.branch_scale * (outs["attn"] + outs["mlp"]), atol=1e-4)
 
 
 @pytest.mark.parametrize(("name", "impl"), CASES)

@@ -128,6 +128,7 @@ HF_SPECS: dict[str, HFSpec] = {
     "stablelm": _LLAMA,
     "starcoder2": _LLAMA,
     "cohere": _LLAMA,
+    "granite": _LLAMA,
     "cohere2": _LLAMA,
     "ministral": _LLAMA,
     "arcee": _LLAMA,
@@ -199,6 +200,8 @@ class HFStack(LayerStack):
                 "as EmbeddingGemma) is not a causal LM: the LayerStack runs causal attention")
         self.base = base
         self.layers: nn.ModuleList = getattr(base, self.spec.layers)
+        if self.arch == "granite":  # h + m * f(h), embeddings x e, logits / s
+            self.branch_scale = float(config.residual_multiplier)
         # Gemma-3 and OLMo-3 keep one RoPE per attention type
         rotary = getattr(base, "rotary_emb", None)
         self._rope_per_type = rotary is not None and (
@@ -226,7 +229,8 @@ class HFStack(LayerStack):
             pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
             h = self.base.wte(ids)
             return h + self.base.wpe(pos).to(h.dtype)
-        return self.model.get_input_embeddings()(ids)
+        h = self.model.get_input_embeddings()(ids)
+        return h * self.config.embedding_multiplier if self.arch == "granite" else h
 
     def final_norm(self, h: Tensor) -> Tensor:
         return getattr(self.base, self.spec.norm)(h)
@@ -235,6 +239,8 @@ class HFStack(LayerStack):
         logits = self.lm_head(h)
         if self.arch in ("cohere", "cohere2"):
             logits = logits * self.config.logit_scale
+        if self.arch == "granite":
+            logits = logits / self.config.logits_scaling
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -62,6 +62,9 @@ class LayerStack:
     """
 
     arch: str = "generic"
+    branch_scale: float = 1.0
+    """What a block multiplies each branch output by before the residual add (1, except
+    Granite's residual_multiplier)."""
 
     def __init__(
         self,
@@ -142,7 +145,7 @@ class LayerStack:
 
     def branch_modules(self, l: int) -> dict[str, nn.Module]:  # noqa: E741
         """{"attn": m, "mlp": m}: each module's forward output (first element if a
-        tuple) is that branch's update before the residual add."""
+        tuple), times `branch_scale`, is that branch's update before the residual add."""
         raise NotImplementedError
 
     def attention_probs(self, l: int, h: Tensor) -> Tensor | None:  # noqa: E741

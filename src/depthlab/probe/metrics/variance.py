@@ -82,7 +82,7 @@ def compute_variance(
 
                 def hook(_m, _a, out, l=l, kind=kind):
                     y = first_output(out)
-                    branch_sum[kind][l] += token_variance_sum(y)
+                    branch_sum[kind][l] += token_variance_sum(y) * stack.branch_scale ** 2
                     branch_seen[kind][l] += int(y.numel() // y.shape[-1])
 
                 handles.append(mod.register_forward_hook(hook))
