@@ -512,32 +512,29 @@ def _failure(rc: int, log: Path) -> str:
             name = f"signal {-rc}"
         who = "killed"
     else:
-        name, who = _torchrun_rank_signal(log), "a rank was killed"
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            return "no log"
+        name, who = _torchrun_rank_signal(text), "a rank was killed"
         if name is None:
-            return _last_error(log)
+            return _last_error(text)
     hint = " (likely out of memory)" if name == "SIGKILL" else ""
     return f"{who} by {name}{hint}; see {log}"
 
 
-def _torchrun_rank_signal(log: Path) -> str | None:
+def _torchrun_rank_signal(text: str) -> str | None:
     """The signal that killed the rank torchrun names as the root cause of its failure
     ("Signal 9 (SIGKILL) received by PID"); None when the root cause is a Python error
     (another rank may have died by a signal as a consequence)."""
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return None
     _, marker, root = text.rpartition("Root Cause (first observed failure):")
     found = re.search(r"Signal \d+ \((SIG[A-Z0-9]+)\) received by PID", root) if marker else None
     return found.group(1) if found else None
 
 
-def _last_error(log: Path) -> str:
+def _last_error(text: str) -> str:
     """The most useful line of a failed run's log (the CLI's one-line error, if any)."""
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for line in reversed(lines):
         if line.startswith("error:"):  # the CLI never wraps it; under torchrun its report follows
             return line.removeprefix("error:").strip()[:2000]

@@ -261,16 +261,16 @@ class EvalModel:
 
 def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None = None):
     from lm_eval.models.huggingface import HFLM
-
-    kwargs: dict[str, Any] = {"pretrained": path, "tokenizer": path, "device": device,
-                              "dtype": "float32", "batch_size": batch_size}
-    if max_length:
-        kwargs["max_length"] = max_length
     from transformers import AutoTokenizer
 
+    kwargs: dict[str, Any] = {"pretrained": path, "device": device, "dtype": "float32",
+                              "batch_size": batch_size}
+    if max_length:
+        kwargs["max_length"] = max_length
     try:
-        _check_vocabulary(path, AutoTokenizer.from_pretrained(path))  # before the weights
-        return HFLM(**kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        _check_vocabulary(path, tokenizer)  # before the weights load
+        return HFLM(tokenizer=tokenizer, **kwargs)
     except OSError as err:
         raise DepthlabError(f"{path}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None

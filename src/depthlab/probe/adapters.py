@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -109,9 +109,17 @@ class HFSpec:
     branch: tuple[str, str]  # block submodules whose outputs are the (attn, mlp) branch updates
     rotary: bool = True
     moe: bool = False
+    # config attributes of scalars applied outside those modules (None: no such scalar)
+    embed_scale: str | None = None  # h0 = embeddings x scale
+    logit_scale: str | None = None  # logits x scale
+    logit_divisor: str | None = None  # logits / divisor
+    residual_scale: str | None = None  # h + scale x branch output
 
 
 _LLAMA = HFSpec("model", "layers", "norm", "self_attn", "decoder", ("self_attn", "mlp"))
+_COHERE = replace(_LLAMA, logit_scale="logit_scale")
+_GRANITE = replace(_LLAMA, embed_scale="embedding_multiplier", logit_divisor="logits_scaling",
+                   residual_scale="residual_multiplier")
 _POSTNORM = HFSpec("model", "layers", "norm", "self_attn", "decoder",
                    ("post_attention_layernorm", "post_feedforward_layernorm"))
 _MOE = HFSpec("model", "layers", "norm", "self_attn", "decoder", ("self_attn", "mlp"), moe=True)
@@ -127,9 +135,9 @@ HF_SPECS: dict[str, HFSpec] = {
     "smollm3": _LLAMA,
     "stablelm": _LLAMA,
     "starcoder2": _LLAMA,
-    "cohere": _LLAMA,
-    "granite": _LLAMA,
-    "cohere2": _LLAMA,
+    "cohere": _COHERE,
+    "cohere2": _COHERE,
+    "granite": _GRANITE,
     "ministral": _LLAMA,
     "arcee": _LLAMA,
     "ernie4_5": _LLAMA,
@@ -200,8 +208,11 @@ class HFStack(LayerStack):
                 "as EmbeddingGemma) is not a causal LM: the LayerStack runs causal attention")
         self.base = base
         self.layers: nn.ModuleList = getattr(base, self.spec.layers)
-        if self.arch == "granite":  # h + m * f(h), embeddings x e, logits / s
-            self.branch_scale = float(config.residual_multiplier)
+        scalar = lambda attr: float(getattr(config, attr)) if attr else 1.0
+        self._embed_scale = scalar(self.spec.embed_scale)
+        self._logit_scale = scalar(self.spec.logit_scale)
+        self._logit_divisor = scalar(self.spec.logit_divisor)
+        self.branch_scale = scalar(self.spec.residual_scale)
         # Gemma-3 and OLMo-3 keep one RoPE per attention type
         rotary = getattr(base, "rotary_emb", None)
         self._rope_per_type = rotary is not None and (
@@ -230,17 +241,17 @@ class HFStack(LayerStack):
             h = self.base.wte(ids)
             return h + self.base.wpe(pos).to(h.dtype)
         h = self.model.get_input_embeddings()(ids)
-        return h * self.config.embedding_multiplier if self.arch == "granite" else h
+        return h * self._embed_scale if self._embed_scale != 1.0 else h
 
     def final_norm(self, h: Tensor) -> Tensor:
         return getattr(self.base, self.spec.norm)(h)
 
     def head(self, h: Tensor) -> Tensor:
         logits = self.lm_head(h)
-        if self.arch in ("cohere", "cohere2"):
-            logits = logits * self.config.logit_scale
-        if self.arch == "granite":
-            logits = logits / self.config.logits_scaling
+        if self._logit_scale != 1.0:
+            logits = logits * self._logit_scale
+        if self._logit_divisor != 1.0:
+            logits = logits / self._logit_divisor
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -373,11 +384,9 @@ class HFStack(LayerStack):
                     out[f"attn.{n}"] = w3[:, i].reshape(-1, w.shape[-1])
                 continue
             if name == "attn.qkv_proj":
-                hd = w.shape[0] // (self.config.num_attention_heads
-                                    + 2 * self.config.num_key_value_heads)
-                q, k, v = w.split([self.config.num_attention_heads * hd,
-                                   self.config.num_key_value_heads * hd,
-                                   self.config.num_key_value_heads * hd])
+                heads, kv = self.config.num_attention_heads, self.config.num_key_value_heads
+                hd = w.shape[0] // (heads + 2 * kv)
+                q, k, v = w.split([heads * hd, kv * hd, kv * hd])
                 out.update({"attn.q_proj": q, "attn.k_proj": k, "attn.v_proj": v})
                 continue
             if name in ("experts.gate_up_proj", "mlp.gate_up_proj"):  # gate first, then up
