@@ -169,10 +169,23 @@ def worker(rank: int, root: str, port: int) -> None:
 
     from depthlab.train.trainer import train
 
+    def give_up(self, lr):
+        raise DepthlabError(f"gave up at step {self.step + 1}")
+
     gc.disable()
     try:
         train(build_config(raw_cfg(root_p, "freed", **{"train.distributed": "fsdp"})), False)
         out["fsdp_modules_left"] = sum(isinstance(o, FSDPModule) for o in gc.get_objects())
+        # ... and when training raises (the traceback would otherwise hold them)
+        step, Trainer.train_step = Trainer.train_step, give_up
+        try:
+            train(build_config(raw_cfg(root_p, "failed", **{"train.distributed": "fsdp"})), False)
+        except DepthlabError as err:
+            out["failed_error"] = str(err)
+        finally:
+            Trainer.train_step = step
+        out["fsdp_modules_left_after_error"] = sum(isinstance(o, FSDPModule)
+                                                   for o in gc.get_objects())
     finally:
         gc.enable()
     # DDP and FSDP2 with per-rank batch b (global 2b)
@@ -356,9 +369,12 @@ def test_resume_needs_the_same_global_batch(dist):
 
 
 def test_train_frees_its_fsdp_modules(dist):
-    """Left to interpreter shutdown, they keep the process group's threads alive there."""
+    """Left to interpreter shutdown, they keep the process group's threads alive there;
+    train() frees them whether training completes or raises."""
     r0, r1 = (json.loads((dist / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["fsdp_modules_left"] == r1["fsdp_modules_left"] == 0
+    assert r0["failed_error"] == r1["failed_error"] == "gave up at step 1"
+    assert r0["fsdp_modules_left_after_error"] == r1["fsdp_modules_left_after_error"] == 0
 
 
 # --------------------------------------------------------------------------- reductions

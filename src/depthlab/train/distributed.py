@@ -20,6 +20,7 @@ the same order; only `is_main()` writes):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -247,6 +248,13 @@ def teardown(ctx: DistContext) -> None:
         dist.barrier()
         dist.destroy_process_group()
         ctx.owns_group = False
+
+
+def abandon() -> None:
+    """Leave the process group without waiting for the other ranks (after an error,
+    when they may never reach a barrier)."""
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, bf16: bool) -> nn.Module:

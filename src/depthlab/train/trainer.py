@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -530,8 +531,22 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainSummary:
 
 
 def _train(cfg: RunConfig, progress: bool) -> TrainSummary:
-    trainer = Trainer(cfg, progress=progress)
-    summary = trainer.fit()
+    had_group = D.is_distributed()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, progress=progress)
+        summary = trainer.fit()
+    except BaseException as err:
+        if D.is_distributed():
+            # As below; the traceback's frames hold the trainer, so their locals go (the
+            # report keeps files and lines). The other ranks may be anywhere (waiting in
+            # a collective, or gone), so a group we started is left without a barrier.
+            traceback.clear_frames(err.__traceback__)
+            trainer = None
+            gc.collect()
+            if not had_group:
+                D.abandon()
+        raise
     trainer.close()
     if trainer.dist.world_size > 1:
         # FSDP2 modules sit in reference cycles and would live until interpreter shutdown,
