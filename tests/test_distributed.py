@@ -422,6 +422,16 @@ def test_global_batch_must_divide(tmp_path):
     assert build_config({"train": {"batch_size": 4, "grad_accum": 2}}).train.accumulation(2) == (2, 16)
 
 
+def test_global_batch_is_checked_before_any_work(tmp_path, monkeypatch):
+    """Under torchrun the world size is known from the environment: a global batch that
+    does not split over it is refused before the group is joined or the data is read."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    raw = raw_cfg(tmp_path, "x", **{"train.global_batch_size": 3 * B})  # no corpus written
+    with pytest.raises(DepthlabError, match=r"\(6\) is not divisible by .* world size \(2\)"):
+        Trainer(build_config(raw), progress=False)
+
+
 # --------------------------------------------------------------------------- torchrun
 
 
