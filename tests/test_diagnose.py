@@ -149,6 +149,11 @@ def test_api_module_and_ids(tiny_hf: Path) -> None:
     assert res["data"]["source"] == "ids (given)" and res["data"]["tokens"] == 20
     assert validate_results(res) == []
     assert "outputs" not in res  # nothing written without out=
+    # asked to run a given fp32 module in bf16: results.json reports the dtype it ran in
+    res = diag_mod(model, ids=ids, metrics="variance", dtype="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert res["model"]["dtype"] == res["model"]["compute_dtype"] == "bfloat16"
+    assert res["metrics"]["variance"]["info"]["model_dtype"] == "bfloat16"
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:

@@ -324,3 +324,35 @@ def test_rewriting_a_report_removes_its_stale_files_and_spares_foreign_pages(tmp
     (out / ".report_files.json").write_text(json.dumps(["figures/../../outside.txt"]))
     build_report([hf], out)
     assert outside.read_text() == "keep"
+
+
+def test_scores_over_a_subset_are_labelled_and_drawn_at_their_layers(tmp_path):
+    """metrics.md: a permutation score over a pair subset and usefulness on a disjoint split
+    must say so; a Jacobian measured on some blocks is drawn at those blocks' indices."""
+    from depthlab.report.figures import fig_diagnostic_bars, fig_jacobian
+    from depthlab.report.tables import diagnoses_table, runs_table
+
+    res = fake_results(6)
+    res["metrics"]["permutation"].update(pair_set="adjacent", permutation=0.0487)
+    res["metrics"]["usefulness"]["split"] = "disjoint"
+    res["metrics"]["jacobian"].update(jacobian_norm=[0.4, 0.2], layers=[3, 5])
+    hf = tmp_path / "model"
+    hf.mkdir()
+    (hf / "results.json").write_text(json.dumps(res))
+    fake_run(tmp_path / "runs", "a", diagnose=True)  # all pairs, fit tokens
+    data = collect([tmp_path / "runs", hf])
+    row = diagnoses_table(data).rows[0]
+    assert "0.0487 (adjacent pairs)" in row and "0.6667 (disjoint split)" in row
+    own = runs_table(data).rows[0]
+    assert "0.013" in own and not any("pairs" in c or "split" in c for c in own)
+    one_vs_rest = dict(res["metrics"]["permutation"], pair_set="one-vs-rest", anchor=2)
+    data.diagnoses[0].metrics["permutation"] = one_vs_rest
+    assert "0.0487 (pairs with block 2)" in diagnoses_table(data).rows[0]
+
+    colors = {d.label: "red" for _, d in data.all_diagnoses} | {"a": "blue"}
+    ax = fig_jacobian(data, colors).axes[0]
+    xs = sorted(tuple(line.get_xdata()) for line in ax.get_lines())
+    assert xs == [(0, 1, 2), (3, 5)]
+    texts = [t.get_text() for a in fig_diagnostic_bars(data, colors).axes for t in a.texts]
+    assert "0.0487\n(pairs with block 2)" in texts and "0.667\n(disjoint split)" in texts
+    assert "0.013" in texts

@@ -80,16 +80,21 @@ def load_stack(model: Any, dtype: str | torch.dtype | None = "auto",
 
     dev = str(resolve_device(device))
     dt = _dtype_arg(dtype)
-    if isinstance(model, LayerStack):
-        stack = model
-        if dt is not None or device not in (None, "auto"):
-            stack = build_stack(model, dtype=_resolve_dtype(dt), device=dev)
-        return stack, None, {"kind": "stack", "spec": f"<{type(model.model).__name__}>"}
-    if isinstance(model, nn.Module):
+    if isinstance(model, (LayerStack, nn.Module)):
+        # a given model is moved and cast in place; with a dtype asked for, that dtype is
+        # the one it runs in, and the one results.json reports
         resolved = _resolve_dtype(dt)
-        stack = build_stack(model, dtype=resolved if isinstance(resolved, torch.dtype) else None,
-                            device=dev)
-        return stack, None, {"kind": "module", "spec": f"<{type(model).__name__}>"}
+        resolved = resolved if isinstance(resolved, torch.dtype) else None
+        if isinstance(model, LayerStack):
+            kind, name = "stack", type(model.model).__name__
+            stack = model if resolved is None and device in (None, "auto") else build_stack(
+                model, dtype=resolved, device=dev)
+        else:
+            kind, name = "module", type(model).__name__
+            stack = build_stack(model, dtype=resolved, device=dev)
+        if resolved is not None:
+            stack.model_dtype = resolved
+        return stack, None, {"kind": kind, "spec": f"<{name}>"}
     if not isinstance(model, (str, Path)):
         raise DepthlabError(
             f"cannot diagnose a {type(model).__name__}: pass a path/hub id, an nn.Module "
@@ -427,7 +432,8 @@ def diagnose(
     """Run the layer-effectiveness metrics on a model and (with `out`) write the outputs.
 
     model: spec string/path (run dir, checkpoint, HF dir, .gguf, `smollm2`, hub id), an
-    nn.Module or a LayerStack. ids: [N, T] token ids to use instead of sampling from
+    nn.Module or a LayerStack (moved to `device` and, with a `dtype`, cast to it in
+    place; results.json then reports that dtype). ids: [N, T] token ids to use instead of sampling from
     `data` (then samples/seq_len/seed/data are ignored). metrics: "all", "a,b" or a list.
     options: per-metric keyword options ({"permutation": {"pairs": "adjacent"}}), plus
     `samples=K` for any metric (run it on the first K sequences). tokenizer: overrides the

@@ -117,6 +117,20 @@ class Diagnosis:
     def scalar(self, metric: str, key: str) -> float | None:
         return num(self.get(metric, key))
 
+    def measured_on(self, metric: str) -> str:
+        """What a score was measured over when it is not the default set (metrics.md says
+        the output must name it): "adjacent pairs", "pairs with block 3", "disjoint
+        split"; "" for all pairs, fits evaluated on their own tokens, or no result."""
+        if metric == "permutation":
+            pairs = self.get("permutation", "pair_set")
+            if pairs == "one-vs-rest":
+                return f"pairs with block {self.get('permutation', 'anchor')}"
+            return f"{pairs} pairs" if isinstance(pairs, str) and pairs != "all" else ""
+        if metric == "usefulness":
+            split = self.get("usefulness", "split")
+            return f"{split} split" if isinstance(split, str) and split != "same" else ""
+        return ""
+
     @property
     def n_layers(self) -> int | None:
         info = self.raw.get("model") if isinstance(self.raw.get("model"), dict) else None

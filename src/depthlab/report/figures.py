@@ -186,17 +186,22 @@ def fig_layer_stats(data: ReportData, colors: dict[str, str]) -> Figure | str:
 # ----------------------------------------------------------------------------- diagnose
 
 
-def _jacobian(d: Diagnosis) -> list[float | None] | None:
-    v = d.layer_list("jacobian", "jacobian_norm")
-    if v:
-        return v
+def _jacobian(d: Diagnosis) -> tuple[list[int], list[float | None]] | None:
+    """(measured block indices, ||J_l - I||_F / d at each); None without a Jacobian result."""
+    vals = d.layer_list("jacobian", "jacobian_norm")
     h = d.get("jacobian", "hutchinson")
-    if isinstance(h, dict) and isinstance(h.get("fro"), list):
+    if not vals and isinstance(h, dict) and isinstance(h.get("fro"), list):
         n = d.get("jacobian", "info") or {}
         dm = n.get("d_model") if isinstance(n, dict) else None
         if dm:
-            return [num(x) / dm if num(x) is not None else None for x in h["fro"]]
-    return None
+            vals = [num(x) / dm if num(x) is not None else None for x in h["fro"]]
+    if not vals:
+        return None
+    layers = d.get("jacobian", "layers")  # a subset when diagnose was given jacobian.layers
+    if not (isinstance(layers, list) and len(layers) == len(vals)
+            and all(isinstance(x, int) for x in layers)):
+        layers = list(range(len(vals)))
+    return layers, vals
 
 
 def fig_jacobian(data: ReportData, colors: dict[str, str]) -> Figure | str:
@@ -205,8 +210,8 @@ def fig_jacobian(data: ReportData, colors: dict[str, str]) -> Figure | str:
         return "no Jacobian results (run `depthlab diagnose RUN --out RUN/diagnose`)"
     fig, axes = _fig(6.4, 4.0)
     ax = axes[0][0]
-    for label, vals in lines:
-        ax.plot(range(len(vals)), _vals(vals), marker="o", ms=3, color=colors.get(label, "black"),
+    for label, (layers, vals) in lines:
+        ax.plot(layers, _vals(vals), marker="o", ms=3, color=colors.get(label, "black"),
                 label=label, lw=1.3)
     ax.set(title="Jacobian deviation from identity per layer",
            xlabel="layer index l", ylabel="||J_l - I||_F / d (dimensionless)")
@@ -215,35 +220,34 @@ def fig_jacobian(data: ReportData, colors: dict[str, str]) -> Figure | str:
     return fig
 
 
-def _bar_values(data: ReportData) -> list[tuple[str, dict[str, float | None]]]:
-    out = []
-    for label, d in data.all_diagnoses:
-        out.append((label, {
-            "usefulness": d.scalar("usefulness", "usefulness"),
-            "causal": d.scalar("causal", "causal_pairs"),
-            "permutation": d.scalar("permutation", "permutation"),
-        }))
-    return out
+_BARS = {"usefulness": "usefulness", "causal": "causal_pairs", "permutation": "permutation"}
+
+
+def _bar_values(data: ReportData) -> list[tuple[str, dict[str, float | None], dict[str, str]]]:
+    """(label, score per panel, what each score was measured over when not the default)."""
+    return [(label, {m: d.scalar(m, k) for m, k in _BARS.items()},
+             {m: d.measured_on(m) for m in _BARS}) for label, d in data.all_diagnoses]
 
 
 def fig_diagnostic_bars(data: ReportData, colors: dict[str, str]) -> Figure | str:
-    rows = [(lab, v) for lab, v in _bar_values(data) if any(x is not None for x in v.values())]
+    rows = [(lab, v, on) for lab, v, on in _bar_values(data)
+            if any(x is not None for x in v.values())]
     if not rows:
         return "no usefulness / causal / permutation results from `depthlab diagnose`"
     panels = [("usefulness", "usefulness", "fraction of useful layers"),
               ("causal", "causal score (causal_pairs)", "mean relative change of updates"),
               ("permutation", "permutation score", "mean relative loss change")]
     fig, axes = _fig(max(9.0, min(3 + 1.2 * len(rows), 15)), 3.8, ncols=3)
-    labels = [lab for lab, _ in rows]
+    labels = [lab for lab, _, _ in rows]
     tilt = len(rows) > 3 or max(len(lab) for lab in labels) > 8
     for ax, (key, title, ylabel) in zip(axes[0], panels, strict=True):
-        vals = [v[key] for _, v in rows]
+        vals = [v[key] for _, v, _ in rows]
         xs = list(range(len(rows)))
         ax.bar(xs, [NAN if x is None else x for x in vals],
                color=[colors.get(lab, "grey") for lab in labels])
-        for x, val in zip(xs, vals, strict=True):
-            ax.text(x, 0 if val is None else val, "n/a" if val is None else f"{val:.3g}",
-                    ha="center", va="bottom", fontsize=7)
+        for x, val, (_, _, on) in zip(xs, vals, rows, strict=True):
+            text = "n/a" if val is None else f"{val:.3g}" + (f"\n({on[key]})" if on[key] else "")
+            ax.text(x, 0 if val is None else val, text, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(xs, labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
         ax.set(title=title, ylabel=ylabel, xlabel="run")
         if key == "usefulness":
@@ -355,7 +359,9 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportData, dict[str, str]], Figure
      fig_jacobian),
     ("diagnostic_bars", "Usefulness, causal and permutation scores",
      "usefulness = useful layers / L (loss ratio > 1.1 when the block is replaced by its best "
-     "affine map); causal = causal_pairs; permutation = mean over all block pairs.",
+     "affine map, evaluated on its fitting tokens); causal = causal_pairs; permutation = mean "
+     "over all block pairs. A bar measured over another set (adjacent pairs, a disjoint "
+     "split) names it under its value.",
      fig_diagnostic_bars),
     ("causal_heatmaps", "Causal score matrices",
      "C[s, l]: relative change of block l's update when block s is skipped (zero on and below "

@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from depthlab.report.data import ReportData, ladder_scores, num
+from depthlab.report.data import Diagnosis, ReportData, ladder_scores, num
 
 ABBREV = {
     "model.n_layers": "L", "model.d_model": "d", "model.n_heads": "heads",
@@ -74,6 +74,16 @@ def fmt(x: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
+def fmt_score(d: Diagnosis | None, metric: str, key: str) -> str:
+    """A diagnose score, with what it was measured over when that is not the default set
+    (e.g. "0.0487 (adjacent pairs)")."""
+    if d is None:
+        return "–"
+    text = fmt(d.scalar(metric, key))
+    on = d.measured_on(metric)
+    return f"{text} ({on})" if on and text != "–" else text
+
+
 def fmt_value(v: Any) -> str:
     if v is None:
         return "off"
@@ -114,13 +124,15 @@ def runs_table(data: ReportData) -> Table | None:
         rows.append([
             r.label, *(fmt_value(r.knobs.get(k)) for k in knobs), fmt_params(r.params()), steps,
             fmt(r.val_loss()), fmt(r.val_ppl()),
-            fmt(d.scalar("usefulness", "usefulness")) if d else "–",
-            fmt(d.scalar("causal", "causal_pairs")) if d else "–",
-            fmt(d.scalar("permutation", "permutation")) if d else "–",
+            fmt_score(d, "usefulness", "usefulness"),
+            fmt_score(d, "causal", "causal_pairs"),
+            fmt_score(d, "permutation", "permutation"),
             fmt(last_var),
         ])
     note = ("val PPL: exp(validation loss) at the run's last evaluation. usefulness, causal "
-            "(causal_pairs) and permutation come from `depthlab diagnose` (– when not run). "
+            "(causal_pairs) and permutation come from `depthlab diagnose` (– when not run; "
+            "permutation over all block pairs and usefulness evaluated on its fitting tokens "
+            "unless the cell names another set). "
             "last-layer var: the last stats step (pre-final-norm).")
     if len(data.knob_keys) > len(knobs):
         note += f" Further differing keys: {', '.join(data.knob_keys[len(knobs):])}."
@@ -138,9 +150,9 @@ def diagnoses_table(data: ReportData) -> Table | None:
     for d in data.diagnoses:
         jac = d.get("jacobian", "mean")
         jac_mean = jac.get("jacobian_norm") if isinstance(jac, dict) else None
-        rows.append([d.label, str(d.n_layers or "–"), fmt(d.scalar("usefulness", "usefulness")),
-                     fmt(d.scalar("causal", "causal_pairs")),
-                     fmt(d.scalar("permutation", "permutation")), fmt(jac_mean),
+        rows.append([d.label, str(d.n_layers or "–"), fmt_score(d, "usefulness", "usefulness"),
+                     fmt_score(d, "causal", "causal_pairs"),
+                     fmt_score(d, "permutation", "permutation"), fmt(jac_mean),
                      fmt(d.scalar("variance", "last_layer_variance"))])
     return Table("diagnoses", "Diagnosed models", headers, rows)
 
