@@ -87,6 +87,15 @@ def test_completed_run_is_not_retrained(tmp_path, corpus):
     assert again.status == "already complete"
     assert [p.name for p in checkpoint_dirs(cfg.run_dir)] == ["step_0000004"]
     assert len(losses(cfg.run_dir)) == 4
+    # a summary.json cut short (killed while writing it) is rewritten, not a traceback
+    (cfg.run_dir / "summary.json").write_text('{"status": "comp')
+    Trainer(cfg, progress=False).fit()
+    rewritten = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert rewritten["step"] == 4 and rewritten["status"] == "complete"
+    for key in ("train_loss", "val_loss", "tokens"):  # recovered from metrics.jsonl
+        assert rewritten[key] == summary[key], key
+    assert [p.name for p in checkpoint_dirs(cfg.run_dir)] == ["step_0000004"]
+    assert len(losses(cfg.run_dir)) == 4
 
 
 def test_run_dir_with_different_config_is_refused(tmp_path, corpus):

@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from depthlab.config import RUNTIME_KEYS, RunConfig, TrainConfig, build_config, read_yaml
+from depthlab.data.cache import atomic_write_text
 from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
@@ -268,7 +269,7 @@ class Trainer:
                 )
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(mine, sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))
         tok = self.splits.tokenizer
         if tok is not None:
             tok.save(self.run_dir / "tokenizer")
@@ -361,9 +362,7 @@ class Trainer:
         self._resume()
         tc = self.cfg.train
         if self.step >= tc.max_steps:
-            done = D.broadcast_object(
-                json.loads(summary_path.read_text()) if summary_path.is_file() else None
-            )
+            done = D.broadcast_object(_read_summary(summary_path))
             if done is not None:
                 return TrainSummary(self.run_dir, self.step, done.get("train_loss"),
                                     done.get("val_loss"), done.get("tokens", 0), 0.0,
@@ -434,7 +433,7 @@ class Trainer:
         summary = TrainSummary(self.run_dir, self.step, train_loss, val_loss,
                                self.step * tokens_per_step, seconds)
         if self.dist.is_main:
-            summary_path.write_text(json.dumps({
+            atomic_write_text(summary_path, json.dumps({
                 "status": "complete", "step": self.step, "train_loss": train_loss,
                 "val_loss": val_loss,
                 "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss else None,
@@ -521,6 +520,16 @@ def _progress_bar(enabled: bool, total: int, start: int, name: str):
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(name, total=total, completed=start, loss=float("nan"), tps=0.0)
         yield _Bar(progress, task)
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """A completed run's summary.json; None when absent or unreadable (the run is then
+    finished again: no steps left, so only the summary is rewritten)."""
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
 
 
 def train(cfg: RunConfig, progress: bool = True) -> TrainSummary:
