@@ -184,8 +184,12 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.1, ge=0)
     """lambda, applied to weight matrices (the paper's weight-sparsity lever)."""
     decay_norms: bool = False
+    """Decay the norm parameters too (gains, QK-norm gains, and LayerNorm biases)."""
     decay_biases: bool = False
+    """Decay other 1-D parameters (DepthLM's linear layers have no biases, so with the
+    built-in model this switch has nothing to act on; norm biases follow decay_norms)."""
     decay_embeddings: bool = False
+    """Decay the token embedding (and a tied head, the same tensor)."""
     grad_clip: float = Field(1.0, ge=0)
     """Max global grad norm; 0 disables clipping."""
     eval_interval: int = Field(100, ge=1)
