@@ -184,6 +184,12 @@ def test_perplexity_run_split_kjv_and_hf_export_agree(tmp_path, kjv_run):
     assert own.loss == pytest.approx(kjv.loss, abs=1e-5)  # kjv val split, same windows
     assert hf.loss == pytest.approx(kjv.loss, abs=1e-5)
     assert 100 < kjv.ppl < 1000  # an untrained byte model: about exp(log 257)
+    # --limit N scores N windows whatever the batch size (a short last batch included),
+    # so the trainer's val_loss (its first eval_batches x batch_size windows) is reproducible
+    batches = run_perplexity(run, limit=12, batch_size=8)
+    one = run_perplexity(run, limit=12, batch_size=12)
+    assert batches.windows == one.windows == 12 and batches.tokens == 12 * 32
+    assert batches.loss == pytest.approx(one.loss, abs=1e-6)
 
 
 def test_cli_perplexity_writes_its_numbers(tmp_path, kjv_run, capsys):

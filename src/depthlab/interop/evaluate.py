@@ -671,28 +671,18 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
         bs = batch_size or cfg.train.batch_size
         forward = lambda x: net(x).logits  # noqa: E731
         if data is None:
-            from depthlab.data import eval_batches, open_splits
+            from depthlab.data import open_splits
 
-            splits = open_splits(cfg.data, progress=False)
-            n_windows = (len(splits.val) - 1) // T
-            if limit is not None:
-                n_windows = min(n_windows, limit)
-            if n_windows < 1:
-                raise DepthlabError(f"the run's validation split has {len(splits.val)} tokens: "
+            # the windows eval_batches gives the trainer, in the same order; all of them,
+            # a last short batch included, so --limit N scores exactly N windows
+            val = open_splits(cfg.data, progress=False).val
+            if (len(val) - 1) // T < 1:
+                raise DepthlabError(f"the run's validation split has {len(val)} tokens: "
                                     f"fewer than one window of {T}+1")
-            bs = min(bs, n_windows)
-            n_batches = n_windows // bs
-            batches = eval_batches(splits.val, T, bs, n_batches)
-            total, count = 0.0, 0
-            with torch.no_grad():
-                for x, y in batches:
-                    logits = forward(x.to(device)).float()
-                    total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(),
-                                             reduction="sum").item()
-                    count += y.numel()
+            total, count, n = _nll_over_windows(forward, val, T, bs, limit, device)
             loss = total / count
             return PplReport(str(model), f"run validation split ({cfg.data.corpus})", loss,
-                             math.exp(min(loss, 50.0)), count, T, n_batches * bs,
+                             math.exp(min(loss, 50.0)), count, T, n,
                              run_dir=run_dir, seconds=time.time() - start)
         tok = run_tokenizer(run_dir, cfg)
         texts = _held_out_texts(data)
