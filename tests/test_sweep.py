@@ -199,7 +199,10 @@ def test_runs_skip_resume_and_failures(tmp_path):
                         on_status=lambda run, entry: seen.setdefault(run.name, dict(entry)))
     assert outcome.states == {"ok2": "complete", "ok3": "partial"}
     assert seen["ok2"]["skipped"] is True and seen["ok3"]["resumed"] is True
-    assert _statuses(out) == {"ok2": "complete", "ok3": "complete"}
+    # the run left out by --only keeps its record; it is not a failure of this call
+    assert _statuses(out) == {"ok2": "complete", "bad": "failed", "ok3": "complete"}
+    assert outcome.failed == []
+    assert "missing.txt" in json.loads((out / STATUS_FILE).read_text())["runs"]["bad"]["error"]
     log = (out / "logs" / "ok3.log").read_text()
     assert "--set name=ok3" in log
     assert "ok3: resuming at step 2/4" in log and "ok3: step 4/4  loss" in log  # progress

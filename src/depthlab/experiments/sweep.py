@@ -393,13 +393,19 @@ class StatusFile:
     """`OUT/sweep_status.json`: one entry per run, rewritten atomically on every change."""
 
     def __init__(self, sweep: Sweep, runs: list[SweepRun]) -> None:
+        """Entries for `runs` (this call's selection, e.g. `--only`); the sweep's other
+        runs keep the entries earlier calls recorded."""
         self.path = sweep.out_dir / STATUS_FILE
         old = read_status(sweep.out_dir).get("runs", {})
+        selected = {run.name for run in runs}
         self.data: dict[str, Any] = {"sweep": sweep.name, "runs": {}}
-        for run in runs:
+        for run in sweep.runs():
+            if run.name not in selected and run.name not in old:
+                continue
             entry = dict(old.get(run.name, {}))
-            entry["overrides"] = run.overrides
-            entry["run_dir"] = str(run.run_dir)
+            if run.name in selected:
+                entry["overrides"] = run.overrides
+                entry["run_dir"] = str(run.run_dir)
             self.data["runs"][run.name] = entry
 
     def update(self, name: str, **fields: Any) -> None:
@@ -700,7 +706,9 @@ class SweepOutcome:
 
     @property
     def failed(self) -> list[str]:
-        return [n for n, e in self.status["runs"].items() if e.get("status") == "failed"]
+        """The runs of this call that failed (the status file may also hold other runs)."""
+        return [r.name for r in self.runs
+                if self.status["runs"][r.name].get("status") == "failed"]
 
 
 def select_runs(sweep: Sweep, only: list[str] | None = None) -> list[SweepRun]:
