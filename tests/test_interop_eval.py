@@ -183,6 +183,10 @@ def test_perplexity_run_split_kjv_and_hf_export_agree(tmp_path, kjv_run):
     assert own.tokens == kjv.tokens == hf.tokens == 8 * 32
     assert own.loss == pytest.approx(kjv.loss, abs=1e-5)  # kjv val split, same windows
     assert hf.loss == pytest.approx(kjv.loss, abs=1e-5)
+    # an export kept inside the run (RUN/exports/hf) is a Hugging Face model, not a checkpoint
+    export_hf(run, run / "exports" / "hf")
+    nested = run_perplexity(run / "exports" / "hf", data="kjv", limit=8, seq_len=32)
+    assert nested.loss == pytest.approx(hf.loss, abs=1e-6) and nested.run_dir is None
     assert 100 < kjv.ppl < 1000  # an untrained byte model: about exp(log 257)
     # --limit N scores N windows whatever the batch size (a short last batch included),
     # so the trainer's val_loss (its first eval_batches x batch_size windows) is reproducible

@@ -58,10 +58,10 @@ class ExportResult:
 
 def is_depthlab_source(path: Path) -> bool:
     """A run dir (config.yaml) or a checkpoint dir inside one."""
+    from depthlab.train.checkpoint import run_of_checkpoint
+
     path = Path(path)
-    if (path / "config.yaml").is_file():
-        return True
-    return (path / "model.safetensors").is_file() and (path.parent.parent / "config.yaml").is_file()
+    return (path / "config.yaml").is_file() or run_of_checkpoint(path) is not None
 
 
 def load_source(source: str | Path) -> tuple[DepthLM, RunConfig, Path, Path]:

@@ -587,8 +587,11 @@ def default_out_dir(model: str) -> Path:
         return p / "diagnose"
     if p.is_file() and p.name == "model.safetensors":
         p = p.parent
-    if p.is_dir() and (p / "model.safetensors").is_file() and (p.parent.parent / "config.yaml").is_file():
-        return p.parent.parent / "diagnose" / p.name
+    from depthlab.train.checkpoint import run_of_checkpoint
+
+    run_dir = run_of_checkpoint(p)
+    if run_dir is not None:
+        return run_dir / "diagnose" / p.name
     name = p.stem if p.suffix.lower() == ".gguf" else (p.name or str(model)).replace("/", "__")
     return Path("runs") / "diagnose" / name
 

@@ -75,11 +75,11 @@ def _model_dtype(model: nn.Module) -> str:
 
 def _depthlab_paths(path: Path) -> tuple[Path, Path] | None:
     """(config.yaml, checkpoint dir) if `path` is a depthlab run or checkpoint."""
+    from depthlab.train.checkpoint import run_of_checkpoint
+
     if (path / "model.safetensors").is_file():
-        for cfg_dir in (path, path.parent.parent):
-            if (cfg_dir / "config.yaml").is_file():
-                return cfg_dir / "config.yaml", path
-        return None
+        cfg_dir = path if (path / "config.yaml").is_file() else run_of_checkpoint(path)
+        return (cfg_dir / "config.yaml", path) if cfg_dir is not None else None
     if (path / "config.yaml").is_file() and (
         (path / "checkpoints").is_dir() or not (path / "config.json").is_file()
     ):

@@ -53,6 +53,18 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def run_of_checkpoint(path: Path) -> Path | None:
+    """The run directory of a checkpoint directory (RUN/checkpoints/step_N holding
+    model.safetensors, RUN holding config.yaml); None for any other path, such as a
+    Hugging Face export saved somewhere inside a run."""
+    path = Path(path)
+    run_dir = path.parent.parent
+    if (path.parent.name == CKPT_DIR and path.name.startswith("step_")
+            and (path / "model.safetensors").is_file() and (run_dir / "config.yaml").is_file()):
+        return run_dir
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
