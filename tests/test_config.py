@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from depthlab.config import apply_overrides, build_config, load_config
+from depthlab.config import apply_overrides, build_config, load_config, read_yaml
 from depthlab.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent / "configs"
@@ -28,6 +28,8 @@ def test_presets_validate(path):
     ({"model.d_model": 100, "model.n_heads": 3}, "d_model", "divisible"),
     ({"train.warmup_steps": 500, "train.max_steps": 100}, "warmup_steps", "max_steps"),
     ({"model.moe": {"layers": [9]}}, "moe.layers", "out of range"),
+    ({"train.seed": -1}, "train.seed", "greater than or equal to 0"),
+    ({"model.n_layers": 10**22}, "model.n_layers", "less than or equal to 4096"),
 ])
 def test_bad_values_name_field_and_rule(overrides, field, rule):
     with pytest.raises(ConfigError) as err:
@@ -66,3 +68,14 @@ def test_derived_quantities():
     mix = build_config({}, {"model.norm_placement": "mix", "model.n_layers": 8,
                             "model.mix_ln_fraction": 0.25}).model
     assert [mix.is_post_ln(i) for i in range(8)] == [True, True] + [False] * 6
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys; a config silently losing one is refused.
+    Merge keys (`<<: *base`) may still be overridden."""
+    p = tmp_path / "c.yaml"
+    p.write_text("name: a\nmodel:\n  n_layers: 2\n  d_model: 64\n  n_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'n_layers' appears twice \(line 5\)"):
+        load_config(p)
+    p.write_text("base: &b {n_layers: 2, d_model: 64}\nmodel:\n  <<: *b\n  n_layers: 3\n")
+    assert read_yaml(p)["model"] == {"n_layers": 3, "d_model": 64}

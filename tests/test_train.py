@@ -221,7 +221,7 @@ def test_ctrl_c_during_train_exits_130_and_keeps_checkpoints(tmp_path, corpus):
     assert checkpoint_dirs(cfg.run_dir)
 
 
-def test_resume_after_a_cut_off_metrics_line(tmp_path, corpus):
+def test_resume_after_a_cut_off_metrics_line(tmp_path, corpus, capsys):
     """A process killed mid-write leaves half a JSON line: info and resume drop it."""
     cfg = tiny_cfg(tmp_path, corpus, name="cut")
     first = Trainer(cfg, progress=False)
@@ -243,6 +243,16 @@ def test_resume_after_a_cut_off_metrics_line(tmp_path, corpus):
     (cfg.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DepthlabError, match="metrics.jsonl: line 2 is not valid JSON"):
         read_metrics(cfg.run_dir)
+    for bad in ("[1, 2]", '{"step": "x"}', '{"loss": 1.0}', "\udcff"):  # valid JSON or bad bytes
+        lines[1] = bad
+        (cfg.run_dir / "metrics.jsonl").write_bytes(
+            ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+        with pytest.raises(DepthlabError, match="metrics.jsonl: line 2 is not"):
+            read_metrics(cfg.run_dir)
+        with pytest.raises(SystemExit) as exc:  # `depthlab info RUN` reads it too
+            main(["info", str(cfg.run_dir)])
+        assert exc.value.code == 2
+        assert "line 2 is not" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus):

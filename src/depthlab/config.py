@@ -65,7 +65,7 @@ class ModelConfig(_Strict):
 
     vocab_size: int | None = Field(None, ge=2)
     """None: taken from the tokenizer when training."""
-    n_layers: int = Field(8, ge=1)
+    n_layers: int = Field(8, ge=1, le=4096)
     d_model: int = Field(128, ge=8)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1)
@@ -201,7 +201,7 @@ class TrainConfig(_Strict):
     keep_last: int = Field(2, ge=1)
     stats_interval: int = Field(0, ge=0)
     """Log per-layer statistics every k steps; 0 disables."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
@@ -342,6 +342,22 @@ def build_config(raw: dict[str, Any], overrides: list[str] | dict[str, Any] = ()
         raise ConfigError(_format_validation_error(err)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, *, allow_empty: bool = False) -> dict[str, Any]:
     """A YAML mapping from a file; anything else (missing, unreadable, empty, not YAML, not a
     mapping) is a one-line ConfigError naming the file."""
@@ -351,7 +367,10 @@ def read_yaml(path: str | Path, *, allow_empty: bool = False) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+    except yaml.constructor.ConstructorError as err:
+        where = f" (line {err.problem_mark.line + 1})" if err.problem_mark else ""
+        raise ConfigError(f"{p}: {err.problem}{where}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
     except UnicodeDecodeError as err:

@@ -454,6 +454,8 @@ def diagnose(
         raise DepthlabError(f"--batch-size must be >= 1, got {batch_size}")
     if ids is None and samples < 1:
         raise DepthlabError(f"--samples must be >= 1, got {samples}")
+    if ids is None and not 0 <= seed < 2**32:
+        raise DepthlabError(f"--seed must be in [0, 2**32), got {seed}")
     if out is not None:
         check_out_dir(Path(out))
 

@@ -19,14 +19,21 @@ METRICS_FILE = "metrics.jsonl"
 def _records(path: Path) -> list[dict[str, Any]]:
     """The JSON records of a metrics file. A cut-off last line (a process killed
     mid-write, a full disk) is dropped; a corrupt line before it is an error."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")  # bad bytes fail as JSON
+    lines = [line for line in text.splitlines() if line.strip()]
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i < len(lines) - 1:
                 raise DepthlabError(f"{path}: line {i + 1} is not valid JSON") from None
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise DepthlabError(f"{path}: line {i + 1} is not a metrics record (a JSON object "
+                                "with an integer step)")
+        records.append(record)
     return records
 
 
