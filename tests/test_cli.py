@@ -1,4 +1,5 @@
-"""Command-line usage mistakes: click's usage message and exit code 2, never a traceback."""
+"""Command-line usage mistakes: one `error:` line (click's message and where to find
+help) and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from depthlab.cli import main
     (["train", "a.yaml", "extra"], "unexpected extra argument"),
     (["recipe", "--layers", "4"], "Missing option '--params'"),
 ])
-def test_usage_errors_exit_2_with_click_message(argv, needle, capsys):
+def test_usage_errors_are_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert needle in err and "Traceback" not in err
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err, err
+    assert err.endswith("--help')")
 
 
 def test_no_arguments_prints_help(capsys):

@@ -210,12 +210,12 @@ def _file_system_refusal(err: OSError) -> bool:
     return err.errno in _SPACE_ERRNOS or (err.errno in _PATH_ERRNOS and bool(err.filename))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     from rich.markup import escape
 
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}",
                                                highlight=False)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -255,8 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # click usage errors come through here in non-standalone mode
         usage_errors, aborts = _click_exception_types()
         if isinstance(err, usage_errors):
-            err.show()
-            sys.exit(err.exit_code)
+            if type(err).__name__ == "NoArgsIsHelpError":  # a bare command: its help
+                err.show()
+                sys.exit(err.exit_code)
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _fail(f"{err.format_message()}{hint}", err.exit_code)
         if isinstance(err, aborts):
             sys.exit(1)
         raise
