@@ -258,6 +258,13 @@ def test_corrupt_and_missing_token_files(tmp_path):
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(DepthlabError, match="not valid JSON"):
         open_splits(_cfg(tmp_path, corpus=str(d)))
+    for bad, needle in [({"vocab_size": "abc"}, "vocab_size must be a positive integer"),
+                        ({"vocab_size": [1]}, "vocab_size must be a positive integer"),
+                        ({"dtype": 16}, "dtype must be a string"),
+                        ({"splits": [1]}, "splits must map each split to an object")]:
+        (d / "manifest.json").write_text(json.dumps({"dtype": "uint16", **bad}))
+        with pytest.raises(DepthlabError, match=needle):
+            open_splits(_cfg(tmp_path, corpus=str(d)))
 
 
 # --------------------------------------------------------------------------- loaders

@@ -129,6 +129,11 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         run_lm_eval(run, "copa", data_dir=partial)
     with pytest.raises(DepthlabError, match="no such directory"):
         run_lm_eval(run, "copa", data_dir=tmp_path / "nope")
+    with pytest.raises(DepthlabError, match="--num-fewshot must be >= 0, got -1"):
+        run_lm_eval(run, "copa", data_dir=DATA, num_fewshot=-1)
+    if DATA.is_dir():
+        with pytest.raises(DepthlabError, match="--num-fewshot 100000: more examples than"):
+            run_lm_eval(run, "copa", limit=2, data_dir=DATA, num_fewshot=100000)
     (tmp_path / "junk" / "copa").mkdir(parents=True)
     (tmp_path / "junk" / "copa" / "notes.txt").write_text("not a dataset")
     with pytest.raises(DepthlabError, match="each task folder under --data-dir is a datasets"):

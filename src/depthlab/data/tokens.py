@@ -169,6 +169,22 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return read_json(Path(directory) / MANIFEST, "manifest")
 
 
+def _checked_manifest(directory: Path) -> dict[str, Any]:
+    """read_manifest, with the fields open_token_dir reads checked for their types."""
+    manifest = read_manifest(directory)
+    where = directory / MANIFEST
+    vocab = manifest.get("vocab_size")
+    if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1):
+        raise DepthlabError(f"{where}: vocab_size must be a positive integer, got {vocab!r}")
+    if "dtype" in manifest and not isinstance(manifest["dtype"], str):
+        raise DepthlabError(f"{where}: dtype must be a string such as \"uint16\", "
+                            f"got {manifest['dtype']!r}")
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
+        raise DepthlabError(f"{where}: splits must map each split to an object")
+    return manifest
+
+
 def _split_file(directory: Path, manifest: dict[str, Any], split: str) -> Path:
     entry = manifest.get("splits", {}).get(split, {})
     if isinstance(entry, dict) and entry.get("file"):
@@ -207,7 +223,7 @@ def open_token_dir(
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise DepthlabError(f"token directory not found: {d}")
-    manifest = read_manifest(d) if (d / MANIFEST).exists() else {}
+    manifest = _checked_manifest(d) if (d / MANIFEST).exists() else {}
     if tokenizer is None and (d / "tokenizer" / META_FILE).is_file():
         tokenizer = load_tokenizer_path(d / "tokenizer")
     dtype = manifest.get("dtype", dtype)

@@ -436,6 +436,8 @@ def run_lm_eval(
         raise DepthlabError(f"no tasks given (e.g. --tasks {','.join(DEFAULT_TASKS[:3])})")
     if limit is not None and limit <= 0:
         raise DepthlabError("--limit must be positive")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise DepthlabError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     start = time.time()
     offline = data_dir is not None
     # without a reachable Hub, go offline at once: cached task data still loads, missing
@@ -518,6 +520,11 @@ def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot
                 num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
             )
     except DepthlabError:
+        raise
+    except ValueError as err:
+        if num_fewshot and "larger than population" in str(err):
+            raise DepthlabError(f"--num-fewshot {num_fewshot}: more examples than a task has "
+                                "to draw them from; use fewer") from None
         raise
     except AssertionError:
         if type(lm).__name__ != "HFLM":
