@@ -29,6 +29,7 @@ def test_presets_validate(path):
     ({"train.warmup_steps": 500, "train.max_steps": 100}, "warmup_steps", "max_steps"),
     ({"model.moe": {"layers": [9]}}, "moe.layers", "out of range"),
     ({"train.seed": -1}, "train.seed", "greater than or equal to 0"),
+    ({"name": "../elsewhere"}, "name", "single directory name"),
     ({"model.n_layers": 10**22}, "model.n_layers", "less than or equal to 4096"),
 ])
 def test_bad_values_name_field_and_rule(overrides, field, rule):

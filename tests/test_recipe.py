@@ -78,6 +78,13 @@ def test_recipe_cites_reproduce_results(tmp_path):
     assert "reproduce --scale tiny claim 3" in text
     with pytest.raises(DepthlabError, match="no reproduce results"):
         make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path / "nope")
+    for bad in ("[1, 2]", '{"claims": 5}', '{"scale": "tiny", "claims": [{"id": 3}]}'):
+        (tmp_path / "reproduce.json").write_text(bad)
+        with pytest.raises(DepthlabError, match="is not a `depthlab reproduce` results file"):
+            make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path)
+    (tmp_path / "reproduce.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(DepthlabError, match="cannot read reproduce results"):
+        make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path)
 
 
 def test_ladder_is_cumulative_with_equal_active_moe():

@@ -194,8 +194,10 @@ def test_cli_report_errors_exit_2(tmp_path, capsys):
     assert err.startswith("error:") and "no depthlab runs" in err
     fake_run(tmp_path / "runs", "wd0", wd=0.0)
     (tmp_path / "a_file").write_text("x")
+    dpi = "--dpi must be between 1 and 1200"
     for args, needle in [(["--out", str(tmp_path / "a_file")], "is not a directory"),
-                         (["--out", str(tmp_path / "o"), "--dpi", "0"], "--dpi must be >= 1")]:
+                         (["--out", str(tmp_path / "o"), "--dpi", "0"], dpi),
+                         (["--out", str(tmp_path / "o"), "--dpi", "100000"], dpi)]:
         with pytest.raises(SystemExit) as exc:
             main(["report", str(tmp_path / "runs"), *args])
         assert exc.value.code == 2 and needle in capsys.readouterr().err

@@ -76,6 +76,9 @@ def test_list_points_named_and_combined_with_grid(tmp_path):
     assert names[2] == "kv1_E4_k2_T16"  # a section mapping in a list entry is merged key by key
     assert all("/" not in n and " " not in n for n in names)
     assert sw.runs()[2].cfg.model.moe.num_experts == 4
+    for taken in ("logs", "sweep.yaml"):  # the sweep's own files in OUT
+        with pytest.raises(DepthlabError, match=f"run name.s. {taken} are the sweep's own files"):
+            load_sweep(_sweep(tmp_path, list=[{"name": taken}, {"name": "b"}])).runs()
 
 
 def test_names_are_filesystem_safe_and_bounded():

@@ -257,6 +257,7 @@ class RunConfig(_Strict):
     """A complete training run."""
 
     name: str = "run"
+    """One directory name (no path separators)."""
     out_dir: str = "runs"
     """Runs are written to `out_dir/name`."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -265,6 +266,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"name ({self.name!r}) must be a single directory name, without "
+                             "path separators; put the parent directory in out_dir")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len "

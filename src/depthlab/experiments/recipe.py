@@ -143,12 +143,28 @@ def _find_evidence(evidence: str | Path | None) -> tuple[dict[str, Any] | None, 
         p = c / RESULTS_FILE if c.is_dir() else c
         if p.is_file():
             try:
-                return json.loads(p.read_text()), str(p)
-            except (OSError, json.JSONDecodeError):
+                results = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
                 raise DepthlabError(f"cannot read reproduce results {p}") from None
+            if not _looks_like_results(results):
+                raise DepthlabError(f"{p} is not a `depthlab reproduce` results file (expected "
+                                    "an object with scale and claims)")
+            return results, str(p)
     if evidence is not None:
         raise DepthlabError(f"no reproduce results at {evidence} (run depthlab reproduce first)")
     return None, None
+
+
+def _looks_like_results(results: Any) -> bool:
+    """The fields _cite reads, with their types."""
+    if not isinstance(results, dict) or not isinstance(results.get("claims"), list):
+        return False
+    return "scale" in results and all(
+        isinstance(c, dict) and {"id", "title", "verdict"} <= c.keys()
+        and isinstance(c.get("tests"), list)
+        and all(isinstance(t, dict) and {"label", "status", "detail"} <= t.keys()
+                for t in c["tests"])
+        for c in results["claims"])
 
 
 def _cite(results: dict[str, Any] | None, source: str | None, claim_id: int) -> list[str]:

@@ -53,6 +53,8 @@ STATUS_FILE = "sweep_status.json"
 SWEEP_FILE = "sweep.yaml"
 BASE_FILE = "base.yaml"
 LOG_DIR = "logs"
+RESERVED_NAMES = (STATUS_FILE, SWEEP_FILE, BASE_FILE, LOG_DIR)
+"""What a sweep's OUT holds besides its runs: no run may take these names."""
 SWEEP_KEYS = {"name", "base", "out_dir", "set", "grid", "list", "diagnose"}
 
 # Short names for the knobs the paper sweeps (depth x lambda x T x G x MoE).
@@ -259,6 +261,10 @@ class Sweep:
         if dups:
             raise DepthlabError(f"sweep {self.name}: runs share the name(s) {', '.join(dups)}; "
                                 "give list entries distinct `name`s or remove duplicate points")
+        taken = sorted({n for n, _ in named} & set(RESERVED_NAMES))
+        if taken:
+            raise DepthlabError(f"sweep {self.name}: run name(s) {', '.join(taken)} are the "
+                                f"sweep's own files in {self.out_dir}; rename those runs")
         base = self.base_raw()
         runs, errors = [], []
         for name, ov in named:

@@ -29,8 +29,8 @@ def report(
     from depthlab.probe.diagnose import check_out_dir
     from depthlab.report.html import build_report
 
-    if dpi < 1:
-        raise DepthlabError(f"--dpi must be >= 1, got {dpi}")
+    if not 1 <= dpi <= 1200:
+        raise DepthlabError(f"--dpi must be between 1 and 1200, got {dpi}")
     check_out_dir(out)
     console = Console()
     rep = build_report(dirs, out, ladder=ladder, title=title,
