@@ -255,7 +255,7 @@ def test_resume_after_a_cut_off_metrics_line(tmp_path, corpus, capsys):
         assert "line 2 is not" in capsys.readouterr().err
 
 
-def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus):
+def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus, capsys):
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
     Trainer(cfg, progress=False).fit()
     shards = list((checkpoint_dirs(cfg.run_dir)[-1] / "dcp").glob("*.distcp"))
@@ -265,6 +265,16 @@ def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus):
     more = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
     with pytest.raises(DepthlabError, match="cannot load the model/optimizer state in"):
         Trainer(more, progress=False).fit()
+    # a damaged index: the error line alone (DCP logs each failed read with its traceback
+    # on the root logger first) and the way out
+    (checkpoint_dirs(cfg.run_dir)[-1] / "dcp" / ".metadata").write_text("junk")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(more.to_dict()))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(tmp_path / "c.yaml"), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot load the model/optimizer state") and "\n" not in err
+    assert "delete" in err and "to resume from" in err
 
 
 @pytest.mark.parametrize("over, needle", [

@@ -20,6 +20,7 @@ Checkpoints of earlier versions (`optimizer.pt` instead of `dcp/`) still resume.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import random
@@ -139,10 +140,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def _single_process_quiet() -> Iterator[None]:
     """DCP warns that it 'assumes' single-process use when there is no process group:
-    that is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        yield
+    that is intended here. It also logs each failed attempt to read a checkpoint's
+    metadata, with its traceback, on the root logger before raising: the error that
+    follows (one line, with both causes) says it all."""
+    def not_from_dcp(record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.WARNING
+                    and "torch/distributed/checkpoint" in record.pathname.replace("\\", "/"))
+
+    root = logging.getLogger()
+    root.addFilter(not_from_dcp)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            yield
+    finally:
+        root.removeFilter(not_from_dcp)
 
 
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -298,15 +310,19 @@ def _unreadable(ckpt_dir: Path, name: str, err: Exception) -> DepthlabError:
     else (permissions, a library version that cannot unpickle it) only the cause."""
     damaged = isinstance(err, (EOFError, ValueError, pickle.UnpicklingError)) or (
         isinstance(err, RuntimeError) and "zip" in str(err).lower())
-    earlier = [c for c in checkpoint_dirs(ckpt_dir.parent.parent) if c.name < ckpt_dir.name]
-    way_out = (f"; if it is damaged, delete {ckpt_dir} to resume from "
-               f"{earlier[-1].name if earlier else 'step 0 (no earlier checkpoint)'}"
-               if damaged else "")
+    way_out = _delete_to_resume(ckpt_dir) if damaged else ""
     return DepthlabError(f"cannot read {ckpt_dir / name} ({first_line(err)}){way_out}")
 
 
+def _delete_to_resume(ckpt_dir: Path) -> str:
+    """The way out of a damaged checkpoint: the one it would resume from without it."""
+    earlier = [c for c in checkpoint_dirs(ckpt_dir.parent.parent) if c.name < ckpt_dir.name]
+    return (f"; if it is damaged, delete {ckpt_dir} to resume from "
+            f"{earlier[-1].name if earlier else 'step 0 (no earlier checkpoint)'}")
+
+
 @contextlib.contextmanager
-def _dcp_errors(what: str):
+def _dcp_errors(what: str, way_out: str = ""):
     """torch.distributed.checkpoint wraps every failure, Ctrl-C included, in a
     CheckpointException (a BaseException): re-raise Ctrl-C as itself and anything else
     (a missing or cut shard, another model shape, a full disk) as one line."""
@@ -319,7 +335,7 @@ def _dcp_errors(what: str):
                   if isinstance(err, CheckpointException) else []) or [err]
         if any(isinstance(c, KeyboardInterrupt) for c in causes):
             raise KeyboardInterrupt from None
-        raise DepthlabError(f"{what}: {first_line(causes[0])}") from None
+        raise DepthlabError(f"{what}: {first_line(causes[0])}{way_out}") from None
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -333,7 +349,8 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
         state = _read_state(ckpt_dir)
         sd = _dcp_state(model, optimizer)
         with _single_process_quiet(), _dcp_errors(
-                f"cannot load the model/optimizer state in {ckpt_dir / DCP_DIR}"):
+                f"cannot load the model/optimizer state in {ckpt_dir / DCP_DIR}",
+                _delete_to_resume(ckpt_dir)):
             dcp.load(sd, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not D.is_distributed())
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         return state
