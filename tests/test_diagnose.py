@@ -191,6 +191,17 @@ def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
     err = _error(["diagnose", str(tiny_run), "--metrics", "variance", "--out",
                   str(tmp_path / "a_file" / "sub"), "--no-progress"], capsys)
     assert "a_file exists and is not a directory" in err
+    err = _error(["diagnose", str(tiny_run), "--seed", "-1", *base], capsys)
+    assert "--seed must be in [0, 2**32), got -1" in err
+    mine = tmp_path / "mine"  # a user's own results.json / summary.md: never replaced
+    mine.mkdir()
+    for name in ("results.json", "summary.md"):
+        (mine / name).write_text('{"my": "notes"}')
+        err = _error(["diagnose", str(tiny_run), "--metrics", "variance", "--out", str(mine),
+                      "--no-progress"], capsys)
+        assert f"{name} there was not written by depthlab diagnose" in err
+        assert (mine / name).read_text() == '{"my": "notes"}'
+        (mine / name).unlink()
 
 
 def test_non_finite_weights_are_refused(tmp_path: Path) -> None:

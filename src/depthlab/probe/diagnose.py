@@ -28,6 +28,7 @@ import datetime
 import functools
 import hashlib
 import inspect
+import json
 import sys
 import time
 import types
@@ -388,12 +389,26 @@ def _run_groups(stack: Any, ids: Tensor, names: list[str], options: dict[str, di
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse an output path that cannot become a directory before any work is done."""
+    """Refuse, before any work is done, an output path that cannot become a directory or
+    that holds a results.json / summary.md that no diagnosis wrote (they would be
+    replaced)."""
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
                 raise DepthlabError(f"--out {out}: {p} exists and is not a directory")
-            return
+            break
+    from depthlab.probe.results import RESULTS_FILE, SUMMARY_FILE
+
+    results = out / RESULTS_FILE
+    try:
+        earlier = json.loads(results.read_text())
+        ours = isinstance(earlier, dict) and {"schema_version", "metrics"} <= earlier.keys()
+    except (OSError, ValueError):
+        ours = False
+    foreign = [f for f in (results, out / SUMMARY_FILE) if f.exists() and not ours]
+    if foreign:
+        raise DepthlabError(f"--out {out}: {foreign[0].name} there was not written by depthlab "
+                            "diagnose; not replacing it (choose another --out)")
 
 
 def check_finite_weights(model: nn.Module) -> None:
