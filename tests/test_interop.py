@@ -252,7 +252,18 @@ def test_overwrite_replaces_only_what_export_and_import_wrote(tmp_path, capsys):
         assert "not replacing it" in " ".join(capsys.readouterr().err.split())
         assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
     main(["export", str(run), "--to", "hf", str(tmp_path / "hf")])
+    written = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    (tmp_path / "hf" / "NOTES.md").write_text("mine")  # a user's files in an export folder
+    (tmp_path / "hf" / "sub").mkdir()
+    (tmp_path / "hf" / "sub" / "keep.txt").write_text("mine")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"stale")
     main(["export", str(run), "--to", "hf", str(tmp_path / "hf"), "--overwrite"])  # own: ok
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted([*written, "NOTES.md",
+                                                                          "sub"])
+    assert (tmp_path / "hf" / "sub" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_size > 100  # the export replaced
+    files = json.loads((tmp_path / "hf" / "depthlab_export.json").read_text())["files"]
+    assert "model.safetensors" in files and "NOTES.md" not in files
     main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imp")])
     main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imp"), "--overwrite"])
     capsys.readouterr()

@@ -278,13 +278,13 @@ def export_model(
             tokenizer.save_pretrained(tmp)
             if (tmp / "tokenizer_config.json").is_file():
                 _portable_tokenizer_class(tmp / "tokenizer_config.json")
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
         info = {"arch": arch, "hf_class": CLASS_NAMES[arch], "dtype": dtype,
                 "max_abs_logit_diff": diff, "notes": notes,
-                "depthlab_model": model.cfg.model_dump(mode="json"), **(provenance or {})}
+                "depthlab_model": model.cfg.model_dump(mode="json"), **(provenance or {}),
+                "files": files}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _replace_export(tmp, out, [*files, PROVENANCE_FILE])
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -304,6 +304,29 @@ def _portable_tokenizer_class(config_file: Path) -> None:
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = FAST_TOKENIZER
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _replace_export(tmp: Path, out: Path, files: list[str]) -> None:
+    """Move a finished export from `tmp` to `out`. An earlier export there loses the files
+    it listed (all of it, if it predates the list); anything else a user put there stays."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    try:
+        earlier = json.loads((out / PROVENANCE_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if not isinstance(earlier, list):
+        shutil.rmtree(out)
+        os.replace(tmp, out)
+        return
+    (out / PROVENANCE_FILE).unlink(missing_ok=True)  # first: a half-replaced dir is no export
+    for name in earlier:
+        if isinstance(name, str) and ".." not in Path(name).parts:
+            (out / name).unlink(missing_ok=True)
+    for name in files:  # the provenance file last: it marks the export complete
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / name, out / name)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
