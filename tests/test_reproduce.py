@@ -91,7 +91,13 @@ def test_ablate_end_to_end(tmp_path, capsys):
     (["ablate", "configs/cpu/tiny.yaml"], "needs an MHA base"),
     (["reproduce", "--steps", "0"], "--steps must be >= 1"),
     (["reproduce", "--scale", "paper", "--seeds", "0"], "--seeds must be >= 1"),
-    (["data", "prepare", "--bpe-vocab-size", "500"], "--bpe-vocab-size applies to --tokenizer bpe"),
+    (["data", "prepare", "--bpe-vocab-size", "500"], "BPE vocabulary size applies to --tokenizer"),
+    (["data", "prepare", "--set", "data.bpe_vocab_size=500"], "BPE vocabulary size applies to"),
+    (["data", "prepare", "--set", "model.n_layers=5"], "--set model.n_layers: data prepare reads"),
+    (["reproduce", "--scale", "paper", "--steps", "5", "--jobs", "4"],
+     "--jobs, --steps would be ignored: --scale paper only writes"),
+    (["recipe", "-L", "16", "--params", "1B", "--dense", "--experts", "8"],
+     "--experts would be ignored with --dense"),
     (["reproduce", "--claims", ","], "--claims takes numbers"),
     (["ablate", "configs/cpu/dense.yaml", "--group-size", "0"], "--group-size must be >= 2"),
     (["ablate", "configs/cpu/dense.yaml", "--top-k", "0"], "--top-k must be between"),
@@ -103,3 +109,24 @@ def test_bad_input_one_line(argv, message, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_paper_scale_keeps_edited_files_and_out_must_be_a_directory(tmp_path, capsys):
+    out = tmp_path / "paper"
+    main(["reproduce", "--scale", "paper", "--out", str(out)])
+    first = (out / "commands.sh").read_text()
+    main(["reproduce", "--scale", "paper", "--out", str(out)])  # same files: rewritten
+    assert (out / "commands.sh").read_text() == first
+    (out / "commands.sh").write_text(first + "echo my addition\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--scale", "paper", "--out", str(out)])
+    assert exc.value.code == 2 and "commands.sh differs from what --scale paper writes" in \
+        capsys.readouterr().err
+    assert "echo my addition" in (out / "commands.sh").read_text()
+    (tmp_path / "a_file").write_text("x")
+    for argv in (["reproduce", "--scale", "paper"], ["eval", str(out), "--ppl"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--out", str(tmp_path / "a_file")])
+        assert exc.value.code == 2
+        assert "a_file exists and is not a directory" in capsys.readouterr().err

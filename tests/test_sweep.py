@@ -76,6 +76,11 @@ def test_list_points_named_and_combined_with_grid(tmp_path):
     assert names[2] == "kv1_E4_k2_T16"  # a section mapping in a list entry is merged key by key
     assert all("/" not in n and " " not in n for n in names)
     assert sw.runs()[2].cfg.model.moe.num_experts == 4
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DepthlabError, match="a_file exists and is not a directory"):
+        load_sweep(_sweep(tmp_path, list=[{"name": "a"}]), out_dir=tmp_path / "a_file")
+    with pytest.raises(DepthlabError, match="base .* is a directory; give a config file"):
+        load_sweep({"base": str(tmp_path), "list": [{"name": "a"}]})
     for taken in ("logs", "sweep.yaml"):  # the sweep's own files in OUT
         with pytest.raises(DepthlabError, match=f"run name.s. {taken} are the sweep's own files"):
             load_sweep(_sweep(tmp_path, list=[{"name": taken}, {"name": "b"}])).runs()

@@ -82,6 +82,11 @@ def data_prepare(
 
     given = {k: v for k, v in (("corpus", corpus), ("tokenizer", tokenizer),
                                ("bpe_vocab_size", bpe_vocab_size)) if v is not None}
+    keys = [item.split("=", 1)[0].strip() for item in set_ or []]
+    other = [k for k in keys if not k.startswith("data.")]
+    if other:
+        raise DepthlabError(f"--set {other[0]}: data prepare reads only the data section "
+                            "(--set data.KEY=VALUE)")
     if config is not None:
         if given:
             raise DepthlabError("--config takes the data section from the config: change it "
@@ -90,8 +95,9 @@ def data_prepare(
         data_cfg = _config_from(config, set_).data
     else:  # the options left out take the config defaults
         data_cfg = build_config({"data": given}, set_ or []).data
-    if bpe_vocab_size is not None and data_cfg.tokenizer != "bpe":
-        raise DepthlabError(f"--bpe-vocab-size applies to --tokenizer bpe, not "
+    if data_cfg.tokenizer != "bpe" and (bpe_vocab_size is not None
+                                        or "data.bpe_vocab_size" in keys):
+        raise DepthlabError(f"the BPE vocabulary size applies to --tokenizer bpe, not "
                             f"{data_cfg.tokenizer}")
     if data_cfg.corpus != "kjv" and is_token_dir(Path(data_cfg.corpus).expanduser()):
         raise DepthlabError(f"{data_cfg.corpus} already holds token files: nothing to prepare "

@@ -136,7 +136,8 @@ def reproduce(
     scale: Annotated[str, typer.Option(help="tiny (~15 min on 2 CPU cores), small (hours), "
                                        "paper (writes configs and launch commands)")] = "tiny",
     out: Annotated[Path | None, typer.Option(help="Output dir (default runs/reproduce/SCALE).")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained in parallel.")] = 2,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Runs trained in parallel "
+                                             "(default 2).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per condition (default: tiny 3, small 2).")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per run (default: the "
                                               "scale's).")] = None,
@@ -156,6 +157,7 @@ def reproduce(
     from depthlab.experiments.reproduce import RESULTS_FILE, default_out
     from depthlab.experiments.reproduce import reproduce as run
     from depthlab.experiments.reproduce_report import REPORT_FILE
+    from depthlab.outdir import check_creatable_dir
 
     console = Console()
     wanted = None
@@ -168,8 +170,18 @@ def reproduce(
             raise DepthlabError(f"--claims takes numbers like 1,2,8, got {claims!r}")
     if seeds is not None and seeds < 1:
         raise DepthlabError(f"--seeds must be >= 1, got {seeds}")
+    if scale == "paper":
+        given = [flag for flag, value in (("--jobs", jobs), ("--seeds", seeds), ("--steps", steps),
+                                          ("--claims", claims), ("--eval-tokens", eval_tokens))
+                 if value is not None]
+        if given:
+            raise DepthlabError(f"{', '.join(given)} would be ignored: --scale paper only writes "
+                                "the sweep files and launch commands")
+    if out is not None:
+        check_creatable_dir(out)
     command = "depthlab " + shlex.join(sys.argv[1:])
-    results = run(scale, out, jobs=jobs, seeds=seeds, steps=steps, claims=wanted,
+    results = run(scale, out, jobs=2 if jobs is None else jobs, seeds=seeds, steps=steps,
+                  claims=wanted,
                   eval_tokens=eval_tokens,
                   on_status=_status_printer(console), on_diagnose=_diagnose_printer(console),
                   command=command)
@@ -230,8 +242,8 @@ def recipe(
                                                "max_steps).")] = None,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 50304,
     dense: Annotated[bool, typer.Option("--dense", help="No MoE (dense MLPs).")] = False,
-    experts: Annotated[int, typer.Option(help="MoE experts per layer.")] = 64,
-    top_k: Annotated[int, typer.Option(help="MoE experts per token.")] = 8,
+    experts: Annotated[int | None, typer.Option(help="MoE experts per layer (default 64).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="MoE experts per token (default 8).")] = None,
     active: Annotated[bool, typer.Option("--active", help="--params counts the parameters "
                                          "active per token (MoE), not the total.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Cite the measured evidence "
@@ -250,11 +262,19 @@ def recipe(
 
     if out is not None and out.is_file() and not overwrite:
         raise DepthlabError(f"--out {out} exists; choose another file or pass --overwrite")
+    if out is not None and out.is_dir():
+        raise DepthlabError(f"--out {out} is a directory; give a file name for the config")
+    moe_only = [flag for flag, on in (("--experts", experts is not None),
+                                      ("--top-k", top_k is not None), ("--active", active)) if on]
+    if dense and moe_only:
+        raise DepthlabError(f"{', '.join(moe_only)} would be ignored with --dense (a dense "
+                            "model has no experts; its total and active counts are equal)")
     console = Console()
     rec = make_recipe(layers, parse_count(params, "--params"), context=context,
                       tokens=parse_count(budget, "--budget") if budget else None,
-                      vocab_size=vocab_size, moe=not dense, experts=experts, top_k=top_k,
-                      evidence=evidence, active=active)
+                      vocab_size=vocab_size, moe=not dense,
+                      experts=64 if experts is None else experts,
+                      top_k=8 if top_k is None else top_k, evidence=evidence, active=active)
     text = rec.yaml()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -305,11 +305,12 @@ def paper_commands(out: Path) -> dict[str, Any]:
         "gqa": {"grid": {"model.n_kv_heads": [16, 8, 4, 1]}},
     }
     files, commands = {}, []
+    texts: dict[Path, str] = {}
     for name, points in sweeps.items():
         spec = {"name": f"paper_{name}", "base": str(dense), "out_dir": f"runs/paper/{name}",
                 **points, "diagnose": True}
         path = out / f"paper_{name}.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        texts[path] = yaml.safe_dump(spec, sort_keys=False)
         files[name] = str(path)
         # one SLURM job per run, each a torchrun of 8 processes (one per GPU)
         commands.append(f"depthlab sweep {path} --slurm --gpus 8 --time-min 4320")
@@ -319,7 +320,13 @@ def paper_commands(out: Path) -> dict[str, Any]:
                         f"-m depthlab.cli train {root / cfg} --set train.distributed=fsdp")
     commands.append(f"depthlab ablate {dense} --set model.n_layers=32 --out runs/paper/ladder"
                     "   # the ladder at L=32; ablate trains its rungs as local processes")
-    (out / "commands.sh").write_text("#!/bin/sh\n" + "\n".join(commands) + "\n")
+    texts[out / "commands.sh"] = "#!/bin/sh\n" + "\n".join(commands) + "\n"
+    edited = [p for p, text in texts.items() if p.is_file() and p.read_text() != text]
+    if edited:  # written by an earlier call and changed since (or someone else's files)
+        raise DepthlabError(f"{edited[0]} differs from what --scale paper writes (edited?); "
+                            "not replacing it: choose another --out or move it away")
+    for path, text in texts.items():
+        path.write_text(text)
     return {"scale": "paper", "sweep_files": files, "commands": commands}
 
 

@@ -48,6 +48,7 @@ from pydantic import BaseModel
 
 from depthlab.config import RunConfig, apply_overrides, build_config, read_yaml
 from depthlab.errors import ConfigError, DepthlabError
+from depthlab.outdir import check_creatable_dir
 
 STATUS_FILE = "sweep_status.json"
 SWEEP_FILE = "sweep.yaml"
@@ -322,6 +323,8 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
         base_path = Path(base)
         if not base_path.is_absolute():
             base_path = here / base_path if (here / base_path).is_file() else base_path
+        if base_path.is_dir():
+            raise ConfigError(f"sweep {name}: base {base} is a directory; give a config file")
         if not base_path.is_file():
             raise ConfigError(f"sweep {name}: base config not found: {base}")
         base = read_yaml(base_path)
@@ -354,6 +357,7 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
     for p in points:
         flatten_overrides({k: v for k, v in p.items() if k != "name"})
     out = Path(out_dir) if out_dir is not None else Path(raw.get("out_dir") or f"runs/sweeps/{name}")
+    check_creatable_dir(out, "sweep output directory")
     diagnose = raw.get("diagnose", False)
     if not isinstance(diagnose, bool):
         raise ConfigError(f"sweep {name}: diagnose must be true or false")

@@ -144,6 +144,10 @@ def eval_cmd(
         raise DepthlabError("--limit must be positive")
     if seq_len is not None and seq_len < 1:
         raise DepthlabError(f"--seq-len must be >= 1, got {seq_len}")
+    if out is not None:
+        from depthlab.outdir import check_creatable_dir
+
+        check_creatable_dir(Path(out))
     if ppl and limit is not None and not float(limit).is_integer():
         raise DepthlabError("--limit with --ppl is a number of windows (a whole number >= 1)")
     if limit is not None and limit >= 1:

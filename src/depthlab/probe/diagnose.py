@@ -392,12 +392,10 @@ def check_out_dir(out: Path) -> None:
     """Refuse, before any work is done, an output path that cannot become a directory or
     that holds a results.json / summary.md that no diagnosis wrote (they would be
     replaced)."""
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise DepthlabError(f"--out {out}: {p} exists and is not a directory")
-            break
+    from depthlab.outdir import check_creatable_dir
     from depthlab.probe.results import RESULTS_FILE, SUMMARY_FILE
+
+    check_creatable_dir(out)
 
     results = out / RESULTS_FILE
     try:
