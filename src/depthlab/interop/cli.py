@@ -112,7 +112,8 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples (default 0).")] = None,
     ppl: Annotated[bool, typer.Option("--ppl", help="Perplexity on held-out text.")] = False,
-    data: Annotated[str | None, typer.Option(help="--ppl text: kjv or a path (default: the "
+    data: Annotated[str | None, typer.Option(help="--ppl text: kjv or a text/JSONL file or "
+                                                  "folder, not token files (default: the "
                                                   "run's validation split; kjv for HF).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="--ppl window length.")] = None,
 ) -> None:
