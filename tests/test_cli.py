@@ -49,7 +49,7 @@ def test_file_system_and_config_file_mistakes_are_one_line(tmp_path, capsys):
     a_file.write_text("not a directory")
     assert "Not a directory" in _one_line_error(
         ["train", tiny, "--set", f"out_dir={a_file}"], capsys)
-    assert "Is a directory" in _one_line_error(
+    assert "is a directory; give a file name" in _one_line_error(
         ["recipe", "-L", "8", "--params", "10M", "--out", str(tmp_path)], capsys)
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"name: \xff\xfe\n")
@@ -91,5 +91,7 @@ def test_only_file_system_refusals_become_one_line(tmp_path, monkeypatch):
     assert not _file_system_refusal(ConnectionError(errno.ECONNREFUSED, "refused", "h"))
     assert not _file_system_refusal(OSError("a library's own OSError"))
     monkeypatch.setenv("DEPTHLAB_DEBUG", "1")
-    with pytest.raises(IsADirectoryError):
-        main(["recipe", "-L", "8", "--params", "10M", "--out", str(tmp_path)])
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "cpu" / "tiny.yaml")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        main(["train", tiny, "--set", f"out_dir={tmp_path / 'a_file'}"])
