@@ -29,7 +29,8 @@ def test_presets_validate(path):
     ({"train.warmup_steps": 500, "train.max_steps": 100}, "warmup_steps", "max_steps"),
     ({"model.moe": {"layers": [9]}}, "moe.layers", "out of range"),
     ({"train.seed": -1}, "train.seed", "greater than or equal to 0"),
-    ({"name": "../elsewhere"}, "name", "single directory name"),
+    ({"name": "../elsewhere"}, "name", "must be a path inside out_dir"),
+    ({"name": "/abs/run"}, "name", "must be a path inside out_dir"),
     ({"model.n_layers": 10**22}, "model.n_layers", "less than or equal to 4096"),
 ])
 def test_bad_values_name_field_and_rule(overrides, field, rule):
@@ -80,3 +81,14 @@ def test_a_key_given_twice_is_refused(tmp_path):
         load_config(p)
     p.write_text("base: &b {n_layers: 2, d_model: 64}\nmodel:\n  <<: *b\n  n_layers: 3\n")
     assert read_yaml(p)["model"] == {"n_layers": 3, "d_model": 64}
+    p.write_text("a: 1\n1: x\n1.0: z\n")  # one Python key: a value would be lost
+    with pytest.raises(ConfigError, match="key 1.0 appears twice"):
+        read_yaml(p)
+    p.write_text("? [x, y]\n: 1\n")  # an unhashable key: YAML's own one-line error
+    with pytest.raises(ConfigError, match="c.yaml: "):
+        read_yaml(p)
+
+
+def test_nested_run_names_stay_inside_out_dir():
+    cfg = build_config({"name": "group/run", "out_dir": "runs"})
+    assert cfg.run_dir == Path("runs/group/run")

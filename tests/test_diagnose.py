@@ -192,7 +192,7 @@ def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
                   str(tmp_path / "a_file" / "sub"), "--no-progress"], capsys)
     assert "a_file exists and is not a directory" in err
     err = _error(["diagnose", str(tiny_run), "--seed", "-1", *base], capsys)
-    assert "--seed must be in [0, 2**32), got -1" in err
+    assert "--seed must be in [0, 2**63), got -1" in err
     mine = tmp_path / "mine"  # a user's own results.json / summary.md: never replaced
     mine.mkdir()
     for name in ("results.json", "summary.md"):
@@ -202,6 +202,11 @@ def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
         assert f"{name} there was not written by depthlab diagnose" in err
         assert (mine / name).read_text() == '{"my": "notes"}'
         (mine / name).unlink()
+    # an interrupted diagnosis leaves its summary.md alone (results.json is written last)
+    (mine / "summary.md").write_text("# depthlab diagnose: tiny\n")
+    main(["diagnose", str(tiny_run), "--metrics", "variance", "--out", str(mine),
+          "--no-progress", "--no-figures", "--samples", "2", "--seq-len", "16"])
+    assert (mine / "results.json").is_file()
 
 
 def test_non_finite_weights_are_refused(tmp_path: Path) -> None:

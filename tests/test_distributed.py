@@ -169,8 +169,14 @@ def worker(rank: int, root: str, port: int) -> None:
 
     from depthlab.train.trainer import train
 
-    def give_up(self, lr):
-        raise DepthlabError(f"gave up at step {self.step + 1}")
+    def divide(trainer):
+        return trainer.step / 0
+
+    def give_up(self, lr):  # as the trainer's own handlers do: the cause stays as __context__
+        try:
+            divide(self)
+        except ZeroDivisionError:
+            raise DepthlabError(f"gave up at step {self.step + 1}") from None
 
     gc.disable()
     try:
@@ -429,6 +435,9 @@ def test_global_batch_is_checked_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     raw = raw_cfg(tmp_path, "x", **{"train.global_batch_size": 3 * B})  # no corpus written
     with pytest.raises(DepthlabError, match=r"\(6\) is not divisible by .* world size \(2\)"):
+        Trainer(build_config(raw), progress=False)
+    monkeypatch.delenv("RANK")  # WORLD_SIZE alone is not a torchrun launch: one process
+    with pytest.raises(DepthlabError, match="corpus.txt"):  # gets as far as the data
         Trainer(build_config(raw), progress=False)
 
 

@@ -264,6 +264,13 @@ def test_overwrite_replaces_only_what_export_and_import_wrote(tmp_path, capsys):
     assert (tmp_path / "hf" / "model.safetensors").stat().st_size > 100  # the export replaced
     files = json.loads((tmp_path / "hf" / "depthlab_export.json").read_text())["files"]
     assert "model.safetensors" in files and "NOTES.md" not in files
+    # a list naming files outside the folder (crafted, or moved) deletes nothing there
+    outside = tmp_path / "mine" / "notes.txt"
+    info = json.loads((tmp_path / "hf" / "depthlab_export.json").read_text())
+    info["files"] += [str(outside), "../mine/notes.txt"]
+    (tmp_path / "hf" / "depthlab_export.json").write_text(json.dumps(info))
+    main(["export", str(run), "--to", "hf", str(tmp_path / "hf"), "--overwrite"])
+    assert outside.read_text() == "keep me"
     main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imp")])
     main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imp"), "--overwrite"])
     capsys.readouterr()

@@ -216,8 +216,11 @@ def test_cli_report_and_ladder_and_standalone_diagnosis(tmp_path, capsys):
         {"name": "baseline", "avg_accuracy": 39.5, "usefulness": 0.56},
         {"name": "+lambda=0.3", "avg_accuracy": 41.4, "usefulness": 0.7},
         {"name": "+MoE", "avg_accuracy": 44.1}]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text("{}")  # not the report's: left alone
     main(["report", str(tmp_path / "runs"), str(hf), "--out", str(tmp_path / "out"),
           "--ladder", str(ladder), "--no-svg"])
+    assert (tmp_path / "out" / "results.json").read_text() == "{}"
     assert "report:" in capsys.readouterr().out
     out = tmp_path / "out"
     assert (out / "figures" / "ladder.png").is_file()

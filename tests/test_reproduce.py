@@ -124,6 +124,8 @@ def test_paper_scale_keeps_edited_files_and_out_must_be_a_directory(tmp_path, ca
     assert exc.value.code == 2 and "commands.sh differs from what --scale paper writes" in \
         capsys.readouterr().err
     assert "echo my addition" in (out / "commands.sh").read_text()
+    main(["reproduce", "--scale", "paper", "--out", str(out), "--overwrite"])
+    assert (out / "commands.sh").read_text() == first
     (tmp_path / "a_file").write_text("x")
     for argv in (["reproduce", "--scale", "paper"], ["eval", str(out), "--ppl"]):
         with pytest.raises(SystemExit) as exc:

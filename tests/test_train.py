@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -255,7 +256,7 @@ def test_resume_after_a_cut_off_metrics_line(tmp_path, corpus, capsys):
         assert "line 2 is not" in capsys.readouterr().err
 
 
-def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus, capsys):
+def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus, capsys, caplog):
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
     Trainer(cfg, progress=False).fit()
     shards = list((checkpoint_dirs(cfg.run_dir)[-1] / "dcp").glob("*.distcp"))
@@ -269,9 +270,10 @@ def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus, capsys):
     # on the root logger first) and the way out
     (checkpoint_dirs(cfg.run_dir)[-1] / "dcp" / ".metadata").write_text("junk")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(more.to_dict()))
-    with pytest.raises(SystemExit) as exc:
+    with caplog.at_level(logging.DEBUG), pytest.raises(SystemExit) as exc:
         main(["train", str(tmp_path / "c.yaml"), "--no-progress"])
     assert exc.value.code == 2
+    assert not [r for r in caplog.records if "distributed/checkpoint" in r.pathname]
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot load the model/optimizer state") and "\n" not in err
     assert "delete" in err and "to resume from" in err

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
@@ -201,7 +201,7 @@ class TrainConfig(_Strict):
     keep_last: int = Field(2, ge=1)
     stats_interval: int = Field(0, ge=0)
     """Log per-layer statistics every k steps; 0 disables."""
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = Field(0, ge=0, lt=2**63)
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
@@ -257,7 +257,7 @@ class RunConfig(_Strict):
     """A complete training run."""
 
     name: str = "run"
-    """One directory name (no path separators)."""
+    """The run's directory inside out_dir (relative, no '..')."""
     out_dir: str = "runs"
     """Runs are written to `out_dir/name`."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -266,9 +266,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
-            raise ValueError(f"name ({self.name!r}) must be a single directory name, without "
-                             "path separators; put the parent directory in out_dir")
+        if PurePath(self.name).is_absolute() or ".." in PurePath(self.name).parts:
+            raise ValueError(f"name ({self.name!r}) must be a path inside out_dir (relative, "
+                             "without '..'); put the parent directory in out_dir")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len "
@@ -355,7 +355,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # lists, mappings, null: left to SafeLoader
+            if key in seen:  # (1, true and 1.0 too: as Python keys one would replace another)
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)

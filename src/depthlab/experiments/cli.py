@@ -145,6 +145,8 @@ def reproduce(
     eval_tokens: Annotated[int | None, typer.Option(help="Held-out tokens each run is diagnosed "
                                                     "on, at least 2 sequences (default: the "
                                                     "scale's).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="--scale paper: replace sweep files and "
+                                            "commands.sh that differ from what it writes.")] = False,
 ) -> None:
     """Re-check the paper's claims at a scale that fits the hardware; verdicts in a report."""
     import shlex
@@ -177,6 +179,9 @@ def reproduce(
         if given:
             raise DepthlabError(f"{', '.join(given)} would be ignored: --scale paper only writes "
                                 "the sweep files and launch commands")
+    elif overwrite:
+        raise DepthlabError("--overwrite applies to --scale paper (the other scales resume "
+                            "their runs and rewrite their report)")
     if out is not None:
         check_creatable_dir(out)
     command = "depthlab " + shlex.join(sys.argv[1:])
@@ -184,7 +189,7 @@ def reproduce(
                   claims=wanted,
                   eval_tokens=eval_tokens,
                   on_status=_status_printer(console), on_diagnose=_diagnose_printer(console),
-                  command=command)
+                  command=command, overwrite=overwrite)
     out_dir = out or default_out(scale)
     if scale == "paper":
         for c in results["commands"]:

@@ -286,8 +286,9 @@ def points_for(plan: Plan, claims: list[Claim]) -> tuple[list[Point], dict[tuple
 # ----------------------------------------------------------------------------- running
 
 
-def paper_commands(out: Path) -> dict[str, Any]:
-    """Paper scale: write the sweep files for every claim and list the launch commands."""
+def paper_commands(out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Paper scale: write the sweep files for every claim and list the launch commands
+    (files already there that differ from these are kept unless `overwrite`)."""
     root = Path(__file__).resolve().parents[3] / "configs" / "paper"
     dense = root / "dense_1b.yaml"
     if not dense.is_file():
@@ -322,9 +323,10 @@ def paper_commands(out: Path) -> dict[str, Any]:
                     "   # the ladder at L=32; ablate trains its rungs as local processes")
     texts[out / "commands.sh"] = "#!/bin/sh\n" + "\n".join(commands) + "\n"
     edited = [p for p, text in texts.items() if p.is_file() and p.read_text() != text]
-    if edited:  # written by an earlier call and changed since (or someone else's files)
-        raise DepthlabError(f"{edited[0]} differs from what --scale paper writes (edited?); "
-                            "not replacing it: choose another --out or move it away")
+    if edited and not overwrite:  # changed since an earlier call (or someone else's files)
+        raise DepthlabError(f"{edited[0]} differs from what --scale paper writes (edited, or "
+                            "from another checkout); not replacing it: pass --overwrite, "
+                            "choose another --out or move it away")
     for path, text in texts.items():
         path.write_text(text)
     return {"scale": "paper", "sweep_files": files, "commands": commands}
@@ -338,13 +340,14 @@ def default_out(scale: str) -> Path:
 def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int = 2,
               seeds: int | None = None, steps: int | None = None, claims: list[int] | None = None,
               eval_tokens: int | None = None,
-              on_status: Any = None, on_diagnose: Any = None, command: str | None = None
+              on_status: Any = None, on_diagnose: Any = None, command: str | None = None,
+              overwrite: bool = False
               ) -> dict[str, Any]:
     """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures."""
     started = time.perf_counter()
     out = Path(out or default_out(scale))
     if scale == "paper":
-        return paper_commands(out)
+        return paper_commands(out, overwrite)
     if steps is not None and steps < 1:
         raise DepthlabError(f"--steps must be >= 1, got {steps}")
     if jobs < 1:

@@ -54,7 +54,8 @@ STATUS_FILE = "sweep_status.json"
 SWEEP_FILE = "sweep.yaml"
 BASE_FILE = "base.yaml"
 LOG_DIR = "logs"
-RESERVED_NAMES = (STATUS_FILE, SWEEP_FILE, BASE_FILE, LOG_DIR)
+SLURM_DIR = "slurm"
+RESERVED_NAMES = (STATUS_FILE, SWEEP_FILE, BASE_FILE, LOG_DIR, SLURM_DIR)
 """What a sweep's OUT holds besides its runs: no run may take these names."""
 SWEEP_KEYS = {"name", "base", "out_dir", "set", "grid", "list", "diagnose"}
 
@@ -371,21 +372,17 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
 def run_state(run: SweepRun) -> str:
     """'complete', 'partial' (started, resumable), 'new' or 'conflict' (the run dir holds a
     different config)."""
-    from depthlab.train.trainer import CONFIG_FILE, SUMMARY_FILE, resume_conflicts
+    from depthlab.train.trainer import CONFIG_FILE, SUMMARY_FILE, read_summary, resume_conflicts
 
     saved = run.run_dir / CONFIG_FILE
     if not saved.is_file():
         return "new"
     if resume_conflicts(read_yaml(saved), run.cfg.to_dict()):
         return "conflict"
-    summary = run.run_dir / SUMMARY_FILE
-    if summary.is_file():
-        try:
-            done = json.loads(summary.read_text())
-        except json.JSONDecodeError:
-            return "partial"
-        if done.get("status") == "complete" and done.get("step", 0) >= run.cfg.train.max_steps:
-            return "complete"
+    done = read_summary(run.run_dir / SUMMARY_FILE) or {}
+    step = done.get("step")
+    if done.get("status") == "complete" and isinstance(step, int) and step >= run.cfg.train.max_steps:
+        return "complete"
     return "partial"
 
 
@@ -670,7 +667,7 @@ def submit_slurm(sweep: Sweep, runs: list[SweepRun], status: StatusFile, *,
                  on_status: StatusCallback | None = None) -> list[str]:
     """Submit one SLURM job per run through submitit; returns the job ids."""
     submitit = _submitit()
-    executor = submitit.AutoExecutor(folder=str(sweep.out_dir / "slurm" / "%j"))
+    executor = submitit.AutoExecutor(folder=str(sweep.out_dir / SLURM_DIR / "%j"))
     params: dict[str, Any] = {
         "name": f"depthlab-{sweep.name}", "timeout_min": timeout_min, "nodes": 1,
         "tasks_per_node": 1, "cpus_per_task": cpus,

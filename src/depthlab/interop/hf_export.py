@@ -66,6 +66,7 @@ def is_depthlab_source(path: Path) -> bool:
 
 def load_source(source: str | Path) -> tuple[DepthLM, RunConfig, Path, Path]:
     """(model, config, run_dir, checkpoint_dir) of a run dir or checkpoint dir."""
+    from depthlab.train.checkpoint import run_of_checkpoint
     from depthlab.train.trainer import load_run_model
 
     path = Path(source).expanduser()
@@ -77,7 +78,7 @@ def load_source(source: str | Path) -> tuple[DepthLM, RunConfig, Path, Path]:
             "(RUN/checkpoints/step_N with model.safetensors)"
         )
     model, cfg, ckpt = load_run_model(path)
-    run_dir = ckpt.parent.parent
+    run_dir = run_of_checkpoint(ckpt) or ckpt.parent.parent
     return model.float().eval(), cfg, run_dir, ckpt
 
 
@@ -278,7 +279,7 @@ def export_model(
             tokenizer.save_pretrained(tmp)
             if (tmp / "tokenizer_config.json").is_file():
                 _portable_tokenizer_class(tmp / "tokenizer_config.json")
-        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+        files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
         info = {"arch": arch, "hf_class": CLASS_NAMES[arch], "dtype": dtype,
                 "max_abs_logit_diff": diff, "notes": notes,
                 "depthlab_model": model.cfg.model_dump(mode="json"), **(provenance or {}),
@@ -321,9 +322,11 @@ def _replace_export(tmp: Path, out: Path, files: list[str]) -> None:
         os.replace(tmp, out)
         return
     (out / PROVENANCE_FILE).unlink(missing_ok=True)  # first: a half-replaced dir is no export
-    for name in earlier:
-        if isinstance(name, str) and ".." not in Path(name).parts:
-            (out / name).unlink(missing_ok=True)
+    root = out.resolve()
+    for name in earlier:  # only files inside `out`, whatever the list says
+        path = (out / name).resolve() if isinstance(name, str) else None
+        if path is not None and path.is_relative_to(root) and path.is_file():
+            path.unlink()
     for name in files:  # the provenance file last: it marks the export complete
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / name, out / name)

@@ -397,13 +397,18 @@ def check_out_dir(out: Path) -> None:
 
     check_creatable_dir(out)
 
-    results = out / RESULTS_FILE
+    results, summary = out / RESULTS_FILE, out / SUMMARY_FILE
     try:
         earlier = json.loads(results.read_text())
         ours = isinstance(earlier, dict) and {"schema_version", "metrics"} <= earlier.keys()
     except (OSError, ValueError):
         ours = False
-    foreign = [f for f in (results, out / SUMMARY_FILE) if f.exists() and not ours]
+    try:  # alone after an interrupted diagnosis (results.json is written last)
+        ours_summary = ours or summary.read_text().startswith("# depthlab diagnose:")
+    except (OSError, ValueError):
+        ours_summary = False
+    foreign = [f for f, mine in ((results, ours), (summary, ours_summary))
+               if f.exists() and not mine]
     if foreign:
         raise DepthlabError(f"--out {out}: {foreign[0].name} there was not written by depthlab "
                             "diagnose; not replacing it (choose another --out)")
@@ -467,8 +472,8 @@ def diagnose(
         raise DepthlabError(f"--batch-size must be >= 1, got {batch_size}")
     if ids is None and samples < 1:
         raise DepthlabError(f"--samples must be >= 1, got {samples}")
-    if ids is None and not 0 <= seed < 2**32:
-        raise DepthlabError(f"--seed must be in [0, 2**32), got {seed}")
+    if ids is None and not 0 <= seed < 2**63:
+        raise DepthlabError(f"--seed must be in [0, 2**63), got {seed}")
     if out is not None:
         check_out_dir(Path(out))
 

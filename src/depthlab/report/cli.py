@@ -26,12 +26,12 @@ def report(
     from rich.console import Console
 
     from depthlab.errors import DepthlabError
-    from depthlab.probe.diagnose import check_out_dir
+    from depthlab.outdir import check_creatable_dir
     from depthlab.report.html import build_report
 
     if not 1 <= dpi <= 1200:
         raise DepthlabError(f"--dpi must be between 1 and 1200, got {dpi}")
-    check_out_dir(out)
+    check_creatable_dir(out)
     console = Console()
     rep = build_report(dirs, out, ladder=ladder, title=title,
                        formats=("png", "svg") if svg else ("png",), dpi=dpi)

@@ -46,6 +46,7 @@ from depthlab.train.checkpoint import (
     load_checkpoint,
     load_weights,
     load_weights_file,
+    run_of_checkpoint,
     save_checkpoint,
     set_rng_state,
     weights_file,
@@ -156,7 +157,8 @@ class Trainer:
                                 "pip install 'depthlab[wandb]' (or wandb)")
         # the global batch must split over the processes torchrun started: say so before
         # joining the group or reading any data (checked again below with the group's size)
-        tc.accumulation(D.world_size() if D.is_distributed() else D.env_world_size())
+        tc.accumulation(D.world_size() if D.is_distributed()
+                        else D.env_world_size() if D.launched() else 1)
         self.dist = D.setup(tc.distributed, tc.device, resolve_device)
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
@@ -362,7 +364,7 @@ class Trainer:
         self._resume()
         tc = self.cfg.train
         if self.step >= tc.max_steps:
-            done = D.broadcast_object(_read_summary(summary_path))
+            done = D.broadcast_object(read_summary(summary_path))
             if done is not None:
                 return TrainSummary(self.run_dir, self.step, done.get("train_loss"),
                                     done.get("val_loss"), done.get("tokens", 0), 0.0,
@@ -522,7 +524,7 @@ def _progress_bar(enabled: bool, total: int, start: int, name: str):
         yield _Bar(progress, task)
 
 
-def _read_summary(path: Path) -> dict[str, Any] | None:
+def read_summary(path: Path) -> dict[str, Any] | None:
     """A completed run's summary.json; None when absent or unreadable (the run is then
     finished again: no steps left, so only the summary is rewritten)."""
     try:
@@ -542,6 +544,20 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainSummary:
     return _train(cfg, progress)
 
 
+def _clear_frames(err: BaseException) -> None:
+    """Drop the locals of every frame in `err`'s traceback and in those of the errors it
+    was raised from or during (`raise ... from None` still keeps __context__)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += [e.__cause__, e.__context__]
+
+
 def _train(cfg: RunConfig, progress: bool) -> TrainSummary:
     had_group = D.is_distributed()
     trainer = None
@@ -553,7 +569,7 @@ def _train(cfg: RunConfig, progress: bool) -> TrainSummary:
             # As below; the traceback's frames hold the trainer, so their locals go (the
             # report keeps files and lines). The other ranks may be anywhere (waiting in
             # a collective, or gone), so a group we started is left without a barrier.
-            traceback.clear_frames(err.__traceback__)
+            _clear_frames(err)
             trainer = None
             gc.collect()
             if not had_group:
@@ -574,7 +590,7 @@ def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[DepthLM, RunConf
     """The model of a run's latest checkpoint (or of a checkpoint dir inside a run)."""
     run_dir = Path(run_dir)
     ckpt = run_dir if (run_dir / "model.safetensors").is_file() else latest_checkpoint(run_dir)
-    cfg_dir = run_dir.parent.parent if ckpt == run_dir else run_dir
+    cfg_dir = (run_of_checkpoint(run_dir) or run_dir.parent.parent) if ckpt == run_dir else run_dir
     cfg = read_run_config(cfg_dir)
     if ckpt is None:
         raise DepthlabError(f"{run_dir} has no checkpoint yet")
