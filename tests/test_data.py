@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -72,7 +73,7 @@ def test_text_and_jsonl_corpora_split_every_kth(tmp_path):
     jl.write_text("\n".join(json.dumps(r) for r in rows))
     train, val = corpus_text(_cfg(tmp_path, corpus=str(jl), text_key="body", val_fraction=0.25))
     assert val == ["doc 3", "doc 7", "doc 11", "doc 15", "doc 19"]
-    with pytest.raises(DepthlabError, match="no string field 'text'"):
+    with pytest.raises(DepthlabError, match="no field 'text'"):
         corpus_text(_cfg(tmp_path, corpus=str(jl), val_fraction=0.25))
 
 
@@ -339,3 +340,50 @@ def test_sample_sequences_fixed_seed():
     assert not torch.equal(a, sample_sequences(TOKENS, 8, 100, seed=2))
     starts = a[:, 0].tolist()
     assert len(set(starts)) == 8 and all(s % 100 == 0 for s in starts)
+
+
+def test_jsonl_and_folder_mistakes_are_named(tmp_path):
+    """Each JSONL problem says what is wrong with which line; hidden files in a folder are
+    not training text; a text folder with some other manifest.json is still text."""
+    good = [json.dumps({"text": f"record {i}"}) for i in range(60)]
+    cases = [
+        ('{"text": 123}', "field 'text' is 123, not a string"),
+        ('{"text": null}', "field 'text' is null, not a string"),
+        ('"just a string"', "a str, not a JSON object"),
+        ('{"body": "x"}', "no field 'text' (set data.text_key)"),
+        (json.dumps({"text": "broken \ud800 half"}), "unpaired surrogate"),
+    ]
+    for bad, needle in cases:
+        path = tmp_path / "c.jsonl"
+        path.write_text("\n".join([*good[:10], bad, *good[10:]]) + "\n")
+        with pytest.raises(DepthlabError, match=f"c.jsonl:11: .*{re.escape(needle)}"):
+            corpus_text(_cfg(tmp_path, corpus=str(path)))
+    (tmp_path / "a.json").write_text(json.dumps([{"text": f"r{i}"} for i in range(60)]))
+    with pytest.raises(DepthlabError, match="a JSON array; give JSONL instead"):
+        corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "a.json")))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(good).encode())
+    train, val = corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "bom.jsonl")))
+    assert train[0] == "record 0" and len(train) + len(val) == 60
+
+    folder = tmp_path / "texts"
+    (folder / ".git").mkdir(parents=True)
+    for i in range(60):
+        (folder / f"{i:02d}.txt").write_text(f"file {i}")
+    (folder / ".git" / "HEAD.txt").write_text("ref: refs/heads/main")
+    (folder / ".hidden.txt").write_text("secret")
+    (folder / "manifest.json").write_text('{"description": "my dataset"}')
+    train, val = corpus_text(_cfg(tmp_path, corpus=str(folder)))
+    assert len(train) + len(val) == 60 and not any("refs" in t or "secret" in t for t in train)
+
+
+def test_ids_far_beyond_any_vocabulary_need_a_manifest(tmp_path):
+    d = tmp_path / "tok"
+    d.mkdir()
+    np.save(d / "train.npy", np.array([1, 2, 99_000_000] * 100, dtype=np.int64))
+    np.save(d / "val.npy", np.array([1, 2, 3] * 100, dtype=np.int64))
+    with pytest.raises(DepthlabError, match="largest id is 99,000,000.*vocab_size in manifest"):
+        open_splits(_cfg(tmp_path, corpus=str(d)))
+    (d / "manifest.json").write_text(json.dumps({"vocab_size": 5, "splits": {
+        "train": {"n_tokens": "abc"}}}))
+    with pytest.raises(DepthlabError, match="splits.train.n_tokens must be a non-negative"):
+        open_splits(_cfg(tmp_path, corpus=str(d)))

@@ -143,7 +143,7 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     """Where tokens come from: a corpus plus a tokenizer, or prepared token files."""
 
-    corpus: str = "kjv"
+    corpus: str = Field("kjv", min_length=1)
     """'kjv' (built-in), a text file, a folder of text files, a JSONL file, or a
     directory prepared by `depthlab data prepare` (holds manifest.json)."""
     tokenizer: str = "byte"

@@ -88,10 +88,18 @@ def corpus_text(cfg: DataConfig) -> tuple[list[str], list[str]]:
 
 
 def is_token_dir(path: Path) -> bool:
-    """A directory of prepared or user-brought token files rather than text."""
-    return path.is_dir() and any(
-        (path / name).is_file() for name in ("manifest.json", "train.bin", "train.npy")
-    )
+    """A directory of prepared or user-brought token files rather than text: train.bin or
+    train.npy, or a token manifest.json (one naming a dtype or splits; a text folder may
+    hold some other manifest.json)."""
+    if not path.is_dir():
+        return False
+    if (path / "train.bin").is_file() or (path / "train.npy").is_file():
+        return True
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return (path / "manifest.json").is_file()  # unreadable: opening it says why
+    return isinstance(manifest, dict) and ("dtype" in manifest or "splits" in manifest)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -192,7 +200,8 @@ def _text_corpus(path: Path, every: int) -> Corpus:
 
 def _folder_corpus(path: Path, every: int) -> Corpus:
     files = sorted(
-        (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES),
+        (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+         and not any(part.startswith(".") for part in p.relative_to(path).parts)),
         key=lambda p: p.relative_to(path).as_posix(),
     )
     if not files:
@@ -216,6 +225,9 @@ def _jsonl_corpus(path: Path, key: str, every: int) -> Corpus:
     n = 0
     with open(path, "rb") as f:
         for line in f:
+            if not n and line.strip().lstrip(b"\xef\xbb\xbf").startswith(b"["):
+                raise DepthlabError(f"{path}: a JSON array; give JSONL instead (one JSON "
+                                    "object per line)")
             n += bool(line.strip())
     _need(n, every, path, "records")
 
@@ -223,7 +235,7 @@ def _jsonl_corpus(path: Path, key: str, every: int) -> Corpus:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError:
                     raise DepthlabError(f"{path}:{lineno}: not UTF-8 text") from None
                 if not line.strip():
@@ -232,14 +244,30 @@ def _jsonl_corpus(path: Path, key: str, every: int) -> Corpus:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     raise DepthlabError(f"{path}:{lineno}: not valid JSON") from None
-                if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                    raise DepthlabError(
-                        f"{path}:{lineno}: no string field '{key}' (set data.text_key)"
-                    )
-                yield row[key]
+                yield _record_text(row, key, f"{path}:{lineno}")
 
     fp = _hash("jsonl", SPLIT_VERSION, every, key, _file_sha(path))
     return Corpus(str(path.resolve()), "jsonl", every, n, fp, docs)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _record_text(row: object, key: str, where: str) -> str:
+    """The text field of one JSONL record, or a one-line error saying what is wrong."""
+    if not isinstance(row, dict):
+        raise DepthlabError(f"{where}: a {type(row).__name__}, not a JSON object with a "
+                            f"'{key}' field")
+    if key not in row:
+        raise DepthlabError(f"{where}: no field '{key}' (set data.text_key)")
+    text = row[key]
+    if not isinstance(text, str):
+        raise DepthlabError(f"{where}: field '{key}' is {json.dumps(text)[:40]}, not a string")
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise DepthlabError(f"{where}: field '{key}' holds an unpaired surrogate "
+                            f"(\\u{ord(bad.group()):04x}), which is not encodable text")
+    return text
 
 
 def _need(n: int, every: int, path: Path, what: str) -> None:

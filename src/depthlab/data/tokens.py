@@ -57,6 +57,10 @@ class TokenSplits:
         )
 
 
+MAX_INFERRED_VOCAB = 1 << 20
+"""Above this, a vocabulary guessed from the largest id is more likely a wrong dtype."""
+
+
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (vocab_size <= 65536), else uint32."""
     return RAW_DTYPES["uint16"] if vocab_size <= 1 << 16 else RAW_DTYPES["uint32"]
@@ -182,6 +186,14 @@ def _checked_manifest(directory: Path) -> dict[str, Any]:
     splits = manifest.get("splits", {})
     if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
         raise DepthlabError(f"{where}: splits must map each split to an object")
+    for split, entry in splits.items():
+        for key in ("n_tokens", "bytes"):
+            v = entry.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise DepthlabError(f"{where}: splits.{split}.{key} must be a non-negative "
+                                    f"integer, got {v!r}")
+        if "file" in entry and not isinstance(entry["file"], str):
+            raise DepthlabError(f"{where}: splits.{split}.file must be a file name")
     return manifest
 
 
@@ -271,6 +283,11 @@ def _finish(
         vocab = tokenizer.vocab_size
     if vocab is None:  # no manifest, no tokenizer: one pass over the data
         vocab = 1 + max((int(a.max()) for a in arrays.values() if len(a)), default=0)
+        if vocab > MAX_INFERRED_VOCAB:
+            raise DepthlabError(
+                f"{path or 'token files'}: the largest id is {vocab - 1:,}, which would make a "
+                f"{vocab:,}-row embedding; if that is right, say so with vocab_size in "
+                f"manifest.json, else check the files' dtype")
     vocab = int(vocab)
     for split, arr in arrays.items():
         check_ids(arr, vocab, f"{path or 'token file'} ({split})")
