@@ -387,3 +387,14 @@ def test_ids_far_beyond_any_vocabulary_need_a_manifest(tmp_path):
         "train": {"n_tokens": "abc"}}}))
     with pytest.raises(DepthlabError, match="splits.train.n_tokens must be a non-negative"):
         open_splits(_cfg(tmp_path, corpus=str(d)))
+
+
+def test_a_split_of_empty_documents_is_refused(tmp_path):
+    """Only end-of-document tokens would be written: say so instead of failing later with
+    'too few tokens for eval_batches'."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(60):
+        (folder / f"{i:02d}.txt").write_text("" if i == 49 else f"file {i}")  # val: every 50th
+    with pytest.raises(DepthlabError, match=r"the val split holds no text \(1 file\(s\), all empty"):
+        prepare(_cfg(tmp_path, corpus=str(folder)), out_dir=tmp_path / "out", progress=False)

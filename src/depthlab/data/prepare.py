@@ -136,9 +136,12 @@ def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> Non
             )
             chunks = _encode(corpus, split, tokenizer, lambda n, t=task: bar.advance(t, n))  # type: ignore[arg-type]
             splits[split] = write_tokens(d / f"{split}.bin", chunks, dtype)
-    if splits["train"]["n_tokens"] == 0 or splits["val"]["n_tokens"] == 0:
-        empty = "train" if splits["train"]["n_tokens"] == 0 else "val"
-        raise DepthlabError(f"corpus {corpus.name}: the {empty} split holds no text")
+    separators = {s: corpus.n_split_documents(s) if tokenizer.eos_id is not None else 0  # type: ignore[arg-type]
+                  for s in SPLITS}
+    empty = [s for s in SPLITS if splits[s]["n_tokens"] <= separators[s]]
+    if empty:  # nothing but the end-of-document tokens: every document was empty
+        raise DepthlabError(f"corpus {corpus.name}: the {empty[0]} split holds no text "
+                            f"({corpus.n_split_documents(empty[0])} {corpus.unit}(s), all empty)")  # type: ignore[arg-type]
     manifest = {
         "format_version": FORMAT_VERSION,
         "dtype": dtype_name(dtype),
