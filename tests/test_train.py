@@ -329,6 +329,13 @@ def test_cli_progress_lines_off_a_terminal_and_info_errors(tmp_path, corpus, cap
     assert "--set applies to a config file" in capsys.readouterr().err
     main(["info", str(path), "--set", "data.tokenizer=bpe", "--set", "data.bpe_vocab_size=1000"])
     assert "data.bpe_vocab_size (1,000" in capsys.readouterr().out
+    toks = tmp_path / "toks"  # a prepared directory: its own vocabulary, whatever the config
+    main(["data", "prepare", "--corpus", str(corpus), "--tokenizer", "bpe", "--bpe-vocab-size",
+          "300", "--out", str(toks)])
+    vocab = json.loads((toks / "manifest.json").read_text())["vocab_size"]
+    capsys.readouterr()
+    main(["info", str(path), "--set", f"data.corpus={toks}"])
+    assert f"directory's manifest.json ({vocab:,})" in capsys.readouterr().out  # (table-wrapped)
 
 
 def test_cli_data_prepare_refuses_what_it_would_ignore(tmp_path, corpus, capsys):

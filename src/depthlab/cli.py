@@ -111,9 +111,15 @@ def data_prepare(
 def _param_table(cfg) -> Table:
     import torch
 
+    from depthlab.data.prepare import expected_vocab
     from depthlab.model import DepthLM
 
-    vocab, vocab_note = _expected_vocab(cfg)
+    vocab, vocab_note = expected_vocab(cfg.data)
+    if not cfg.model.vocab_size and vocab is None:
+        table = Table(title="parameters", show_header=False)
+        table.add_row("note", f"model.vocab_size unset and the vocabulary is {vocab_note}: "
+                              "set model.vocab_size to count")
+        return table
     mcfg = cfg.model if cfg.model.vocab_size else cfg.model.model_copy(update={"vocab_size": vocab})
     with torch.device("meta"):
         model = DepthLM(mcfg)
@@ -129,20 +135,6 @@ def _param_table(cfg) -> Table:
     if not cfg.model.vocab_size:
         table.add_row("note", f"model.vocab_size unset: counted with {vocab_note}")
     return table
-
-
-def _expected_vocab(cfg) -> tuple[int, str]:
-    """The vocabulary a run of `cfg` would get, without training a tokenizer: (size, how)."""
-    tok = cfg.data.tokenizer
-    if tok == "byte":
-        return 257, "the byte tokenizer (257)"
-    if tok == "bpe":
-        v = cfg.data.bpe_vocab_size
-        return v, f"data.bpe_vocab_size ({v:,}; a small corpus may give fewer)"
-    from depthlab.data.tokenizer import load_tokenizer_path
-
-    size = load_tokenizer_path(tok).vocab_size
-    return size, f"{tok} ({size:,})"
 
 
 @app.command()

@@ -44,6 +44,31 @@ def _token_dir_of(cfg: DataConfig) -> Path | None:
     return path if is_token_dir(path) else None
 
 
+def expected_vocab(cfg: DataConfig) -> tuple[int | None, str]:
+    """The vocabulary a run of `cfg` would get, without reading tokens or training a
+    tokenizer: (size or None when unknown, how it was found)."""
+    token_dir = _token_dir_of(cfg)
+    if token_dir is not None:  # its manifest, else its tokenizer, wins over data.tokenizer
+        v = _quiet_manifest(token_dir).get("vocab_size")
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, f"the token directory's manifest.json ({v:,})"
+        if (token_dir / "tokenizer" / META_FILE).is_file():
+            size = load_tokenizer_path(token_dir / "tokenizer").vocab_size
+            return size, f"the token directory's tokenizer ({size:,})"
+        return None, "unknown until the token files are read (no vocab_size in manifest.json)"
+    tok = cfg.tokenizer
+    if tok == "byte":
+        return 257, "the byte tokenizer (257)"
+    if tok == "bpe":
+        v = cfg.bpe_vocab_size
+        return v, f"data.bpe_vocab_size ({v:,}; a small corpus may give fewer)"
+    try:
+        size = load_tokenizer_path(tok).vocab_size
+    except DepthlabError:
+        return None, f"unknown: {tok} cannot be read"
+    return size, f"{tok} ({size:,})"
+
+
 def default_out_dir(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer) -> Path:
     """`<cache>/tokens/<corpus>-<corpus fp>-<tokenizer>-<tokenizer fp>`."""
     stem = "kjv" if corpus.kind == "kjv" else Path(corpus.name).stem

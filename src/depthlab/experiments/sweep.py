@@ -439,22 +439,15 @@ def param_counts(cfg: RunConfig) -> tuple[int | None, int | None, str]:
     """(total, active) parameter counts built on the meta device, and a note on the vocab."""
     import torch
 
+    from depthlab.data.prepare import expected_vocab
     from depthlab.model import DepthLM
 
     vocab, note = cfg.model.vocab_size, ""
     if vocab is None:
-        tok = cfg.data.tokenizer
-        if tok == "byte":
-            vocab, note = 257, "byte vocab"
-        elif tok == "bpe":
-            vocab, note = cfg.data.bpe_vocab_size, "bpe vocab (target size)"
-        else:
-            try:
-                from tokenizers import Tokenizer
-
-                vocab, note = Tokenizer.from_file(tok).get_vocab_size(), "tokenizer.json vocab"
-            except Exception:
-                return None, None, f"vocab of {tok} unknown"
+        vocab, note = expected_vocab(cfg.data)
+        note = f"vocab: {note}"
+        if vocab is None:
+            return None, None, note
     mcfg = cfg.model.model_copy(update={"vocab_size": vocab})
     with torch.device("meta"):
         model = DepthLM(mcfg)
