@@ -212,6 +212,11 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     splits = open_splits(_cfg(tmp_path, corpus=str(d)))
     assert splits.train.dtype == np.uint32 and splits.vocab_size == 70000
     assert splits.train.tolist() == ids.tolist() and splits.tokenizer is None
+    from depthlab.train.trainer import _token_dir_tokenizer_note
+
+    # user token files have no tokenizer: naming bpe changes nothing, and the run says so
+    assert "holds token ids without a tokenizer" in _token_dir_tokenizer_note("bpe", splits)
+    assert _token_dir_tokenizer_note("byte", splits) is None
 
 
 def test_user_raw_bin_and_npy(tmp_path):

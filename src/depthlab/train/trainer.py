@@ -111,6 +111,9 @@ def _token_dir_tokenizer_note(configured: str, splits: Any) -> str | None:
     another (it is the directory's tokenizer that the run uses and saves)."""
     recorded = splits.manifest.get("tokenizer") or {}
     kind = recorded.get("kind")
+    if kind is None and splits.tokenizer is None and configured == "bpe":
+        return (f"{splits.path} holds token ids without a tokenizer; the run trains on the ids "
+                f"as they are (data.tokenizer={configured} applies only to raw text)")
     if kind is None or configured not in ("byte", "bpe") or kind == configured:
         return None
     return (f"{splits.path} holds tokens of the {recorded.get('name') or kind} tokenizer; the run "
