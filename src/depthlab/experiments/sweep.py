@@ -399,21 +399,21 @@ def read_status(out_dir: str | Path) -> dict[str, Any]:
 class StatusFile:
     """`OUT/sweep_status.json`: one entry per run, rewritten atomically on every change."""
 
-    def __init__(self, sweep: Sweep, runs: list[SweepRun]) -> None:
+    def __init__(self, sweep: Sweep, runs: list[SweepRun], names: list[str]) -> None:
         """Entries for `runs` (this call's selection, e.g. `--only`); the sweep's other
-        runs keep the entries earlier calls recorded."""
+        runs (`names`: all of them, in order) keep the entries earlier calls recorded."""
         self.path = sweep.out_dir / STATUS_FILE
         old = read_status(sweep.out_dir).get("runs", {})
-        selected = {run.name for run in runs}
+        selected = {run.name: run for run in runs}
         self.data: dict[str, Any] = {"sweep": sweep.name, "runs": {}}
-        for run in sweep.runs():
-            if run.name not in selected and run.name not in old:
+        for name in names:
+            if name not in selected and name not in old:
                 continue
-            entry = dict(old.get(run.name, {}))
-            if run.name in selected:
-                entry["overrides"] = run.overrides
-                entry["run_dir"] = str(run.run_dir)
-            self.data["runs"][run.name] = entry
+            entry = dict(old.get(name, {}))
+            if name in selected:
+                entry["overrides"] = selected[name].overrides
+                entry["run_dir"] = str(selected[name].run_dir)
+            self.data["runs"][name] = entry
 
     def update(self, name: str, **fields: Any) -> None:
         self.data["runs"][name].update(fields)
@@ -711,9 +711,11 @@ class SweepOutcome:
                 if self.status["runs"][r.name].get("status") == "failed"]
 
 
-def select_runs(sweep: Sweep, only: list[str] | None = None) -> list[SweepRun]:
-    """The sweep's runs, or those named in `only` (every name must exist)."""
-    runs = sweep.runs()
+def select_runs(sweep: Sweep, only: list[str] | None = None,
+                runs: list[SweepRun] | None = None) -> list[SweepRun]:
+    """The sweep's runs (`runs` when already built), or those named in `only` (every name
+    must exist)."""
+    runs = sweep.runs() if runs is None else runs
     if only:
         unknown = sorted(set(only) - {r.name for r in runs})
         if unknown:
@@ -735,7 +737,8 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = Non
         raise DepthlabError(f"--jobs must be >= 1, got {jobs}")
     if slurm is not None:
         _submitit()  # before anything is written
-    runs = select_runs(sweep, only)
+    every = sweep.runs()
+    runs = select_runs(sweep, only, every)
     states = {r.name: run_state(r) for r in runs}
     conflicts = [n for n, s in states.items() if s == "conflict"]
     if conflicts:
@@ -744,7 +747,7 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = Non
             f"{sweep.out_dir}; delete those run dirs or use another --out"
         )
     _write_inputs(sweep)
-    status = StatusFile(sweep, runs)
+    status = StatusFile(sweep, runs, [r.name for r in every])
     todo = []
     for run in runs:
         if states[run.name] == "complete":

@@ -66,7 +66,6 @@ def is_depthlab_source(path: Path) -> bool:
 
 def load_source(source: str | Path) -> tuple[DepthLM, RunConfig, Path, Path]:
     """(model, config, run_dir, checkpoint_dir) of a run dir or checkpoint dir."""
-    from depthlab.train.checkpoint import run_of_checkpoint
     from depthlab.train.trainer import load_run_model
 
     path = Path(source).expanduser()
@@ -78,7 +77,7 @@ def load_source(source: str | Path) -> tuple[DepthLM, RunConfig, Path, Path]:
             "(RUN/checkpoints/step_N with model.safetensors)"
         )
     model, cfg, ckpt = load_run_model(path)
-    run_dir = run_of_checkpoint(ckpt) or ckpt.parent.parent
+    run_dir = ckpt.parent.parent  # RUN/checkpoints/step_N
     return model.float().eval(), cfg, run_dir, ckpt
 
 

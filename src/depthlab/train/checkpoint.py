@@ -28,7 +28,7 @@ import shutil
 import signal
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -322,7 +322,7 @@ def _delete_to_resume(ckpt_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def _dcp_errors(what: str, way_out: str = ""):
+def _dcp_errors(what: str, way_out: Callable[[], str] = str):
     """torch.distributed.checkpoint wraps every failure, Ctrl-C included, in a
     CheckpointException (a BaseException): re-raise Ctrl-C as itself and anything else
     (a missing or cut shard, another model shape, a full disk) as one line."""
@@ -335,7 +335,7 @@ def _dcp_errors(what: str, way_out: str = ""):
                   if isinstance(err, CheckpointException) else []) or [err]
         if any(isinstance(c, KeyboardInterrupt) for c in causes):
             raise KeyboardInterrupt from None
-        raise DepthlabError(f"{what}: {first_line(causes[0])}{way_out}") from None
+        raise DepthlabError(f"{what}: {first_line(causes[0])}{way_out()}") from None
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -350,7 +350,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
         sd = _dcp_state(model, optimizer)
         with _single_process_quiet(), _dcp_errors(
                 f"cannot load the model/optimizer state in {ckpt_dir / DCP_DIR}",
-                _delete_to_resume(ckpt_dir)):
+                lambda: _delete_to_resume(ckpt_dir)):  # looked up only on failure
             dcp.load(sd, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not D.is_distributed())
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         return state

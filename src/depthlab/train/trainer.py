@@ -46,7 +46,6 @@ from depthlab.train.checkpoint import (
     load_checkpoint,
     load_weights,
     load_weights_file,
-    run_of_checkpoint,
     save_checkpoint,
     set_rng_state,
     weights_file,
@@ -593,7 +592,7 @@ def load_run_model(run_dir: Path, device: str = "cpu") -> tuple[DepthLM, RunConf
     """The model of a run's latest checkpoint (or of a checkpoint dir inside a run)."""
     run_dir = Path(run_dir)
     ckpt = run_dir if (run_dir / "model.safetensors").is_file() else latest_checkpoint(run_dir)
-    cfg_dir = (run_of_checkpoint(run_dir) or run_dir.parent.parent) if ckpt == run_dir else run_dir
+    cfg_dir = run_dir.parent.parent if ckpt == run_dir else run_dir
     cfg = read_run_config(cfg_dir)
     if ckpt is None:
         raise DepthlabError(f"{run_dir} has no checkpoint yet")
