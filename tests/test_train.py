@@ -393,6 +393,26 @@ def test_resume_conflicts_rules():
     assert resume_conflicts(fixed, {**fixed, "train": {**fixed["train"], "device": "cuda"}}) == []
 
 
+def test_resume_accepts_another_spelling_of_the_same_corpus(tmp_path, corpus, monkeypatch):
+    """A corpus named relative on the first call and absolute (or with ~) on the resume is
+    the same corpus: the run resumes instead of refusing a 'different config'."""
+    monkeypatch.chdir(corpus.parent)
+    monkeypatch.setenv("HOME", str(corpus.parent.parent))
+
+    def cfg(spelling: str):
+        return tiny_cfg(tmp_path, corpus, **{"train.max_steps": 3, "train.warmup_steps": 1,
+                                             "data.corpus": spelling})
+
+    first = Trainer(cfg(corpus.name), progress=False).fit()
+    for spelling in (str(corpus.resolve()), f"~/{corpus.parent.name}/{corpus.name}"):
+        again = Trainer(cfg(spelling), progress=False).fit()  # resumed at its end
+        assert again.step == 3 and again.train_loss == first.train_loss
+    other = corpus.with_name("other.txt")
+    other.write_text(corpus.read_text())
+    with pytest.raises(DepthlabError, match=r"different config \(data.corpus"):
+        Trainer(cfg(str(other)), progress=False).fit()
+
+
 def test_corrupt_training_state_names_the_file_and_the_way_out(tmp_path, corpus):
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4, "train.ckpt_interval": 2})
     Trainer(cfg, progress=False).fit()

@@ -22,6 +22,7 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -84,6 +85,25 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
     return diffs
 
 
+PATH_KEYS = frozenset({"data.corpus", "data.tokenizer", "data.cache_dir", "train.init_from"})
+"""Config keys that name files: two spellings of one path (relative, absolute, ~) agree."""
+
+
+def _dotted(cfg: dict[str, Any], key: str) -> Any:
+    section, name = key.split(".", 1)
+    return (cfg.get(section) or {}).get(name)
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether two config values name the same existing file or directory."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except (OSError, ValueError):
+        return False
+
+
 def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
     """The differences between a run directory's config (`theirs`) and the config asked to
     resume it that change what is computed: RUNTIME_KEYS may differ, and `train.device`
@@ -95,6 +115,8 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
     conflicts = []
     for d in config_differences(theirs, mine):
         key = d.split(":")[0]
+        if key in PATH_KEYS and _same_path(_dotted(theirs, key), _dotted(mine, key)):
+            continue
         if key not in RUNTIME_KEYS:
             conflicts.append(d)
         elif key == "train.device" and (mine.get("train") or {}).get("dtype", "auto") == "auto":
