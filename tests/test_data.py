@@ -148,6 +148,63 @@ def test_tokenizer_json_path_and_bad_path(tmp_path):
         load_tokenizer(_cfg(tmp_path, tokenizer=str(bad)))
 
 
+def _lossy_tokenizer(tmp_path, *, unk: bool):
+    """A user tokenizer.json that cannot represent every character of _text_corpus: a
+    word-level vocabulary of a few words (with or without an unknown token), no EOS."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["alpha", "beta", "gamma", "delta", "the", "and", "."])}
+    if unk:
+        vocab["[UNK]"] = len(vocab)
+        tok = HFTok(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    else:  # a BPE over the same pieces, no unk token: other text is silently skipped
+        tok = HFTok(models.BPE(vocab={**vocab, **{c: len(vocab) + i for i, c in
+                                                 enumerate("abdeghlmnpt")}}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / ("unk" if unk else "nounk") / "tokenizer.json"
+    path.parent.mkdir()
+    tok.save(str(path))
+    return path
+
+
+def test_prepare_notes_what_a_user_tokenizer_cannot_represent(tmp_path, capsys):
+    from depthlab.cli import main
+    from depthlab.data.prepare import tokenizer_notes
+
+    corpus = _text_corpus(tmp_path)
+    text = corpus.read_text(encoding="utf-8")
+    # BPE without unk: 'ü', 'ï', the digits, 'r', 'y', 's', 'o', ... have no token
+    out = prepare(_cfg(tmp_path, corpus=str(corpus), tokenizer=str(_lossy_tokenizer(
+        tmp_path, unk=False))), progress=False)
+    cov = json.loads((out / "manifest.json").read_text())["tokenizer"]["coverage"]
+    missing = set("abdeghlmnpt.")
+    assert cov["characters"] == sum(not c.isspace() for c in text)
+    assert cov["dropped"] == sum(not c.isspace() and c not in missing for c in text)
+    assert cov["unknown_tokens"] == 0 and "ü" in cov["examples"]
+    notes = tokenizer_notes(json.loads((out / "manifest.json").read_text()))
+    assert len(notes) == 2
+    assert re.search(rf"dropped {cov['dropped']:,} of {cov['characters']:,} non-space", notes[0])
+    assert "never sees" in notes[0] and "no end-of-text token" in notes[1]
+    # word level with [UNK]: every word outside the vocabulary is one unknown token
+    unk = _lossy_tokenizer(tmp_path, unk=True)
+    assert main(["data", "prepare", "--corpus", str(corpus), "--tokenizer", str(unk),
+                 "--out", str(tmp_path / "unk_tokens")]) in (0, None)
+    err = capsys.readouterr().err
+    words = re.findall(r"\w+|[^\w\s]+", text)
+    known = {"alpha", "beta", "gamma", "delta", "the", "and", "."}
+    assert f"encoded {sum(w not in known for w in words):,} pieces as its unknown token" in err
+    assert "dropped" not in err.split("unknown token")[0]
+    # lossless tokenizers say nothing: byte, our BPE, a user tokenizer.json that is a BPE
+    lossless = load_tokenizer(_cfg(tmp_path, corpus=str(corpus), tokenizer="bpe",
+                                   bpe_vocab_size=280)).save(tmp_path / "bpe")
+    for tok in ("byte", str(lossless / "tokenizer.json")):
+        m = json.loads((prepare(_cfg(tmp_path, corpus=str(corpus), tokenizer=tok),
+                                progress=False) / "manifest.json").read_text())
+        assert tokenizer_notes(m) == []
+        assert m["tokenizer"].get("coverage", {"dropped": 0})["dropped"] == 0
+
+
 # --------------------------------------------------------------------------- token files
 
 

@@ -79,6 +79,7 @@ def data_prepare(
     from depthlab.config import build_config
     from depthlab.data import prepare
     from depthlab.data.corpus import is_token_dir
+    from depthlab.data.prepare import tokenizer_notes
 
     given = {k: v for k, v in (("corpus", corpus), ("tokenizer", tokenizer),
                                ("bpe_vocab_size", bpe_vocab_size)) if v is not None}
@@ -106,6 +107,8 @@ def data_prepare(
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     console.print(f"tokens written to [bold]{path}[/]")
     console.print_json(json.dumps(manifest))
+    for note in tokenizer_notes(manifest):
+        Console(stderr=True, soft_wrap=True).print(f"note: {note}", highlight=False, markup=False)
 
 
 def _param_table(cfg) -> Table:

@@ -18,7 +18,13 @@ import numpy as np
 from depthlab.config import DataConfig
 from depthlab.data.cache import cache_root, write_json
 from depthlab.data.corpus import Corpus, Split, is_token_dir, load_corpus
-from depthlab.data.tokenizer import META_FILE, Tokenizer, load_tokenizer, load_tokenizer_path
+from depthlab.data.tokenizer import (
+    META_FILE,
+    Coverage,
+    Tokenizer,
+    load_tokenizer,
+    load_tokenizer_path,
+)
 from depthlab.data.tokens import (
     FORMAT_VERSION,
     MANIFEST,
@@ -150,6 +156,8 @@ def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> Non
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     tokenizer.save(d / "tokenizer")
     splits: dict[str, Any] = {}
+    # a user's tokenizer.json may lack characters of the corpus (byte and our BPE cannot)
+    coverage = Coverage() if tokenizer.kind == "file" else None
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
@@ -159,7 +167,8 @@ def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> Non
                 f" [{split}]",
                 total=corpus.n_split_documents(split),  # type: ignore[arg-type]
             )
-            chunks = _encode(corpus, split, tokenizer, lambda n, t=task: bar.advance(t, n))  # type: ignore[arg-type]
+            chunks = _encode(corpus, split, tokenizer, lambda n, t=task: bar.advance(t, n),  # type: ignore[arg-type]
+                             coverage)
             splits[split] = write_tokens(d / f"{split}.bin", chunks, dtype)
     separators = {s: corpus.n_split_documents(s) if tokenizer.eos_id is not None else 0  # type: ignore[arg-type]
                   for s in SPLITS}
@@ -177,6 +186,7 @@ def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> Non
             "kind": tokenizer.kind,
             "fingerprint": tokenizer.fingerprint,
             "path": "tokenizer",
+            **({"coverage": coverage.summary(tokenizer)} if coverage is not None else {}),
         },
         "corpus": {
             "name": corpus.name,
@@ -194,7 +204,8 @@ def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> Non
 
 
 def _encode(
-    corpus: Corpus, split: Split, tokenizer: Tokenizer, advance: Any
+    corpus: Corpus, split: Split, tokenizer: Tokenizer, advance: Any,
+    coverage: Coverage | None = None,
 ) -> Iterator[np.ndarray]:
     """Encoded id chunks of one split, in document order."""
     batch: list[str] = []
@@ -203,12 +214,37 @@ def _encode(
         batch.append(doc)
         chars += len(doc)
         if chars >= BATCH_CHARS:
-            yield tokenizer.encode_documents(batch)
+            yield tokenizer.encode_documents(batch, coverage)
             advance(len(batch))
             batch, chars = [], 0
     if batch:
-        yield tokenizer.encode_documents(batch)
+        yield tokenizer.encode_documents(batch, coverage)
         advance(len(batch))
+
+
+def tokenizer_notes(manifest: dict[str, Any]) -> list[str]:
+    """What a token directory's manifest says the tokenizer lost: text it could not
+    represent, and document boundaries when it has no end-of-text token."""
+    tok = manifest.get("tokenizer") or {}
+    name = tok.get("name") or "the tokenizer"
+    notes = []
+    cov = tok.get("coverage") or {}
+    dropped, unknown = int(cov.get("dropped") or 0), int(cov.get("unknown_tokens") or 0)
+    if dropped or unknown:
+        parts = []
+        if dropped:
+            share = dropped / max(int(cov.get("characters") or 0), 1)
+            parts.append(f"dropped {dropped:,} of {int(cov.get('characters') or 0):,} non-space "
+                         f"characters ({share:.2%}), having no token for them")
+        if unknown:
+            parts.append(f"encoded {unknown:,} pieces as its unknown token")
+        examples = " ".join(repr(c) for c in cov.get("examples") or [])
+        notes.append(f"{name} {' and '.join(parts)}{f' (e.g. {examples})' if examples else ''}"
+                     ": the model never sees that text")
+    if "eos_id" in manifest and manifest["eos_id"] is None and tok.get("kind") == "file":
+        notes.append(f"{name} has no end-of-text token (none named in tokenizer_config.json, "
+                     "nor a common one such as </s>): documents are joined with no separator")
+    return notes
 
 
 def open_splits(cfg: DataConfig, progress: bool = True) -> TokenSplits:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,38 @@ META_FILE = "depthlab_tokenizer.json"
 """Written beside tokenizer.json by `Tokenizer.save`: kind, name, eos id."""
 EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+
+
+@dataclass
+class Coverage:
+    """What a tokenizer could not represent in the text it encoded.
+
+    A tokenizer without an unknown token (a BPE without byte fallback, say) silently
+    drops characters that no token spells; one with an unknown token maps them to it.
+    Token offsets cannot count the drops (tokenizers shifts them after a dropped
+    character), so each distinct character is encoded on its own once at the end: one
+    that yields no token at all is dropped wherever it occurs.
+    """
+
+    chars: Counter[str] = field(default_factory=Counter)
+    unknown_tokens: int = 0
+
+    MAX_EXAMPLES = 5
+
+    def add(self, text: str, ids: Sequence[int], unk_id: int | None) -> None:
+        self.chars.update(text)
+        if unk_id is not None:
+            self.unknown_tokens += sum(1 for i in ids if i == unk_id)
+
+    def summary(self, tokenizer: Tokenizer) -> dict[str, object]:
+        """{characters, dropped, unknown_tokens, examples}: non-space characters seen,
+        those dropped, tokens that are the unknown token, the most frequent dropped ones."""
+        text_chars = {c: n for c, n in self.chars.items() if not c.isspace()}
+        lost = sorted(((n, c) for c, n in text_chars.items() if not tokenizer.encode(c)),
+                      reverse=True)
+        return {"characters": sum(text_chars.values()), "dropped": sum(n for n, _ in lost),
+                "unknown_tokens": self.unknown_tokens,
+                "examples": [c for _, c in lost[: self.MAX_EXAMPLES]]}
 
 
 class Tokenizer(ABC):
@@ -51,8 +85,9 @@ class Tokenizer(ABC):
     def fingerprint(self) -> str:
         """Changes whenever the id mapping changes: keys cached token files."""
 
-    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
-        """Concatenated ids of `texts`, each followed by EOS (when there is one)."""
+    def encode_documents(self, texts: Sequence[str], coverage: Coverage | None = None) -> np.ndarray:
+        """Concatenated ids of `texts`, each followed by EOS (when there is one); what
+        the tokenizer could not represent is added to `coverage` when given."""
         out: list[int] = []
         for text in texts:
             out += self.encode(text)
@@ -78,7 +113,8 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
-    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_documents(self, texts: Sequence[str], coverage: Coverage | None = None) -> np.ndarray:
+        """Bytes represent every text: nothing is ever added to `coverage`."""
         sep = b"" if self.eos_id is None else b"\x00"
         parts: list[np.ndarray] = []
         for text in texts:
@@ -117,10 +153,23 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids])  # type: ignore[attr-defined]
 
-    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+    @property
+    def unk_id(self) -> int | None:
+        """Id of the model's unknown token (None: it has none, unknown text is dropped)."""
+        model = self.tok.model  # type: ignore[attr-defined]
+        unk = getattr(model, "unk_token", None)
+        if isinstance(unk, str):
+            return self.tok.token_to_id(unk)  # type: ignore[attr-defined]
+        unk = getattr(model, "unk_id", None)  # Unigram
+        return unk if isinstance(unk, int) else None
+
+    def encode_documents(self, texts: Sequence[str], coverage: Coverage | None = None) -> np.ndarray:
         encs = self.tok.encode_batch(list(texts), add_special_tokens=False)  # type: ignore[attr-defined]
+        unk_id = self.unk_id if coverage is not None else None
         out: list[int] = []
-        for enc in encs:
+        for text, enc in zip(texts, encs, strict=True):
+            if coverage is not None:
+                coverage.add(text, enc.ids, unk_id)
             out += enc.ids
             if self.eos_id is not None:
                 out.append(self.eos_id)

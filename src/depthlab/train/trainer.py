@@ -174,6 +174,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, progress: bool = True) -> None:
         from depthlab.data import TrainLoader, eval_batches, open_splits
+        from depthlab.data.prepare import tokenizer_notes
 
         tc = cfg.train
         if tc.wandb and importlib.util.find_spec("wandb") is None:
@@ -190,9 +191,11 @@ class Trainer:
             self.splits = D.main_first(lambda: open_splits(cfg.data, progress=D.is_main()))
         else:
             self.splits = open_splits(cfg.data)
-        note = _token_dir_tokenizer_note(cfg.data.tokenizer, self.splits)
-        if note and self.dist.is_main:
-            print(f"note: {note}", file=sys.stderr, flush=True)
+        notes = [_token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
+                 *tokenizer_notes(self.splits.manifest)]
+        for note in notes:
+            if note and self.dist.is_main:
+                print(f"note: {note}", file=sys.stderr, flush=True)
         if cfg.model.vocab_size is None:
             cfg = build_config(cfg.to_dict(), {"model.vocab_size": self.splits.vocab_size})
         elif cfg.model.vocab_size < self.splits.vocab_size:
