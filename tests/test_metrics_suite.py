@@ -155,6 +155,16 @@ def _hf(name: str, impl: str = "sdpa"):
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     if name == "llama":
         cfg = transformers.LlamaConfig(**common, intermediate_size=64)
+    elif name == "glm4_moe":  # sigmoid router, group-limited top-k, shared expert, layer 0 dense
+        cfg = transformers.Glm4MoeConfig(**common, intermediate_size=64, head_dim=8,
+                                         n_routed_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, n_group=2, topk_group=1,
+                                         first_k_dense_replace=1)
+    elif name == "gpt_oss":  # biased router, softmax over the top k, attention sinks
+        cfg = transformers.GptOssConfig(**common, intermediate_size=16, head_dim=8,
+                                        num_local_experts=4, num_experts_per_tok=2,
+                                        rope_parameters={"rope_type": "default",
+                                                         "rope_theta": 1e4})
     else:
         cfg = transformers.MixtralConfig(**common, intermediate_size=16, num_local_experts=4,
                                          num_experts_per_tok=2)
@@ -237,26 +247,42 @@ def test_hf_attention_sparsity_against_output_attentions():
     assert res.group_size == 2
 
 
-def test_hf_mixtral_moe_counts_from_real_forward():
-    model = _hf("mixtral")
+@pytest.mark.parametrize("name", ["mixtral", "glm4_moe", "gpt_oss"])
+def test_hf_moe_counts_from_real_forward(name):
+    """Counts, router entropy and importance against the model's own forward: the
+    routers' index outputs, the entropy of softmax(logits) (of sigmoid(logits) / sum for
+    GLM-4-MoE's sigmoid router), and a rerun with the MoE sublayer's output zeroed."""
+    model = _hf(name, "eager" if name == "gpt_oss" else "sdpa")
     ids = _ids(3, 8)
+    moe_layers = [1, 2] if name == "glm4_moe" else [0, 1, 2]
     seen: dict[int, torch.Tensor] = {}
+    ent: dict[int, list[torch.Tensor]] = {i: [] for i in moe_layers}
     hooks = []
-    for i, lay in enumerate(model.model.layers):
+    for i in moe_layers:
+        mlp = model.model.layers[i].mlp
         def hook(_m, _a, out, i=i):
-            seen[i] = torch.bincount(out[2].reshape(-1), minlength=4)
-        hooks.append(lay.mlp.gate.register_forward_hook(hook))
+            seen[i] = seen.get(i, 0) + torch.bincount(out[2].reshape(-1), minlength=4)
+            p = out[0].float().softmax(-1) if name != "glm4_moe" else out[0].float().sigmoid()
+            p = p / p.sum(-1, keepdim=True)
+            ent[i].append(-(p * p.log()).sum(-1))
+        hooks.append(getattr(mlp, "router" if name == "gpt_oss" else "gate")
+                     .register_forward_hook(hook))
     _, base = _hf_run(model, ids)
     for h in hooks:
         h.remove()
     res = compute_moe(build_stack(model), ids, batch_size=2)
-    assert res.moe_layers == [0, 1, 2] and res.top_k == [2, 2, 2]
-    for i in range(3):
-        assert res.expert_counts[i] == seen[i].tolist()
+    assert res.moe_layers == moe_layers and res.top_k == [2] * len(moe_layers)
+    assert res.router_scoring == ["sigmoid" if name == "glm4_moe" else "softmax"] * len(moe_layers)
+    for j, i in enumerate(moe_layers):
+        assert res.expert_counts[j] == seen[i].tolist()
+        assert res.router_entropy[j] == pytest.approx(float(torch.cat(ent[i]).mean()), rel=1e-5)
     assert res.base_loss == pytest.approx(base, rel=1e-5)
     mod = copy.deepcopy(model)
-    mod.model.layers[1].mlp.forward = lambda h: torch.zeros_like(h)
-    assert res.importance[1] == pytest.approx(_hf_run(mod, ids)[1] - base, rel=1e-4, abs=1e-5)
+    zero = ((lambda h: (torch.zeros_like(h), None)) if name == "gpt_oss"
+            else (lambda h: torch.zeros_like(h)))
+    mod.model.layers[1].mlp.forward = zero
+    j = moe_layers.index(1)
+    assert res.importance[j] == pytest.approx(_hf_run(mod, ids)[1] - base, rel=1e-4, abs=1e-5)
 
 
 def test_throttled_lines_report_progress_with_eta(monkeypatch):

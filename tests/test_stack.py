@@ -94,14 +94,36 @@ def _configs() -> dict[str, object]:
                                       num_experts=4, num_experts_per_tok=2,
                                       moe_intermediate_size=16,
                                       shared_expert_intermediate_size=24, norm_topk_prob=False),
+        # sigmoid routers: group-limited top-k (2 groups of 2, 1 kept) over scores + bias,
+        # a shared expert, layer 0 dense; GLM-4-MoE with QK-norm and partial RoPE,
+        # DeepSeek-V3 with multi-head latent attention
+        "glm4_moe": t.Glm4MoeConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                    head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=16, n_shared_experts=1, n_group=2,
+                                    topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+                                    routed_scaling_factor=2.5, use_qk_norm=True,
+                                    partial_rotary_factor=0.5),
+        "deepseek_v3": t.DeepseekV3Config(**COMMON, intermediate_size=64, num_key_value_heads=4,
+                                          n_routed_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=16, n_shared_experts=1,
+                                          n_group=2, topk_group=1, first_k_dense_replace=1,
+                                          q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4,
+                                          qk_nope_head_dim=4, v_head_dim=8),
+        # biased router (top-k of logits, softmax over the k), attention sinks, clamped
+        # SwiGLU with biases, alternating sliding / full attention
+        "gpt_oss": t.GptOssConfig(**COMMON, intermediate_size=16, num_key_value_heads=2,
+                                  head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                  sliding_window=4, layer_types=MIXED,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
     }
 
 
 CONFIGS = _configs()
 IMPLS = ("eager", "sdpa")
-EAGER_ONLY = ("gemma2", "vaultgemma")  # soft-capping / no SDPA path in transformers
+EAGER_ONLY = ("gemma2", "vaultgemma", "gpt_oss")  # soft-capping / no SDPA path in transformers
 CASES = [(n, i) for n in CONFIGS for i in IMPLS if not (n in EAGER_ONLY and i == "sdpa")]
-MOE = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe")
+MOE = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "gpt_oss")
+FIRST_DENSE = ("glm4_moe", "deepseek_v3")
 
 
 def _model(name: str, impl: str) -> torch.nn.Module:
@@ -263,17 +285,24 @@ def test_hf_hooks(name: str, impl: str) -> None:
     if name in ("mistral", "mixtral"):  # sliding window 4: keys older than 3 positions get 0
         assert probs.tril(-4).abs().max() == 0
     # weights: canonical names, Linear convention [out, in]
-    w = stack.weight_matrices(0)
-    for key in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"):
-        assert key in w and w[key].ndim == 2 and w[key].shape[-1] in (D, 32)
+    w = stack.weight_matrices(1)
+    attn = (("attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj_with_mqa", "attn.kv_b_proj")
+            if name == "deepseek_v3" else ("attn.q_proj", "attn.k_proj", "attn.v_proj"))
+    for key in (*attn, "attn.o_proj"):
+        assert key in w and w[key].ndim == 2
+    assert w["attn.o_proj"].shape[0] == D and w[attn[0]].shape[-1] == D
     if name in MOE:
         assert {"router", "experts.gate_proj", "experts.up_proj", "experts.down_proj"} <= set(w)
         assert w["experts.up_proj"].shape == w["experts.gate_proj"].shape
         assert w["experts.up_proj"].ndim == 3 and w["experts.up_proj"].shape[-1] == D
+        assert w["experts.down_proj"].shape[1] == D
     else:
         assert {"mlp.up_proj", "mlp.down_proj"} <= set(w)
-        assert stack.moe_router(0) is None
-    assert not [k for k in w if k.endswith("norm")]  # norm gains are not weight matrices
+        assert stack.moe_router(1) is None
+    if name in FIRST_DENSE:  # layer 0 is a dense MLP
+        assert stack.moe_router(0) is None and "mlp.up_proj" in stack.weight_matrices(0)
+    # norm gains and biases are not weight matrices
+    assert not [k for k in w if k.endswith(("norm", "bias"))]
 
 
 def test_bidirectional_gemma3_is_refused() -> None:
@@ -336,12 +365,32 @@ def test_fused_phi3_and_glm4_splits() -> None:
     assert "attn.q_proj" in w and not [k for k in w if k.endswith("norm")]
 
 
+def _oracle_topk(name: str, x: torch.Tensor, router: torch.nn.Module, k: int) -> torch.Tensor:
+    """Each router's rule written out from its paper/model card, on the routed input x."""
+    logits = x @ router.weight.T
+    if name == "gpt_oss":  # top-k of the biased logits (softmax over those k: same choice)
+        return (logits + router.bias).topk(k, dim=-1).indices
+    if name in ("glm4_moe", "deepseek_v3"):  # DeepSeek-V3: sigmoid, bias, group limit
+        choice = logits.sigmoid() + router.e_score_correction_bias
+        groups = choice.view(-1, router.num_group, 4 // router.num_group)
+        keep = groups.topk(2, dim=-1).values.sum(-1).topk(router.topk_group, dim=-1).indices
+        allowed = torch.zeros_like(groups[..., 0]).scatter(1, keep, 1.0).bool()
+        masked = groups.masked_fill(~allowed[..., None], float("-inf")).view(-1, 4)
+        return masked.topk(k, dim=-1).indices
+    return logits.softmax(-1).topk(k, dim=-1).indices
+
+
 @pytest.mark.parametrize("name", MOE)
 def test_hf_moe_router(name: str) -> None:
-    stack = build_stack(_model(name, "eager"))
+    model = _model(name, "eager")
+    if name in ("glm4_moe", "deepseek_v3"):  # a balancing bias that changes the choice
+        for lay in model.model.layers[1:]:
+            lay.mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]))
+    stack = build_stack(model)
     info = stack.moe_router(1)
     assert info is not None and info.top_k == 2 and info.num_experts == 4
     assert info.renormalize is (name not in ("olmoe", "qwen2_moe"))  # OLMoE's default; set
+    assert info.scoring == ("sigmoid" if name in ("glm4_moe", "deepseek_v3") else "softmax")
     seen: dict[str, torch.Tensor] = {}
     info.router.register_forward_hook(
         lambda _m, a, o: seen.update(x=a[0].reshape(-1, D), idx=o[2]))
@@ -349,16 +398,33 @@ def test_hf_moe_router(name: str) -> None:
     h = stack.hidden_states(_ids())[1]
     with torch.no_grad():
         stack.run_block(1, h)
-        # manual router pass on the captured input: softmax top-k of x @ W^T
-        logits = seen["x"] @ stack.weight_matrices(1)["router"].T
-        top = logits.softmax(-1).topk(info.top_k, dim=-1).indices
+        top = _oracle_topk(name, seen["x"], info.router, info.top_k)
         # the routed input is the post-attention normed residual
         routed = stack.block_module(1).post_attention_layernorm(h + seen["a"])
+    assert top.sort(-1).values.tolist() == seen["idx"].sort(-1).values.tolist()
     counts = torch.bincount(top.flatten(), minlength=4)
-    ref = torch.bincount(seen["idx"].flatten(), minlength=4)
-    assert counts.tolist() == ref.tolist() and counts.sum() == N * T * 2
-    assert (counts > 0).sum() >= 2
+    assert counts.sum() == N * T * 2 and (counts > 0).sum() >= 2
     _close(seen["x"], routed.reshape(-1, D))
+    # the router matrix under its canonical name is the router's weight
+    assert torch.equal(stack.weight_matrices(1)["router"], info.router.weight)
+
+
+def test_gpt_oss_expert_weights_recompute_the_experts() -> None:
+    """gpt-oss stores experts [E, in, out] with gate and up interleaved: the canonical
+    [E, out, in] gate/up/down (biases apart) recompute one expert's clamped SwiGLU."""
+    stack = build_stack(_model("gpt_oss", "eager"))
+    experts = stack.block_module(1).mlp.experts
+    w = stack.weight_matrices(1)
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        gate_up = x @ experts.gate_up_proj[2] + experts.gate_up_proj_bias[2]
+        ref = experts._apply_gate(gate_up) @ experts.down_proj[2] + experts.down_proj_bias[2]
+        gate = x @ w["experts.gate_proj"][2].T + experts.gate_up_proj_bias[2, ::2]
+        up = x @ w["experts.up_proj"][2].T + experts.gate_up_proj_bias[2, 1::2]
+        lim = experts.limit
+        act = gate.clamp(max=lim) * torch.sigmoid(experts.alpha * gate.clamp(max=lim))
+        got = (up.clamp(-lim, lim) + 1) * act @ w["experts.down_proj"][2].T
+    _close(got + experts.down_proj_bias[2], ref, atol=1e-4)
 
 
 # ---------------------------------------------------------------------- dtype

@@ -109,6 +109,8 @@ class HFSpec:
     branch: tuple[str, str]  # block submodules whose outputs are the (attn, mlp) branch updates
     rotary: bool = True
     moe: bool = False
+    router: str = "gate"  # attribute of the MoE sublayer holding the router
+    router_scoring: str = "softmax"  # how the router turns logits into expert scores
     # config attributes of scalars applied outside those modules (None: no such scalar)
     embed_scale: str | None = None  # h0 = embeddings x scale
     logit_scale: str | None = None  # logits x scale
@@ -123,6 +125,8 @@ _GRANITE = replace(_LLAMA, embed_scale="embedding_multiplier", logit_divisor="lo
 _POSTNORM = HFSpec("model", "layers", "norm", "self_attn", "decoder",
                    ("post_attention_layernorm", "post_feedforward_layernorm"))
 _MOE = HFSpec("model", "layers", "norm", "self_attn", "decoder", ("self_attn", "mlp"), moe=True)
+# DeepSeek-V3 style: sigmoid scores, group-limited top-k over scores + a balancing bias
+_MOE_SIGMOID = replace(_MOE, router_scoring="sigmoid")
 
 HF_SPECS: dict[str, HFSpec] = {
     "llama": _LLAMA,
@@ -159,6 +163,10 @@ HF_SPECS: dict[str, HFSpec] = {
     "qwen2_moe": _MOE,
     "olmoe": _MOE,
     "mixtral": _MOE,
+    "glm4_moe": _MOE_SIGMOID,
+    "deepseek_v3": _MOE_SIGMOID,
+    # top-k of the biased router logits, softmax over those k
+    "gpt_oss": replace(_MOE, router="router"),
     "phi": HFSpec("model", "layers", "final_layernorm", "self_attn", "decoder",
                   ("self_attn", "mlp")),
     "gpt2": HFSpec("transformer", "h", "ln_f", "attn", "gpt2", ("attn", "mlp"), rotary=False),
@@ -174,11 +182,12 @@ def _canonical_hf_name(arch: str, name: str) -> str:
     for prefix in ("self_attn.", "attention."):
         if name.startswith(prefix):
             name = "attn." + name.removeprefix(prefix)
-    if name == "mlp.gate" and HF_SPECS[arch].moe:
+    if name == f"mlp.{HF_SPECS[arch].router}" and HF_SPECS[arch].moe:
         return "router"
-    for prefix in ("experts.", "shared_expert."):
+    for prefix in ("experts.", "shared_expert.", "shared_experts."):
         if name.startswith("mlp." + prefix):
-            return prefix + name.removeprefix("mlp." + prefix)
+            canonical = "shared_expert." if prefix == "shared_experts." else prefix
+            return canonical + name.removeprefix("mlp." + prefix)
     renames = {
         "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj",
         "attn.dense": "attn.o_proj", "mlp.dense_h_to_4h": "mlp.up_proj",
@@ -333,7 +342,9 @@ class HFStack(LayerStack):
 
     def attention_probs(self, l: int, h: Tensor) -> Tensor | None:  # noqa: E741
         """Eager attention weights of block l: the block is run with the eager kernel
-        and its attention module's returned weights are captured."""
+        and its attention module's returned weights are captured. With attention sinks
+        (gpt-oss: a learned per-head logit that takes part in the softmax but is no key)
+        the weights over the tokens are renormalised to sum to 1."""
         attn = getattr(self.block_module(l), self.spec.attn)
         captured: list[Tensor] = []
 
@@ -347,16 +358,22 @@ class HFStack(LayerStack):
                 self.run_block(l, h)
         finally:
             handle.remove()
-        return captured[0].float() if captured else None
+        if not captured:
+            return None
+        probs = captured[0].float()
+        if getattr(attn, "sinks", None) is not None:
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
 
     def moe_router(self, l: int) -> MoERouterInfo | None:  # noqa: E741
         mlp = self.block_module(l).mlp
-        gate = getattr(mlp, "gate", None)
+        gate = getattr(mlp, self.spec.router, None)
         if not self.spec.moe or gate is None or not hasattr(mlp, "experts"):
             return None
-        renorm = getattr(gate, "norm_topk_prob", self.arch == "mixtral")
+        # Mixtral always renormalises; gpt-oss's softmax over the chosen k is the same
+        renorm = getattr(gate, "norm_topk_prob", self.arch in ("mixtral", "gpt_oss"))
         return MoERouterInfo(router=gate, top_k=int(gate.top_k), num_experts=int(gate.num_experts),
-                             renormalize=bool(renorm), mlp=mlp)
+                             renormalize=bool(renorm), mlp=mlp, scoring=self.spec.router_scoring)
 
     def weight_matrices(self, l: int) -> dict[str, Tensor]:  # noqa: E741
         """Canonical names, Linear convention [out, in]; fused weights split:
@@ -367,7 +384,8 @@ class HFStack(LayerStack):
         out: dict[str, Tensor] = {}
         for raw, p in block.named_parameters():
             name = _canonical_hf_name(self.arch, raw)
-            if p.ndim < 2 or name.endswith("norm"):  # (Cohere's per-head q/k norm gains are 2-D)
+            # (Cohere's per-head q/k norm gains and gpt-oss's expert biases are 2-D)
+            if p.ndim < 2 or name.endswith(("norm", "bias")):
                 continue
             w = p.detach()
             if self.arch == "gpt2":
@@ -389,6 +407,11 @@ class HFStack(LayerStack):
                 q, k, v = w.split([heads * hd, kv * hd, kv * hd])
                 out.update({"attn.q_proj": q, "attn.k_proj": k, "attn.v_proj": v})
                 continue
+            if self.arch == "gpt_oss" and name.startswith("experts."):
+                w = w.transpose(-1, -2)  # stored [E, in, out]
+                if name == "experts.gate_up_proj":  # gate and up interleaved
+                    out["experts.gate_proj"], out["experts.up_proj"] = w[:, ::2], w[:, 1::2]
+                    continue
             if name in ("experts.gate_up_proj", "mlp.gate_up_proj"):  # gate first, then up
                 g, u = w.chunk(2, dim=w.ndim - 2)
                 prefix = name.removesuffix("gate_up_proj")

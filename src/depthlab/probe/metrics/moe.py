@@ -4,15 +4,17 @@ Routing is read from the real forward pass: a forward hook on each MoE layer's
 router (`stack.moe_router(l).router`) sees exactly the tensor that is routed and
 the router's logits (its output, first element if a tuple). The chosen experts
 are the router's own index output when it returns one (an integer tensor with
-`top_k` columns), else the top-k of `softmax(logits)` (the rule of DepthLM,
-Mixtral, OLMoE and Qwen3-MoE routers). Per MoE layer:
+`top_k` columns: Mixtral, Qwen3-MoE, DeepSeek-V3, GLM-4-MoE and gpt-oss routers, whose
+group limits and balancing biases are thereby honoured), else the top-k of
+`softmax(logits)` (the rule of DepthLM's router). Per MoE layer:
 
 - fraction of tokens routed to each expert e: `n_e / tokens`, where `n_e` counts the
   tokens whose top-k includes e (so the fractions sum to k);
 - load imbalance `max_e n_e / mean_e n_e` (1 = perfectly balanced);
 - activation sparsity `k / E`;
-- router entropy: mean over tokens of the entropy (nats) of `softmax(logits)`, also
-  divided by `log E`;
+- router entropy: mean over tokens of the entropy (nats) of `softmax(logits)` (for the
+  sigmoid routers of DeepSeek-V3 and GLM-4-MoE, of `sigmoid(logits)` normalised to sum
+  to 1), also divided by `log E`;
 - expert importance: the loss increase when the layer's whole MoE sublayer output
   is zeroed (`stack.moe_router(l).mlp`, which includes any shared expert), measured
   by rerunning from the cached h_l with a forward hook that zeroes that output.
@@ -26,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from depthlab.probe.metrics._common import (
@@ -65,7 +68,9 @@ class MoEResult(MetricResult):
     activation_sparsity: list[float]
     """k / E."""
     router_entropy: list[float]
-    """Mean over tokens of the router softmax entropy (nats)."""
+    """Mean over tokens of the entropy (nats) of the router's expert distribution."""
+    router_scoring: list[str]
+    """"softmax" (distribution softmax(logits)) or "sigmoid" (sigmoid(logits) / sum)."""
     router_entropy_normalized: list[float]
     """router_entropy / log(E)."""
     base_loss: float | None
@@ -89,6 +94,17 @@ def _assignments(out: object, logits: Tensor, top_k: int) -> Tensor:
             if isinstance(x, Tensor) and not x.is_floating_point() and x.shape[-1] == top_k:
                 return x.reshape(-1, top_k)
     return logits.softmax(dim=-1).topk(top_k, dim=-1).indices
+
+
+def _score_entropy(logits: Tensor, scoring: str) -> Tensor:
+    """Per-token entropy (nats) of the router's expert distribution: softmax(logits), or
+    for a sigmoid router its scores sigmoid(logits) normalised to sum to 1."""
+    if scoring == "sigmoid":
+        logp = F.logsigmoid(logits)
+        logp = logp - logp.logsumexp(dim=-1, keepdim=True)
+    else:
+        logp = logits.log_softmax(dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def _zero_output(_m, _a, out):
@@ -127,8 +143,7 @@ def compute_moe(
             logits = first_output(out).detach().float().reshape(-1, info.num_experts)
             chosen = _assignments(out, logits, info.top_k)
             counts[l] += torch.bincount(chosen.reshape(-1).cpu(), minlength=info.num_experts)
-            logp = logits.log_softmax(dim=-1)
-            ent[l] += float(-(logp.exp() * logp).sum(-1).sum())
+            ent[l] += float(_score_entropy(logits, info.scoring).sum())
             seen[l] += logits.shape[0]
 
         return hook
@@ -173,7 +188,8 @@ def compute_moe(
         top_k=K, tokens=n_tok, expert_counts=[counts[l].tolist() for l in layers],
         fraction_routed=frac, load_imbalance=imb,
         activation_sparsity=[k / e for k, e in zip(K, E, strict=True)],
-        router_entropy=r_ent, router_entropy_normalized=r_ent_n, base_loss=base_loss,
+        router_entropy=r_ent, router_scoring=[infos[l].scoring for l in layers],
+        router_entropy_normalized=r_ent_n, base_loss=base_loss,
         zeroed_loss=zl, importance=imp, mean_load_imbalance=mean_or_none(imb),
         mean_router_entropy_normalized=mean_or_none(r_ent_n),
         mean_importance=mean_or_none(imp) if imp else None,
