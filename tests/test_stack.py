@@ -109,6 +109,40 @@ def _configs() -> dict[str, object]:
                                           n_group=2, topk_group=1, first_k_dense_replace=1,
                                           q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4,
                                           qk_nope_head_dim=4, v_head_dim=8),
+        "dots1": t.Dots1Config(**COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8,
+                               n_routed_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=16, n_shared_experts=1, n_group=2,
+                               topk_group=1, first_k_dense_replace=1),
+        "glm4_moe_lite": t.Glm4MoeLiteConfig(**COMMON, intermediate_size=64,
+                                             num_key_value_heads=4, n_routed_experts=4,
+                                             num_experts_per_tok=2, moe_intermediate_size=16,
+                                             n_shared_experts=1, n_group=2, topk_group=1,
+                                             first_k_dense_replace=1, q_lora_rank=16,
+                                             kv_lora_rank=8, qk_rope_head_dim=4,
+                                             qk_nope_head_dim=4, v_head_dim=8),
+        # softmax router, group-limited (by each group's best expert), not renormalised
+        "deepseek_v2": t.DeepseekV2Config(**COMMON, intermediate_size=64, num_key_value_heads=4,
+                                          n_routed_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=16, n_shared_experts=1,
+                                          n_group=2, topk_group=1,
+                                          topk_method="group_limited_greedy",
+                                          first_k_dense_replace=1, q_lora_rank=16,
+                                          kv_lora_rank=8, qk_rope_head_dim=4,
+                                          qk_nope_head_dim=4, v_head_dim=8),
+        "hunyuan_v1_moe": t.HunYuanMoEV1Config(**COMMON, intermediate_size=16,
+                                               num_key_value_heads=2, head_dim=8, num_experts=4,
+                                               moe_topk=2, use_qk_norm=True),
+        # the choice adds a balancing bias to the softmax scores
+        "ernie4_5_moe": t.Ernie4_5_MoeConfig(**COMMON, intermediate_size=64,
+                                             num_key_value_heads=2, head_dim=8,
+                                             moe_intermediate_size=16, moe_num_experts=4,
+                                             moe_k=2, moe_layer_start_index=0),
+        "flex_olmo": t.FlexOlmoConfig(**COMMON, intermediate_size=16, num_key_value_heads=2,
+                                      num_experts=4, num_experts_per_tok=2),
+        "granitemoe": t.GraniteMoeConfig(**COMMON, intermediate_size=16, num_key_value_heads=2,
+                                         num_local_experts=4, num_experts_per_tok=2,
+                                         embedding_multiplier=3.0, residual_multiplier=0.5,
+                                         attention_multiplier=0.2, logits_scaling=2.0),
         # biased router (top-k of logits, softmax over the k), attention sinks, clamped
         # SwiGLU with biases, alternating sliding / full attention
         "gpt_oss": t.GptOssConfig(**COMMON, intermediate_size=16, num_key_value_heads=2,
@@ -122,8 +156,11 @@ CONFIGS = _configs()
 IMPLS = ("eager", "sdpa")
 EAGER_ONLY = ("gemma2", "vaultgemma", "gpt_oss")  # soft-capping / no SDPA path in transformers
 CASES = [(n, i) for n in CONFIGS for i in IMPLS if not (n in EAGER_ONLY and i == "sdpa")]
-MOE = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "gpt_oss")
-FIRST_DENSE = ("glm4_moe", "deepseek_v3")
+SIGMOID_MOE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite")
+MOE = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", *SIGMOID_MOE, "deepseek_v2",
+       "hunyuan_v1_moe", "ernie4_5_moe", "flex_olmo", "granitemoe", "gpt_oss")
+FIRST_DENSE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite", "deepseek_v2")
+MLA = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
 
 
 def _model(name: str, impl: str) -> torch.nn.Module:
@@ -287,7 +324,7 @@ def test_hf_hooks(name: str, impl: str) -> None:
     # weights: canonical names, Linear convention [out, in]
     w = stack.weight_matrices(1)
     attn = (("attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj_with_mqa", "attn.kv_b_proj")
-            if name == "deepseek_v3" else ("attn.q_proj", "attn.k_proj", "attn.v_proj"))
+            if name in MLA else ("attn.q_proj", "attn.k_proj", "attn.v_proj"))
     for key in (*attn, "attn.o_proj"):
         assert key in w and w[key].ndim == 2
     assert w["attn.o_proj"].shape[0] == D and w[attn[0]].shape[-1] == D
@@ -365,48 +402,68 @@ def test_fused_phi3_and_glm4_splits() -> None:
     assert "attn.q_proj" in w and not [k for k in w if k.endswith("norm")]
 
 
-def _oracle_topk(name: str, x: torch.Tensor, router: torch.nn.Module, k: int) -> torch.Tensor:
+def _oracle_topk(name: str, x: torch.Tensor, info, router_w: torch.Tensor) -> torch.Tensor:
     """Each router's rule written out from its paper/model card, on the routed input x."""
-    logits = x @ router.weight.T
+    router, k = info.router, info.top_k
+    logits = x @ router_w.T
     if name == "gpt_oss":  # top-k of the biased logits (softmax over those k: same choice)
         return (logits + router.bias).topk(k, dim=-1).indices
-    if name in ("glm4_moe", "deepseek_v3"):  # DeepSeek-V3: sigmoid, bias, group limit
-        choice = logits.sigmoid() + router.e_score_correction_bias
+    if name in SIGMOID_MOE or name == "deepseek_v2":
+        # DeepSeek-V3: sigmoid scores + balancing bias, groups ranked by their best two;
+        # DeepSeek-V2: softmax scores, groups ranked by their best one
+        if name == "deepseek_v2":
+            choice, best = logits.softmax(-1), 1
+        else:
+            choice, best = logits.sigmoid() + router.e_score_correction_bias, 2
         groups = choice.view(-1, router.num_group, 4 // router.num_group)
-        keep = groups.topk(2, dim=-1).values.sum(-1).topk(router.topk_group, dim=-1).indices
+        keep = groups.topk(best, dim=-1).values.sum(-1).topk(router.topk_group, dim=-1).indices
         allowed = torch.zeros_like(groups[..., 0]).scatter(1, keep, 1.0).bool()
         masked = groups.masked_fill(~allowed[..., None], float("-inf")).view(-1, 4)
         return masked.topk(k, dim=-1).indices
+    if name == "ernie4_5_moe":  # softmax scores + balancing bias
+        bias = router.moe_statics.e_score_correction_bias
+        return (logits.softmax(-1) + bias).topk(k, dim=-1).indices
     return logits.softmax(-1).topk(k, dim=-1).indices
 
 
 @pytest.mark.parametrize("name", MOE)
 def test_hf_moe_router(name: str) -> None:
     model = _model(name, "eager")
-    if name in ("glm4_moe", "deepseek_v3"):  # a balancing bias that changes the choice
-        for lay in model.model.layers[1:]:
-            lay.mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]))
+    for lay in model.model.layers[1:]:  # balancing biases that change the choice
+        gate = getattr(getattr(lay, "mlp", None), "gate", None)
+        bias = getattr(gate, "e_score_correction_bias", None)
+        if bias is None and hasattr(gate, "moe_statics"):
+            bias = gate.moe_statics.e_score_correction_bias
+        if bias is not None:
+            with torch.no_grad():
+                bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]).view_as(bias))
     stack = build_stack(model)
     info = stack.moe_router(1)
     assert info is not None and info.top_k == 2 and info.num_experts == 4
-    assert info.renormalize is (name not in ("olmoe", "qwen2_moe"))  # OLMoE's default; set
-    assert info.scoring == ("sigmoid" if name in ("glm4_moe", "deepseek_v3") else "softmax")
+    assert info.renormalize is (name not in ("olmoe", "qwen2_moe", "deepseek_v2", "dots1",
+                                             "flex_olmo"))  # their defaults; set in CONFIGS
+    assert info.scoring == ("sigmoid" if name in SIGMOID_MOE else "softmax")
     seen: dict[str, torch.Tensor] = {}
     info.router.register_forward_hook(
         lambda _m, a, o: seen.update(x=a[0].reshape(-1, D), idx=o[2]))
-    stack.branch_modules(1)["attn"].register_forward_hook(lambda _m, a, o: seen.update(a=o[0]))
+    info.mlp.register_forward_pre_hook(lambda _m, a: seen.update(mlp_in=a[0].reshape(-1, D)))
+    stack.branch_modules(1)["attn"].register_forward_hook(
+        lambda _m, a, o: seen.update(a=o[0] if isinstance(o, tuple) else o))
     h = stack.hidden_states(_ids())[1]
+    w = stack.weight_matrices(1)["router"]
     with torch.no_grad():
         stack.run_block(1, h)
-        top = _oracle_topk(name, seen["x"], info.router, info.top_k)
-        # the routed input is the post-attention normed residual
-        routed = stack.block_module(1).post_attention_layernorm(h + seen["a"])
+        top = _oracle_topk(name, seen["x"].float(), info, w)
+        # the routed input is the post-attention normed residual (post-norm: the residual)
+        block = stack.block_module(1)
+        mid = h + seen["a"] * stack.branch_scale
+        routed = mid if name == "flex_olmo" else block.post_attention_layernorm(mid)
     assert top.sort(-1).values.tolist() == seen["idx"].sort(-1).values.tolist()
     counts = torch.bincount(top.flatten(), minlength=4)
     assert counts.sum() == N * T * 2 and (counts > 0).sum() >= 2
     _close(seen["x"], routed.reshape(-1, D))
-    # the router matrix under its canonical name is the router's weight
-    assert torch.equal(stack.weight_matrices(1)["router"], info.router.weight)
+    _close(seen["mlp_in"], seen["x"])
+    assert w.shape == (4, D)
 
 
 def test_gpt_oss_expert_weights_recompute_the_experts() -> None:

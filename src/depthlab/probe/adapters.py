@@ -109,6 +109,7 @@ class HFSpec:
     branch: tuple[str, str]  # block submodules whose outputs are the (attn, mlp) branch updates
     rotary: bool = True
     moe: bool = False
+    moe_block: str = "mlp"  # block attribute holding the (sparse) MLP
     router: str = "gate"  # attribute of the MoE sublayer holding the router
     router_scoring: str = "softmax"  # how the router turns logits into expert scores
     # config attributes of scalars applied outside those modules (None: no such scalar)
@@ -165,6 +166,14 @@ HF_SPECS: dict[str, HFSpec] = {
     "mixtral": _MOE,
     "glm4_moe": _MOE_SIGMOID,
     "deepseek_v3": _MOE_SIGMOID,
+    "dots1": _MOE_SIGMOID,
+    "glm4_moe_lite": _MOE_SIGMOID,
+    "deepseek_v2": _MOE,  # softmax, optionally group-limited, not renormalised
+    "hunyuan_v1_moe": _MOE,  # router linear at mlp.gate.wg
+    "ernie4_5_moe": _MOE,  # softmax; the choice adds a balancing bias to the scores
+    "flex_olmo": replace(_POSTNORM, moe=True),
+    "granitemoe": replace(_GRANITE, branch=("self_attn", "block_sparse_moe"), moe=True,
+                          moe_block="block_sparse_moe", router="router"),
     # top-k of the biased router logits, softmax over those k
     "gpt_oss": replace(_MOE, router="router"),
     "phi": HFSpec("model", "layers", "final_layernorm", "self_attn", "decoder",
@@ -178,15 +187,18 @@ SUPPORTED_ARCHS: tuple[str, ...] = ("depthlm", *HF_SPECS)
 
 def _canonical_hf_name(arch: str, name: str) -> str:
     """Block-relative HF parameter name -> depthlab's canonical weight name."""
+    spec = HF_SPECS[arch]
     name = name.removesuffix(".weight")
-    for prefix in ("self_attn.", "attention."):
+    for prefix, canonical in (("self_attn.", "attn."), ("attention.", "attn."),
+                              (f"{spec.moe_block}.", "mlp.")):
         if name.startswith(prefix):
-            name = "attn." + name.removeprefix(prefix)
-    if name == f"mlp.{HF_SPECS[arch].router}" and HF_SPECS[arch].moe:
+            name = canonical + name.removeprefix(prefix)
+            break
+    if spec.moe and name in (f"mlp.{spec.router}", f"mlp.{spec.router}.wg"):
         return "router"
-    for prefix in ("experts.", "shared_expert.", "shared_experts."):
+    for prefix in ("experts.", "shared_expert.", "shared_experts.", "shared_mlp."):
         if name.startswith("mlp." + prefix):
-            canonical = "shared_expert." if prefix == "shared_experts." else prefix
+            canonical = "experts." if prefix == "experts." else "shared_expert."
             return canonical + name.removeprefix("mlp." + prefix)
     renames = {
         "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj",
@@ -366,12 +378,13 @@ class HFStack(LayerStack):
         return probs
 
     def moe_router(self, l: int) -> MoERouterInfo | None:  # noqa: E741
-        mlp = self.block_module(l).mlp
+        mlp = getattr(self.block_module(l), self.spec.moe_block)
         gate = getattr(mlp, self.spec.router, None)
         if not self.spec.moe or gate is None or not hasattr(mlp, "experts"):
             return None
-        # Mixtral always renormalises; gpt-oss's softmax over the chosen k is the same
-        renorm = getattr(gate, "norm_topk_prob", self.arch in ("mixtral", "gpt_oss"))
+        # these always renormalise (gpt-oss and Granite: a softmax over the chosen k)
+        always = ("mixtral", "gpt_oss", "hunyuan_v1_moe", "ernie4_5_moe", "granitemoe")
+        renorm = getattr(gate, "norm_topk_prob", self.arch in always)
         return MoERouterInfo(router=gate, top_k=int(gate.top_k), num_experts=int(gate.num_experts),
                              renormalize=bool(renorm), mlp=mlp, scoring=self.spec.router_scoring)
 
