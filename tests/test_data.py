@@ -205,6 +205,29 @@ def test_prepare_notes_what_a_user_tokenizer_cannot_represent(tmp_path, capsys):
         assert m["tokenizer"].get("coverage", {"dropped": 0})["dropped"] == 0
 
 
+def test_unknown_token_of_each_tokenizer_model():
+    """Unigram keeps unk_id, BPE / WordPiece / WordLevel an unk_token (or none)."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models
+
+    from depthlab.data.tokenizer import Coverage, HFTokenizer
+
+    unigram = HFTokenizer(HFTok(models.Unigram([("a", -1.0), ("<unk>", 0.0), ("b", -2.0)],
+                                               unk_id=1)), "u", "file", None)
+    wordpiece = HFTokenizer(HFTok(models.WordPiece({"x": 0, "[UNK]": 1}, unk_token="[UNK]")),
+                            "w", "file", None)
+    bpe = HFTokenizer(HFTok(models.BPE({"a": 0}, merges=[])), "b", "file", None)
+    assert (unigram.unk_id, wordpiece.unk_id, bpe.unk_id) == (1, 1, None)
+    cov = Coverage()
+    unigram.encode_documents(["abzab", "ab"], cov)
+    bpe_cov = Coverage()
+    bpe.encode_documents(["abzab"], bpe_cov)
+    assert cov.summary(unigram) == {"characters": 7, "dropped": 0, "unknown_tokens": 1,
+                                    "examples": []}
+    assert bpe_cov.summary(bpe) == {"characters": 5, "dropped": 3, "unknown_tokens": 0,
+                                    "examples": ["b", "z"]}
+
+
 # --------------------------------------------------------------------------- token files
 
 

@@ -155,13 +155,14 @@ class HFTokenizer(Tokenizer):
 
     @property
     def unk_id(self) -> int | None:
-        """Id of the model's unknown token (None: it has none, unknown text is dropped)."""
-        model = self.tok.model  # type: ignore[attr-defined]
-        unk = getattr(model, "unk_token", None)
-        if isinstance(unk, str):
-            return self.tok.token_to_id(unk)  # type: ignore[attr-defined]
-        unk = getattr(model, "unk_id", None)  # Unigram
-        return unk if isinstance(unk, int) else None
+        """Id of the model's unknown token (None: it has none, unknown text is dropped).
+        Read from the serialised model: Unigram keeps an `unk_id`, the others an
+        `unk_token`, and the Python objects do not expose both."""
+        model = json.loads(self.tok.to_str()).get("model") or {}  # type: ignore[attr-defined]
+        if isinstance(model.get("unk_id"), int):
+            return model["unk_id"]
+        unk = model.get("unk_token")
+        return self.tok.token_to_id(unk) if isinstance(unk, str) else None  # type: ignore[attr-defined]
 
     def encode_documents(self, texts: Sequence[str], coverage: Coverage | None = None) -> np.ndarray:
         encs = self.tok.encode_batch(list(texts), add_special_tokens=False)  # type: ignore[attr-defined]
