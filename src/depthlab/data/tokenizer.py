@@ -49,7 +49,7 @@ class Coverage:
     def add(self, text: str, ids: Sequence[int], unk_id: int | None) -> None:
         self.chars.update(text)
         if unk_id is not None:
-            self.unknown_tokens += sum(1 for i in ids if i == unk_id)
+            self.unknown_tokens += list(ids).count(unk_id)
 
     def summary(self, tokenizer: Tokenizer) -> dict[str, object]:
         """{characters, dropped, unknown_tokens, examples}: non-space characters seen,
