@@ -226,6 +226,23 @@ def test_unknown_token_of_each_tokenizer_model():
                                     "examples": []}
     assert bpe_cov.summary(bpe) == {"characters": 5, "dropped": 3, "unknown_tokens": 0,
                                     "examples": ["b", "z"]}
+    # a Metaspace prefix '▁' spells nothing: 'é' is still dropped; a normalizer that strips
+    # accents on purpose drops nothing ('é' becomes 'e', which has a token)
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    vocab = {"▁": 0, "a": 1, "c": 2, "f": 3, "e": 4, "▁c": 5}
+    meta = HFTok(models.BPE(vocab, merges=[("▁", "c")]))
+    meta.pre_tokenizer = pre_tokenizers.Metaspace()
+    meta.decoder = decoders.Metaspace()
+    meta_tok = HFTokenizer(meta, "m", "file", None)
+    cov = Coverage()
+    meta_tok.encode_documents(["café éé"], cov)
+    assert cov.summary(meta_tok)["dropped"] == 3
+    meta.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
+    stripped = HFTokenizer(meta, "s", "file", None)
+    cov = Coverage()
+    stripped.encode_documents(["café éé"], cov)
+    assert cov.summary(stripped)["dropped"] == 0
 
 
 # --------------------------------------------------------------------------- token files

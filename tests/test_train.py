@@ -411,6 +411,14 @@ def test_resume_accepts_another_spelling_of_the_same_corpus(tmp_path, corpus, mo
     other.write_text(corpus.read_text())
     with pytest.raises(DepthlabError, match=r"different config \(data.corpus"):
         Trainer(cfg(str(other)), progress=False).fit()
+    # built-in names are no paths, even beside a file of that name
+    from depthlab.train.trainer import resume_conflicts
+
+    (corpus.parent / "kjv").mkdir()
+    (corpus.parent / "byte").write_text("{}")
+    base = {"model": {}, "data": {"corpus": "kjv", "tokenizer": "byte"}}
+    assert resume_conflicts(base, {"model": {}, "data": {"corpus": "./kjv", "tokenizer": "./byte"}}) \
+        == ["data.corpus: 'kjv' -> './kjv'", "data.tokenizer: 'byte' -> './byte'"]
 
 
 def test_corrupt_training_state_names_the_file_and_the_way_out(tmp_path, corpus):

@@ -9,6 +9,7 @@ loads it instead of retraining.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -37,8 +38,8 @@ class Coverage:
     A tokenizer without an unknown token (a BPE without byte fallback, say) silently
     drops characters that no token spells; one with an unknown token maps them to it.
     Token offsets cannot count the drops (tokenizers shifts them after a dropped
-    character), so each distinct character is encoded on its own once at the end: one
-    that yields no token at all is dropped wherever it occurs.
+    character), so each distinct character is encoded on its own once at the end (see
+    `HFTokenizer.drops`) and counted as dropped wherever it occurs.
     """
 
     chars: Counter[str] = field(default_factory=Counter)
@@ -51,11 +52,11 @@ class Coverage:
         if unk_id is not None:
             self.unknown_tokens += list(ids).count(unk_id)
 
-    def summary(self, tokenizer: Tokenizer) -> dict[str, object]:
+    def summary(self, tokenizer: HFTokenizer) -> dict[str, object]:
         """{characters, dropped, unknown_tokens, examples}: non-space characters seen,
         those dropped, tokens that are the unknown token, the most frequent dropped ones."""
         text_chars = {c: n for c, n in self.chars.items() if not c.isspace()}
-        lost = sorted(((n, c) for c, n in text_chars.items() if not tokenizer.encode(c)),
+        lost = sorted(((n, c) for c, n in text_chars.items() if tokenizer.drops(c)),
                       reverse=True)
         return {"characters": sum(text_chars.values()), "dropped": sum(n for n, _ in lost),
                 "unknown_tokens": self.unknown_tokens,
@@ -153,7 +154,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids])  # type: ignore[attr-defined]
 
-    @property
+    @functools.cached_property
     def unk_id(self) -> int | None:
         """Id of the model's unknown token (None: it has none, unknown text is dropped).
         Read from the serialised model: Unigram keeps an `unk_id`, the others an
@@ -163,6 +164,22 @@ class HFTokenizer(Tokenizer):
             return model["unk_id"]
         unk = model.get("unk_token")
         return self.tok.token_to_id(unk) if isinstance(unk, str) else None  # type: ignore[attr-defined]
+
+    def drops(self, char: str) -> bool:
+        """Whether encoding `char` loses it: no token (nor the unknown token) spells what
+        the normalizer keeps of it. Checked on the decoded text and on the token strings,
+        so that prefixes such as Metaspace's '▁' do not count as spelling it."""
+        ids = self.encode(char)
+        if self.unk_id is not None and self.unk_id in ids:
+            return False  # counted as an unknown token
+        normalizer = self.tok.normalizer  # type: ignore[attr-defined]
+        kept = normalizer.normalize_str(char) if normalizer is not None else char
+        kept = "".join(c for c in kept if not c.isspace())
+        if not kept:
+            return False  # the normalizer removes it on purpose (e.g. StripAccents)
+        shown = self.decode(ids) + "".join(
+            self.tok.id_to_token(i) or "" for i in ids)  # type: ignore[attr-defined]
+        return not all(c in shown for c in kept)
 
     def encode_documents(self, texts: Sequence[str], coverage: Coverage | None = None) -> np.ndarray:
         encs = self.tok.encode_batch(list(texts), add_special_tokens=False)  # type: ignore[attr-defined]

@@ -94,9 +94,13 @@ def _dotted(cfg: dict[str, Any], key: str) -> Any:
     return (cfg.get(section) or {}).get(name)
 
 
+BUILTIN_NAMES = frozenset({"kjv", "byte", "bpe"})
+"""data.corpus / data.tokenizer values that name no file, even beside a file of that name."""
+
+
 def _same_path(a: Any, b: Any) -> bool:
     """Whether two config values name the same existing file or directory."""
-    if not (isinstance(a, str) and isinstance(b, str)):
+    if not (isinstance(a, str) and isinstance(b, str)) or {a, b} & BUILTIN_NAMES:
         return False
     try:
         return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
