@@ -429,11 +429,13 @@ def _oracle_topk(name: str, x: torch.Tensor, info, router_w: torch.Tensor) -> to
 @pytest.mark.parametrize("name", MOE)
 def test_hf_moe_router(name: str) -> None:
     model = _model(name, "eager")
-    for lay in model.model.layers[1:]:  # balancing biases that change the choice
+    for lay in model.model.layers[1:]:  # balancing / router biases that change the choice
         gate = getattr(getattr(lay, "mlp", None), "gate", None)
         bias = getattr(gate, "e_score_correction_bias", None)
         if bias is None and hasattr(gate, "moe_statics"):
             bias = gate.moe_statics.e_score_correction_bias
+        if name == "gpt_oss":
+            bias = lay.mlp.router.bias
         if bias is not None:
             with torch.no_grad():
                 bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]).view_as(bias))

@@ -119,3 +119,17 @@ def test_smollm2_gguf() -> None:
     hs = stack.hidden_states(ids)
     torch.testing.assert_close(stack.logits(hs[-1]), ref, atol=1e-4, rtol=1e-4)
     assert stack.loss(hs[-1], ids).item() < 6.0  # a trained model, not noise
+
+
+def test_mxfp4_checkpoints_load_dequantized() -> None:
+    """gpt-oss ships MXFP4 experts: they are loaded dequantized on every device (with GPU
+    kernels transformers would keep packed blocks that are no weight matrices)."""
+    import transformers
+
+    from depthlab.probe.loading import dequantize_override
+
+    cfg = transformers.GptOssConfig(quantization_config={"quant_method": "mxfp4"})
+    override = dequantize_override(cfg)["quantization_config"]
+    assert isinstance(override, transformers.Mxfp4Config) and override.dequantize
+    assert dequantize_override(transformers.GptOssConfig()) == {}
+    assert dequantize_override(transformers.LlamaConfig()) == {}

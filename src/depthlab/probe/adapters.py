@@ -112,6 +112,7 @@ class HFSpec:
     moe_block: str = "mlp"  # block attribute holding the (sparse) MLP
     router: str = "gate"  # attribute of the MoE sublayer holding the router
     router_scoring: str = "softmax"  # how the router turns logits into expert scores
+    renormalize: bool = False  # top-k weights renormalised when the router has no flag
     # config attributes of scalars applied outside those modules (None: no such scalar)
     embed_scale: str | None = None  # h0 = embeddings x scale
     logit_scale: str | None = None  # logits x scale
@@ -163,19 +164,21 @@ HF_SPECS: dict[str, HFSpec] = {
     "qwen3_moe": _MOE,
     "qwen2_moe": _MOE,
     "olmoe": _MOE,
-    "mixtral": _MOE,
+    "mixtral": replace(_MOE, renormalize=True),
     "glm4_moe": _MOE_SIGMOID,
     "deepseek_v3": _MOE_SIGMOID,
     "dots1": _MOE_SIGMOID,
     "glm4_moe_lite": _MOE_SIGMOID,
     "deepseek_v2": _MOE,  # softmax, optionally group-limited, not renormalised
-    "hunyuan_v1_moe": _MOE,  # router linear at mlp.gate.wg
-    "ernie4_5_moe": _MOE,  # softmax; the choice adds a balancing bias to the scores
+    "hunyuan_v1_moe": replace(_MOE, renormalize=True),  # router linear at mlp.gate.wg
+    # softmax; the choice adds a balancing bias to the scores
+    "ernie4_5_moe": replace(_MOE, renormalize=True),
     "flex_olmo": replace(_POSTNORM, moe=True),
+    # top-k of the router logits, softmax over those k
     "granitemoe": replace(_GRANITE, branch=("self_attn", "block_sparse_moe"), moe=True,
-                          moe_block="block_sparse_moe", router="router"),
+                          moe_block="block_sparse_moe", router="router", renormalize=True),
     # top-k of the biased router logits, softmax over those k
-    "gpt_oss": replace(_MOE, router="router"),
+    "gpt_oss": replace(_MOE, router="router", renormalize=True),
     "phi": HFSpec("model", "layers", "final_layernorm", "self_attn", "decoder",
                   ("self_attn", "mlp")),
     "gpt2": HFSpec("transformer", "h", "ln_f", "attn", "gpt2", ("attn", "mlp"), rotary=False),
@@ -382,9 +385,7 @@ class HFStack(LayerStack):
         gate = getattr(mlp, self.spec.router, None)
         if not self.spec.moe or gate is None or not hasattr(mlp, "experts"):
             return None
-        # these always renormalise (gpt-oss and Granite: a softmax over the chosen k)
-        always = ("mixtral", "gpt_oss", "hunyuan_v1_moe", "ernie4_5_moe", "granitemoe")
-        renorm = getattr(gate, "norm_topk_prob", self.arch in always)
+        renorm = getattr(gate, "norm_topk_prob", self.spec.renormalize)
         return MoERouterInfo(router=gate, top_k=int(gate.top_k), num_experts=int(gate.num_experts),
                              renormalize=bool(renorm), mlp=mlp, scoring=self.spec.router_scoring)
 

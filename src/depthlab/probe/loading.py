@@ -142,7 +142,8 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
     config = AutoConfig.from_pretrained(source, **kw)
     check_supported(config.model_type)
     model = AutoModelForCausalLM.from_pretrained(
-        source, config=config, dtype=dtype if dtype is not None else "auto", **kw)
+        source, config=config, dtype=dtype if dtype is not None else "auto",
+        **dequantize_override(config), **kw)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
         if not has_vocabulary(tokenizer):
@@ -151,6 +152,19 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
         tokenizer = None
     model.to(device).eval()
     return model, tokenizer
+
+
+def dequantize_override(config: Any) -> dict[str, Any]:
+    """from_pretrained kwargs that load MXFP4 weights (gpt-oss) dequantized everywhere:
+    with GPU kernels transformers would keep the experts as packed 4-bit blocks, which
+    the metrics cannot read as weight matrices (on CPU it dequantizes anyway)."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def has_vocabulary(tokenizer: Any) -> bool:

@@ -46,7 +46,7 @@ class MoERouterInfo:
     """The whole sparse MLP (input = what is routed, output = branch update)."""
     scoring: str = "softmax"
     """Expert scores from the logits: "softmax" over all experts, or "sigmoid" of each
-    (DeepSeek-V3, GLM-4-MoE), which router entropy normalises to sum to 1."""
+    (DeepSeek-V3-style routers), which router entropy normalises to sum to 1."""
 
 
 def _forward_ad(h: Tensor) -> bool:

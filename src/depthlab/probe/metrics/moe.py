@@ -4,8 +4,8 @@ Routing is read from the real forward pass: a forward hook on each MoE layer's
 router (`stack.moe_router(l).router`) sees exactly the tensor that is routed and
 the router's logits (its output, first element if a tuple). The chosen experts
 are the router's own index output when it returns one (an integer tensor with
-`top_k` columns: Mixtral, Qwen3-MoE, DeepSeek-V3, GLM-4-MoE and gpt-oss routers, whose
-group limits and balancing biases are thereby honoured), else the top-k of
+`top_k` columns: every Hugging Face router depthlab supports, whose group limits and
+balancing biases are thereby honoured), else the top-k of
 `softmax(logits)` (the rule of DepthLM's router). Per MoE layer:
 
 - fraction of tokens routed to each expert e: `n_e / tokens`, where `n_e` counts the
@@ -13,8 +13,8 @@ group limits and balancing biases are thereby honoured), else the top-k of
 - load imbalance `max_e n_e / mean_e n_e` (1 = perfectly balanced);
 - activation sparsity `k / E`;
 - router entropy: mean over tokens of the entropy (nats) of `softmax(logits)` (for the
-  sigmoid routers of DeepSeek-V3 and GLM-4-MoE, of `sigmoid(logits)` normalised to sum
-  to 1), also divided by `log E`;
+  sigmoid routers of DeepSeek-V3, GLM-4-MoE(-Lite) and dots.llm1, of `sigmoid(logits)`
+  normalised to sum to 1), also divided by `log E`;
 - expert importance: the loss increase when the layer's whole MoE sublayer output
   is zeroed (`stack.moe_router(l).mlp`, which includes any shared expert), measured
   by rerunning from the cached h_l with a forward hook that zeroes that output.
