@@ -143,6 +143,10 @@ def _configs() -> dict[str, object]:
                                          num_local_experts=4, num_experts_per_tok=2,
                                          embedding_multiplier=3.0, residual_multiplier=0.5,
                                          attention_multiplier=0.2, logits_scaling=2.0),
+        "minimax_m2": t.MiniMaxM2Config(**COMMON, intermediate_size=16, num_key_value_heads=2,
+                                        head_dim=8, num_local_experts=4, num_experts_per_tok=2),
+        "phimoe": t.PhimoeConfig(**COMMON, intermediate_size=16, num_key_value_heads=2,
+                                 num_local_experts=4, num_experts_per_tok=2),
         # biased router (top-k of logits, softmax over the k), attention sinks, clamped
         # SwiGLU with biases, alternating sliding / full attention
         "gpt_oss": t.GptOssConfig(**COMMON, intermediate_size=16, num_key_value_heads=2,
@@ -156,9 +160,9 @@ CONFIGS = _configs()
 IMPLS = ("eager", "sdpa")
 EAGER_ONLY = ("gemma2", "vaultgemma", "gpt_oss")  # soft-capping / no SDPA path in transformers
 CASES = [(n, i) for n in CONFIGS for i in IMPLS if not (n in EAGER_ONLY and i == "sdpa")]
-SIGMOID_MOE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite")
+SIGMOID_MOE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite", "minimax_m2")
 MOE = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", *SIGMOID_MOE, "deepseek_v2",
-       "hunyuan_v1_moe", "ernie4_5_moe", "flex_olmo", "granitemoe", "gpt_oss")
+       "hunyuan_v1_moe", "ernie4_5_moe", "flex_olmo", "granitemoe", "gpt_oss", "phimoe")
 FIRST_DENSE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite", "deepseek_v2")
 MLA = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
 
@@ -408,6 +412,8 @@ def _oracle_topk(name: str, x: torch.Tensor, info, router_w: torch.Tensor) -> to
     logits = x @ router_w.T
     if name == "gpt_oss":  # top-k of the biased logits (softmax over those k: same choice)
         return (logits + router.bias).topk(k, dim=-1).indices
+    if name == "minimax_m2":  # sigmoid scores + the block's balancing bias, no groups
+        return (logits.sigmoid() + info.mlp.e_score_correction_bias).topk(k, dim=-1).indices
     if name in SIGMOID_MOE or name == "deepseek_v2":
         # DeepSeek-V3: sigmoid scores + balancing bias, groups ranked by their best two;
         # DeepSeek-V2: softmax scores, groups ranked by their best one
@@ -436,6 +442,8 @@ def test_hf_moe_router(name: str) -> None:
             bias = gate.moe_statics.e_score_correction_bias
         if name == "gpt_oss":
             bias = lay.mlp.router.bias
+        if name == "minimax_m2":
+            bias = lay.mlp.e_score_correction_bias
         if bias is not None:
             with torch.no_grad():
                 bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]).view_as(bias))
@@ -443,7 +451,7 @@ def test_hf_moe_router(name: str) -> None:
     info = stack.moe_router(1)
     assert info is not None and info.top_k == 2 and info.num_experts == 4
     assert info.renormalize is (name not in ("olmoe", "qwen2_moe", "deepseek_v2", "dots1",
-                                             "flex_olmo"))  # their defaults; set in CONFIGS
+                                             "flex_olmo", "phimoe"))  # their defaults
     assert info.scoring == ("sigmoid" if name in SIGMOID_MOE else "softmax")
     seen: dict[str, torch.Tensor] = {}
     info.router.register_forward_hook(

@@ -179,6 +179,10 @@ HF_SPECS: dict[str, HFSpec] = {
                           moe_block="block_sparse_moe", router="router", renormalize=True),
     # top-k of the biased router logits, softmax over those k
     "gpt_oss": replace(_MOE, router="router", renormalize=True),
+    # sigmoid scores + the block's balancing bias, no groups
+    "minimax_m2": replace(_MOE_SIGMOID, renormalize=True),
+    # sparsemixer: in eval the k best logits, one after the other
+    "phimoe": replace(_MOE, router="router"),
     "phi": HFSpec("model", "layers", "final_layernorm", "self_attn", "decoder",
                   ("self_attn", "mlp")),
     "gpt2": HFSpec("transformer", "h", "ln_f", "attn", "gpt2", ("attn", "mlp"), rotary=False),

@@ -13,7 +13,7 @@ balancing biases are thereby honoured), else the top-k of
 - load imbalance `max_e n_e / mean_e n_e` (1 = perfectly balanced);
 - activation sparsity `k / E`;
 - router entropy: mean over tokens of the entropy (nats) of `softmax(logits)` (for the
-  sigmoid routers of DeepSeek-V3, GLM-4-MoE(-Lite) and dots.llm1, of `sigmoid(logits)`
+  sigmoid routers of DeepSeek-V3, GLM-4-MoE(-Lite), dots.llm1 and MiniMax-M2, of `sigmoid(logits)`
   normalised to sum to 1), also divided by `log E`;
 - expert importance: the loss increase when the layer's whole MoE sublayer output
   is zeroed (`stack.moe_router(l).mlp`, which includes any shared expert), measured
