@@ -307,9 +307,12 @@ class HFStack(LayerStack):
         pos = torch.arange(T, device=h.device).unsqueeze(0)
         sliding = kind == "sliding_attention"
         make = create_sliding_window_causal_mask if sliding else create_causal_mask
+        # transformers 5.24 renamed past_key_values to cache (the old name warns)
+        no_cache = {"cache" if "cache" in inspect.signature(make).parameters
+                    else "past_key_values": None}
         with torch.no_grad():
             mask = make(config=self.config, inputs_embeds=dummy, attention_mask=None,
-                        past_key_values=None, position_ids=pos)
+                        position_ids=pos, **no_cache)
             pe = None
             if self.spec.rotary:
                 rot_in = torch.zeros((1, T, self.d_model), dtype=h.dtype, device=h.device)
