@@ -381,3 +381,40 @@ def test_a_torchrun_failure_is_reported_by_its_root_cause(tmp_path):
         "Failures:\n", "Failures:\n[1]:\n  traceback : Signal 6 (SIGABRT) received by PID 9\n", 1)
     log.write_text(report)
     assert _failure(rc, log) == error
+
+
+def test_two_calls_on_one_sweep_keep_each_others_status(tmp_path):
+    """`sweep --only a` and `sweep --only b` running at the same time: each rewrites the
+    status file as it is on disk, so neither erases the other's entries (it used to keep
+    a copy from its start and write that back)."""
+    from depthlab.experiments.sweep import StatusFile
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump(_sweep(tmp_path, list=[{"name": n} for n in "abc"])))
+    sw = load_sweep(spec)
+    runs = {r.name: r for r in sw.runs()}
+    names = list(runs)
+    first = StatusFile(sw, [runs["a"]], names)
+    second = StatusFile(sw, [runs["b"]], names)
+    first.update("a", status="running")
+    second.update("b", status="running")
+    first.update("a", status="complete")
+    assert _statuses(sw.out_dir) == {"a": "complete", "b": "running"}
+    second.update("b", status="failed", error="boom")
+    data = json.loads((sw.out_dir / STATUS_FILE).read_text())
+    assert list(data["runs"]) == ["a", "b"] and data["counts"] == {"complete": 1, "failed": 1}
+    assert data["runs"]["b"]["error"] == "boom"
+    # and from separate processes writing many times at once
+    code = (
+        "import sys\n"
+        "from depthlab.experiments.sweep import StatusFile, load_sweep\n"
+        f"sw = load_sweep({str(spec)!r})\n"
+        "runs = {r.name: r for r in sw.runs()}\n"
+        "status = StatusFile(sw, [runs[sys.argv[1]]], list(runs))\n"
+        "for i in range(200):\n"
+        "    status.update(sys.argv[1], status='running', step=i)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, n]) for n in names]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    data = json.loads((sw.out_dir / STATUS_FILE).read_text())
+    assert {n: e.get("step") for n, e in data["runs"].items()} == {"a": 199, "b": 199, "c": 199}

@@ -26,6 +26,7 @@ a failing run is recorded there and the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -38,7 +39,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,40 +397,67 @@ def read_status(out_dir: str | Path) -> dict[str, Any]:
         return {"runs": {}}
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `lock_path` (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent sweep calls are not serialised there
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class StatusFile:
-    """`OUT/sweep_status.json`: one entry per run, rewritten atomically on every change."""
+    """`OUT/sweep_status.json`: one entry per run, rewritten atomically on every change.
+
+    Each call owns the entries of the runs it selected (`--only`) and merges them into
+    the file as it is on disk, under a lock: two calls on one sweep at the same time
+    keep each other's entries."""
 
     def __init__(self, sweep: Sweep, runs: list[SweepRun], names: list[str]) -> None:
         """Entries for `runs` (this call's selection, e.g. `--only`); the sweep's other
         runs (`names`: all of them, in order) keep the entries earlier calls recorded."""
         self.path = sweep.out_dir / STATUS_FILE
+        self.names = names
         old = read_status(sweep.out_dir).get("runs", {})
-        selected = {run.name: run for run in runs}
+        self.owned: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            entry = dict(old.get(run.name, {}))
+            entry["overrides"] = run.overrides
+            entry["run_dir"] = str(run.run_dir)
+            self.owned[run.name] = entry
+        self.sweep_name = sweep.name
         self.data: dict[str, Any] = {"sweep": sweep.name, "runs": {}}
-        for name in names:
-            if name not in selected and name not in old:
-                continue
-            entry = dict(old.get(name, {}))
-            if name in selected:
-                entry["overrides"] = selected[name].overrides
-                entry["run_dir"] = str(selected[name].run_dir)
-            self.data["runs"][name] = entry
+        """The file as this call last wrote it (all runs' entries)."""
 
     def update(self, name: str, **fields: Any) -> None:
-        self.data["runs"][name].update(fields)
+        self.owned[name].update(fields)
         self.write()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        counts: dict[str, int] = {}
-        for entry in self.data["runs"].values():
-            s = entry.get("status", "pending")
-            counts[s] = counts.get(s, 0) + 1
-        self.data["counts"] = counts
-        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        with _exclusive(self.path.with_name(".sweep_status.lock")):
+            on_disk = read_status(self.path.parent).get("runs", {})
+            merged = {**on_disk, **self.owned}
+            order = [n for n in self.names if n in merged] + [
+                n for n in merged if n not in self.names]
+            runs = {name: merged[name] for name in order}
+            counts: dict[str, int] = {}
+            for entry in runs.values():
+                s = entry.get("status", "pending")
+                counts[s] = counts.get(s, 0) + 1
+            data = {"sweep": self.sweep_name, "runs": runs, "counts": counts,
+                    "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(data, indent=2, default=str))
+            os.replace(tmp, self.path)
+        self.data = data
 
 
 # ----------------------------------------------------------------------------- params
@@ -588,7 +616,7 @@ def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int 
     def note(run: SweepRun, **fields: Any) -> None:
         status.update(run.name, **fields)
         if on_status is not None:
-            on_status(run, status.data["runs"][run.name])
+            on_status(run, status.owned[run.name])
 
     def start(run: SweepRun, phase: str) -> _Job:
         log_path = sweep.out_dir / LOG_DIR / f"{run.name}.log"
@@ -686,7 +714,7 @@ def submit_slurm(sweep: Sweep, runs: list[SweepRun], status: StatusFile, *,
         status.update(run.name, status="submitted", job_id=str(job.job_id),
                       submitted=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         if on_status is not None:
-            on_status(run, status.data["runs"][run.name])
+            on_status(run, status.owned[run.name])
     return ids
 
 
@@ -751,16 +779,16 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = Non
     todo = []
     for run in runs:
         if states[run.name] == "complete":
-            status.data["runs"][run.name].update(status="complete", skipped=True)
+            status.owned[run.name].update(status="complete", skipped=True)
         else:
-            status.data["runs"][run.name].update(
+            status.owned[run.name].update(
                 status="pending", skipped=False,
                 resumed=states[run.name] == "partial")
             todo.append(run)
     status.write()
     for run in runs:
         if on_status is not None:
-            on_status(run, status.data["runs"][run.name])
+            on_status(run, status.owned[run.name])
     diagnose = sweep.diagnose if diagnose is None else diagnose
     # complete runs that were never diagnosed (or whose diagnosis failed) get one, locally
     # (not under --slurm: a job may still be diagnosing its run, and a login node is no
