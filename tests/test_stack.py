@@ -54,6 +54,15 @@ def _configs() -> dict[str, object]:
         "gemma3_text": t.Gemma3TextConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
                                           head_dim=8, sliding_window=4, layer_types=MIXED,
                                           final_logit_softcapping=3.0),
+        # the image-text wrapper of Gemma 3 (4B and up), run on text
+        "gemma3": t.Gemma3Config(
+            text_config=t.Gemma3TextConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                           head_dim=8, sliding_window=4, layer_types=MIXED,
+                                           final_logit_softcapping=3.0).to_dict(),
+            vision_config=t.SiglipVisionConfig(hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2,
+                                               image_size=16, patch_size=8).to_dict(),
+            mm_tokens_per_image=4),
         "olmo3": t.Olmo3Config(**COMMON, intermediate_size=64, num_key_value_heads=2,
                                sliding_window=4, layer_types=MIXED, rope_parameters=ROPE_BY_TYPE),
         "olmo": t.OlmoConfig(**COMMON, intermediate_size=64, num_key_value_heads=2),
@@ -189,14 +198,19 @@ def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     for base in ("model", "transformer", "gpt_neox"):
         if hasattr(model, base):
             b = getattr(model, base)
+            b = getattr(b, "language_model", b)  # a multimodal wrapper's text model
             return b.layers if hasattr(b, "layers") else b.h
     raise AssertionError
+
+
+def _text_config(model: torch.nn.Module):
+    return getattr(model.config, "text_config", model.config)
 
 
 def _delete_layer(model: torch.nn.Module, s: int) -> torch.nn.Module:
     m = copy.deepcopy(model)
     del _layers(m)[s]
-    cfg = m.config
+    cfg = _text_config(m)
     if getattr(cfg, "model_type", "") == "gpt2":
         cfg.n_layer -= 1
     else:
@@ -211,10 +225,11 @@ def _swap_layers(model: torch.nn.Module, a: int, b: int) -> torch.nn.Module:
     layers = _layers(m)
     la, lb = layers[a], layers[b]
     layers[a], layers[b] = lb, la
-    if getattr(m.config, "layer_types", None) is not None:
-        lt = list(m.config.layer_types)
+    cfg = _text_config(m)
+    if getattr(cfg, "layer_types", None) is not None:
+        lt = list(cfg.layer_types)
         lt[a], lt[b] = lt[b], lt[a]
-        m.config.layer_types = lt
+        cfg.layer_types = lt
     return m
 
 

@@ -101,7 +101,7 @@ class DepthLMStack(LayerStack):
 class HFSpec:
     """Where a Hugging Face architecture keeps its pieces."""
 
-    base: str  # attribute of the *ForCausalLM holding the backbone
+    base: str  # attribute (dotted path) of the *ForCausalLM holding the text backbone
     layers: str  # attribute of the backbone holding the ModuleList of blocks
     norm: str  # final norm attribute of the backbone
     attn: str  # attention submodule of a block
@@ -113,6 +113,7 @@ class HFSpec:
     router: str = "gate"  # attribute of the MoE sublayer holding the router
     router_scoring: str = "softmax"  # how the router turns logits into expert scores
     renormalize: bool = False  # top-k weights renormalised when the router has no flag
+    text_config: bool = False  # a multimodal wrapper: the text model's config is config.text_config
     # config attributes of scalars applied outside those modules (None: no such scalar)
     embed_scale: str | None = None  # h0 = embeddings x scale
     logit_scale: str | None = None  # logits x scale
@@ -158,6 +159,8 @@ HF_SPECS: dict[str, HFSpec] = {
     "olmo3": _POSTNORM,
     "gemma2": _POSTNORM,
     "gemma3_text": _POSTNORM,
+    # Gemma 3 from 4B up: the text model inside the image-text wrapper (text input only)
+    "gemma3": replace(_POSTNORM, base="model.language_model", text_config=True),
     "exaone4": _POSTNORM,
     "glm4": HFSpec("model", "layers", "norm", "self_attn", "decoder",
                    ("post_self_attn_layernorm", "post_mlp_layernorm")),
@@ -223,8 +226,12 @@ class HFStack(LayerStack):
         config = model.config
         self.arch = config.model_type
         self.spec = HF_SPECS[self.arch]
+        if self.spec.text_config:
+            config = config.text_config
         self.config = config
-        base = getattr(model, self.spec.base, None)
+        base = model
+        for part in self.spec.base.split("."):
+            base = getattr(base, part, None)
         if base is None:
             raise DepthlabError(
                 f"{type(model).__name__} has no language-model head: pass the *ForCausalLM model"
@@ -280,7 +287,9 @@ class HFStack(LayerStack):
             logits = logits * self._logit_scale
         if self._logit_divisor != 1.0:
             logits = logits / self._logit_divisor
-        cap = getattr(self.config, "final_logit_softcapping", None)
+        # (Gemma 3's image-text wrapper applies no final soft-capping, its text model does)
+        cap = None if self.spec.text_config else getattr(self.config, "final_logit_softcapping",
+                                                          None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
