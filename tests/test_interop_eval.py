@@ -230,6 +230,47 @@ def test_eval_any_hf_model_dir(tmp_path):
         run_lm_eval(tmp_path / "hf", "copa", limit=2, data_dir=DATA, backend="native")
 
 
+def test_eval_an_image_text_wrapper_scores_its_text_model(tmp_path):
+    """Mistral Small 3.x ships as an image-text wrapper (mistral3) that has no causal-LM
+    class: eval loads it through the image-text class and scores its text model. Oracle:
+    the same Llama weights inside the wrapper give the same perplexity and task scores."""
+    import shutil
+
+    import transformers
+
+    from depthlab.interop.evaluate import run_lm_eval, run_perplexity
+    from depthlab.interop.hf_export import export_hf
+
+    export_hf(write_run(tmp_path), tmp_path / "hf")
+    llama = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    lc = llama.config
+    text = transformers.MistralConfig(
+        vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
+        num_hidden_layers=lc.num_hidden_layers, num_attention_heads=lc.num_attention_heads,
+        num_key_value_heads=lc.num_key_value_heads, head_dim=lc.head_dim,
+        max_position_embeddings=lc.max_position_embeddings, rms_norm_eps=lc.rms_norm_eps,
+        rope_parameters=lc.rope_parameters, sliding_window=None,
+        tie_word_embeddings=lc.tie_word_embeddings)
+    vision = transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2,
+                                              image_size=16, patch_size=8, head_dim=8)
+    cfg = transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                      tie_word_embeddings=False)
+    wrapper = transformers.AutoModelForImageTextToText.from_config(cfg)
+    wrapper.model.language_model.load_state_dict(llama.model.state_dict())
+    wrapper.lm_head.load_state_dict(llama.lm_head.state_dict())
+    wrapper.save_pretrained(tmp_path / "wrapped")
+    for f in (tmp_path / "hf").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, tmp_path / "wrapped" / f.name)
+    ppl = [run_perplexity(tmp_path / d, data="kjv", limit=3, seq_len=32) for d in ("hf", "wrapped")]
+    assert ppl[1].windows == 3 and ppl[1].loss == pytest.approx(ppl[0].loss, rel=1e-5)
+    if DATA.is_dir():
+        rows = [run_lm_eval(tmp_path / d, "copa", limit=4, data_dir=DATA).rows
+                for d in ("hf", "wrapped")]
+        assert rows[1][0]["value"] == pytest.approx(rows[0][0]["value"])
+
+
 def test_unreachable_hub_fails_offline_at_once(tmp_path, monkeypatch):
     """No network: lm-eval runs in offline mode (no retry back-off) and says to use
     --data-dir."""

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from depthlab.errors import DepthlabError
 from depthlab.probe import LayerStack, build_stack
+from depthlab.probe.adapters import auto_class
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,7 +55,14 @@ def _configs() -> dict[str, object]:
         "gemma3_text": t.Gemma3TextConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
                                           head_dim=8, sliding_window=4, layer_types=MIXED,
                                           final_logit_softcapping=3.0),
-        # the image-text wrapper of Gemma 3 (4B and up), run on text
+        # image-text wrappers run on text: Gemma 3 (4B and up), Mistral Small 3.x
+        "mistral3": t.Mistral3Config(
+            text_config=t.MistralConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                        sliding_window=4).to_dict(),
+            vision_config=t.PixtralVisionConfig(hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                image_size=16, patch_size=8,
+                                                head_dim=8).to_dict()),
         "gemma3": t.Gemma3Config(
             text_config=t.Gemma3TextConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
                                            head_dim=8, sliding_window=4, layer_types=MIXED,
@@ -179,7 +187,7 @@ MLA = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
 def _model(name: str, impl: str) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = copy.deepcopy(CONFIGS[name])
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+    model = auto_class(cfg.model_type).from_config(cfg, attn_implementation=impl)
     # random inits are tiny (std 0.02): scale up so that blocks visibly matter
     with torch.no_grad():
         for n, p in model.named_parameters():

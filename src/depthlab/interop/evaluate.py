@@ -261,7 +261,9 @@ class EvalModel:
 
 def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None = None):
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from depthlab.probe.adapters import auto_class
 
     kwargs: dict[str, Any] = {"pretrained": path, "device": device, "dtype": "float32",
                               "batch_size": batch_size}
@@ -270,8 +272,13 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         _check_vocabulary(path, tokenizer)  # before the weights load
+        loader = auto_class(AutoConfig.from_pretrained(path).model_type)
+        if loader is not AutoModelForCausalLM:  # an image-text wrapper HFLM cannot load itself
+            model = loader.from_pretrained(path, dtype=torch.float32).to(device).eval()
+            kwargs.update(pretrained=model, backend="causal")
+            del kwargs["device"], kwargs["dtype"]
         return HFLM(tokenizer=tokenizer, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # no such model, or no causal-LM class for it
         raise DepthlabError(f"{path}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None
 
@@ -639,12 +646,15 @@ def _load_hf_for_ppl(model: str | Path, path: Path, device: str) -> tuple[Any, A
         _check_hf_dir(path)
     else:
         check_hub_id(model)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from depthlab.probe.adapters import auto_class
 
     try:
         hf_tok = AutoTokenizer.from_pretrained(str(model))
         _check_vocabulary(model, hf_tok)
-        hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        loader = auto_class(AutoConfig.from_pretrained(str(model)).model_type)
+        hf = loader.from_pretrained(str(model), dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise DepthlabError(f"{model}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -159,8 +160,9 @@ HF_SPECS: dict[str, HFSpec] = {
     "olmo3": _POSTNORM,
     "gemma2": _POSTNORM,
     "gemma3_text": _POSTNORM,
-    # Gemma 3 from 4B up: the text model inside the image-text wrapper (text input only)
+    # image-text wrappers, run on text: Gemma 3 from 4B up, Mistral Small 3.x / Magistral
     "gemma3": replace(_POSTNORM, base="model.language_model", text_config=True),
+    "mistral3": replace(_LLAMA, base="model.language_model", text_config=True),
     "exaone4": _POSTNORM,
     "glm4": HFSpec("model", "layers", "norm", "self_attn", "decoder",
                    ("post_self_attn_layernorm", "post_mlp_layernorm")),
@@ -482,6 +484,18 @@ def build_stack(model: nn.Module, *, dtype: torch.dtype | None = None,
         )
     check_supported(model_type)
     return HFStack(model, dtype=dtype, device=device)
+
+
+def auto_class(model_type: str) -> Any:
+    """The transformers auto class that loads `model_type` with its LM head: the causal-LM
+    one, or the image-text one for wrappers that have no causal-LM class (mistral3)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    spec = HF_SPECS.get(model_type)
+    if spec is not None and spec.text_config and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def check_supported(model_type: str) -> None:

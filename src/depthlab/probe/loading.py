@@ -133,15 +133,15 @@ def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: A
 
 
 def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from depthlab.probe.adapters import check_supported
+    from depthlab.probe.adapters import auto_class, check_supported
 
     kw = dict(kwargs)
     # the architecture first, from config.json alone: no weights loaded for nothing
     config = AutoConfig.from_pretrained(source, **kw)
     check_supported(config.model_type)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_class(config.model_type).from_pretrained(
         source, config=config, dtype=dtype if dtype is not None else "auto",
         **dequantize_override(config), **kw)
     try:
