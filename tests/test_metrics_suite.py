@@ -165,6 +165,9 @@ def _hf(name: str, impl: str = "sdpa"):
                                         num_local_experts=4, num_experts_per_tok=2,
                                         rope_parameters={"rope_type": "default",
                                                          "rope_theta": 1e4})
+    elif name == "phimoe":  # sparsemixer routes 2 experts whatever num_experts_per_tok says
+        cfg = transformers.PhimoeConfig(**common, intermediate_size=16, num_local_experts=4,
+                                        num_experts_per_tok=1)
     else:
         cfg = transformers.MixtralConfig(**common, intermediate_size=16, num_local_experts=4,
                                          num_experts_per_tok=2)
@@ -247,7 +250,7 @@ def test_hf_attention_sparsity_against_output_attentions():
     assert res.group_size == 2
 
 
-@pytest.mark.parametrize("name", ["mixtral", "glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mixtral", "glm4_moe", "gpt_oss", "phimoe"])
 def test_hf_moe_counts_from_real_forward(name):
     """Counts, router entropy and importance against the model's own forward: the
     routers' index outputs, the entropy of softmax(logits) (of sigmoid(logits) / sum for
@@ -265,7 +268,7 @@ def test_hf_moe_counts_from_real_forward(name):
             p = out[0].float().softmax(-1) if name != "glm4_moe" else out[0].float().sigmoid()
             p = p / p.sum(-1, keepdim=True)
             ent[i].append(-(p * p.log()).sum(-1))
-        hooks.append(getattr(mlp, "router" if name == "gpt_oss" else "gate")
+        hooks.append(getattr(mlp, "router" if name in ("gpt_oss", "phimoe") else "gate")
                      .register_forward_hook(hook))
     _, base = _hf_run(model, ids)
     for h in hooks:

@@ -565,3 +565,5 @@ def test_unsupported_architecture() -> None:
     llama = _model("llama", "sdpa")
     with pytest.raises(DepthlabError, match="ForCausalLM"):
         build_stack(llama.model)
+    with pytest.raises(DepthlabError, match="loaded by AutoModelForImageTextToText"):
+        build_stack(transformers.Mistral3Model(CONFIGS["mistral3"]))

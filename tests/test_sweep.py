@@ -418,3 +418,48 @@ def test_two_calls_on_one_sweep_keep_each_others_status(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     data = json.loads((sw.out_dir / STATUS_FILE).read_text())
     assert {n: e.get("step") for n, e in data["runs"].items()} == {"a": 199, "b": 199, "c": 199}
+
+
+def test_status_drops_runs_removed_from_the_spec(tmp_path):
+    """A run taken out of the sweep's spec leaves sweep_status.json (and its counts)."""
+    from depthlab.experiments.sweep import StatusFile
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump(_sweep(tmp_path, list=[{"name": n} for n in "abc"])))
+    sw = load_sweep(spec)
+    runs = {r.name: r for r in sw.runs()}
+    status = StatusFile(sw, list(runs.values()), list(runs))
+    for name in runs:
+        status.update(name, status="failed")
+    spec.write_text(yaml.safe_dump(_sweep(tmp_path, list=[{"name": n} for n in "ab"])))
+    sw = load_sweep(spec)
+    runs = {r.name: r for r in sw.runs()}
+    StatusFile(sw, [runs["a"]], list(runs)).update("a", status="complete")
+    data = json.loads((sw.out_dir / STATUS_FILE).read_text())
+    assert list(data["runs"]) == ["a", "b"]
+    assert data["counts"] == {"complete": 1, "failed": 1}
+
+
+def test_status_written_when_the_file_system_refuses_locks(tmp_path, monkeypatch, capsys):
+    """flock raising (Lustre noflock, NFS without lockd) writes the file unlocked, with
+    one note, instead of a traceback."""
+    import errno
+    import fcntl
+
+    from depthlab.experiments.sweep import StatusFile
+
+    def refuse(_fd, op):
+        if op == fcntl.LOCK_EX:
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump(_sweep(tmp_path, list=[{"name": n} for n in "ab"])))
+    sw = load_sweep(spec)
+    runs = {r.name: r for r in sw.runs()}
+    status = StatusFile(sw, list(runs.values()), list(runs))
+    status.update("a", status="complete")
+    status.update("b", status="running")
+    assert _statuses(sw.out_dir) == {"a": "complete", "b": "running"}
+    err = capsys.readouterr().err
+    assert err.count("cannot lock") == 1 and "No locks available" in err

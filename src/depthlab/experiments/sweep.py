@@ -407,11 +407,28 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         return
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. Lustre mounted noflock, NFS without lockd
+            _warn_no_lock(lock_path, exc)
+            yield
+            return
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_UNLOCKED: set[Path] = set()
+
+
+def _warn_no_lock(lock_path: Path, exc: OSError) -> None:
+    """Once per lock file: say that concurrent sweep calls are not serialised here."""
+    if lock_path not in _UNLOCKED:
+        _UNLOCKED.add(lock_path)
+        print(f"note: cannot lock {lock_path} ({exc.strerror or exc}): two sweep calls "
+              "writing to this directory at once may lose each other's status entries",
+              file=sys.stderr)
 
 
 class StatusFile:
@@ -445,9 +462,8 @@ class StatusFile:
         with _exclusive(self.path.with_name(".sweep_status.lock")):
             on_disk = read_status(self.path.parent).get("runs", {})
             merged = {**on_disk, **self.owned}
-            order = [n for n in self.names if n in merged] + [
-                n for n in merged if n not in self.names]
-            runs = {name: merged[name] for name in order}
+            # runs no longer in the sweep's spec are dropped
+            runs = {name: merged[name] for name in self.names if name in merged}
             counts: dict[str, int] = {}
             for entry in runs.values():
                 s = entry.get("status", "pending")

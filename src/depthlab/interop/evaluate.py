@@ -277,6 +277,8 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
             model = loader.from_pretrained(path, dtype=torch.float32).to(device).eval()
             kwargs.update(pretrained=model, backend="causal")
             del kwargs["device"], kwargs["dtype"]
+            with _lm_eval_quiet():  # its "pretrained is not a str" advice is for its own CLI
+                return HFLM(tokenizer=tokenizer, **kwargs)
         return HFLM(tokenizer=tokenizer, **kwargs)
     except (OSError, ValueError) as err:  # no such model, or no causal-LM class for it
         raise DepthlabError(f"{path}: cannot load with transformers "
@@ -707,7 +709,8 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
     else:
         hf, hf_tok = _load_hf_for_ppl(model, path, device)
         hf = hf.to(device).eval()
-        max_len = int(getattr(hf.config, "max_position_embeddings", 1024) or 1024)
+        text_config = hf.config.get_text_config()  # an image-text wrapper's text model
+        max_len = int(getattr(text_config, "max_position_embeddings", 1024) or 1024)
         T = seq_len or min(1024, max_len)
         bs = batch_size or 8
         forward = lambda x: hf(input_ids=x).logits  # noqa: E731

@@ -115,6 +115,8 @@ class HFSpec:
     router_scoring: str = "softmax"  # how the router turns logits into expert scores
     renormalize: bool = False  # top-k weights renormalised when the router has no flag
     text_config: bool = False  # a multimodal wrapper: the text model's config is config.text_config
+    routed_k: int | None = None  # experts per token the router picks whatever the config says
+    final_softcap: bool = True  # logits soft-capped when the config sets final_logit_softcapping
     # config attributes of scalars applied outside those modules (None: no such scalar)
     embed_scale: str | None = None  # h0 = embeddings x scale
     logit_scale: str | None = None  # logits x scale
@@ -161,7 +163,9 @@ HF_SPECS: dict[str, HFSpec] = {
     "gemma2": _POSTNORM,
     "gemma3_text": _POSTNORM,
     # image-text wrappers, run on text: Gemma 3 from 4B up, Mistral Small 3.x / Magistral
-    "gemma3": replace(_POSTNORM, base="model.language_model", text_config=True),
+    # (Gemma 3's wrapper head applies no final soft-capping, unlike its text model's)
+    "gemma3": replace(_POSTNORM, base="model.language_model", text_config=True,
+                      final_softcap=False),
     "mistral3": replace(_LLAMA, base="model.language_model", text_config=True),
     "exaone4": _POSTNORM,
     "glm4": HFSpec("model", "layers", "norm", "self_attn", "decoder",
@@ -186,8 +190,9 @@ HF_SPECS: dict[str, HFSpec] = {
     "gpt_oss": replace(_MOE, router="router", renormalize=True),
     # sigmoid scores + the block's balancing bias, no groups
     "minimax_m2": replace(_MOE_SIGMOID, renormalize=True),
-    # sparsemixer: in eval the k best logits, one after the other
-    "phimoe": replace(_MOE, router="router"),
+    # sparsemixer: in eval the 2 best logits, one after the other (always 2, whatever
+    # num_experts_per_tok says)
+    "phimoe": replace(_MOE, router="router", routed_k=2),
     "phi": HFSpec("model", "layers", "final_layernorm", "self_attn", "decoder",
                   ("self_attn", "mlp")),
     "gpt2": HFSpec("transformer", "h", "ln_f", "attn", "gpt2", ("attn", "mlp"), rotary=False),
@@ -236,8 +241,8 @@ class HFStack(LayerStack):
             base = getattr(base, part, None)
         if base is None:
             raise DepthlabError(
-                f"{type(model).__name__} has no language-model head: pass the *ForCausalLM model"
-                f" (e.g. AutoModelForCausalLM), not the bare backbone"
+                f"{type(model).__name__} has no language-model head: pass the model with its"
+                f" head (loaded by {auto_class(self.arch).__name__}), not the bare backbone"
             )
         if getattr(config, "use_bidirectional_attention", False):
             raise DepthlabError(
@@ -289,9 +294,9 @@ class HFStack(LayerStack):
             logits = logits * self._logit_scale
         if self._logit_divisor != 1.0:
             logits = logits / self._logit_divisor
-        # (Gemma 3's image-text wrapper applies no final soft-capping, its text model does)
-        cap = None if self.spec.text_config else getattr(self.config, "final_logit_softcapping",
-                                                          None)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None and not self.spec.final_softcap:
+            cap = None
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -404,7 +409,8 @@ class HFStack(LayerStack):
         if not self.spec.moe or gate is None or not hasattr(mlp, "experts"):
             return None
         renorm = getattr(gate, "norm_topk_prob", self.spec.renormalize)
-        return MoERouterInfo(router=gate, top_k=int(gate.top_k), num_experts=int(gate.num_experts),
+        top_k = self.spec.routed_k or int(gate.top_k)
+        return MoERouterInfo(router=gate, top_k=top_k, num_experts=int(gate.num_experts),
                              renormalize=bool(renorm), mlp=mlp, scoring=self.spec.router_scoring)
 
     def weight_matrices(self, l: int) -> dict[str, Tensor]:  # noqa: E741
