@@ -24,6 +24,12 @@ ROPE_BY_TYPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0
                 "full_attention": {"rope_type": "linear", "rope_theta": 1e5, "factor": 8.0}}
 
 
+LLAMA4 = dict(COMMON, intermediate_size=16, intermediate_size_mlp=64, num_key_value_heads=2,
+              head_dim=8, num_local_experts=4, num_experts_per_tok=2, moe_layers=[1, 2],
+              attention_chunk_size=4, no_rope_layers=[1, 0, 1], use_qk_norm=True,
+              attn_temperature_tuning=True, floor_scale=2, attn_scale=0.5)
+
+
 def _configs() -> dict[str, object]:
     t = transformers
     return {
@@ -170,6 +176,10 @@ def _configs() -> dict[str, object]:
                                   head_dim=8, num_local_experts=4, num_experts_per_tok=2,
                                   sliding_window=4, layer_types=MIXED,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+        # Llama 4: the top-k logits' sigmoid scales each expert's input; a shared expert;
+        # chunked attention (chunks of 4) on RoPE layers with L2 QK-norm, and layer 1 a
+        # NoPE full-attention layer with temperature tuning; layer 0 dense
+        "llama4_text": t.Llama4TextConfig(**LLAMA4),
     }
 
 
@@ -177,10 +187,10 @@ CONFIGS = _configs()
 IMPLS = ("eager", "sdpa")
 EAGER_ONLY = ("gemma2", "vaultgemma", "gpt_oss")  # soft-capping / no SDPA path in transformers
 CASES = [(n, i) for n in CONFIGS for i in IMPLS if not (n in EAGER_ONLY and i == "sdpa")]
-SIGMOID_MOE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite", "minimax_m2")
+SIGMOID_MOE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite", "minimax_m2", "llama4_text")
 MOE = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", *SIGMOID_MOE, "deepseek_v2",
        "hunyuan_v1_moe", "ernie4_5_moe", "flex_olmo", "granitemoe", "gpt_oss", "phimoe")
-FIRST_DENSE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite", "deepseek_v2")
+FIRST_DENSE = ("glm4_moe", "deepseek_v3", "dots1", "glm4_moe_lite", "deepseek_v2", "llama4_text")
 MLA = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
 
 
@@ -322,7 +332,8 @@ def _branch_check(stack: LayerStack, l: int, h: torch.Tensor) -> None:  # noqa: 
     handles = []
     for k, m in stack.branch_modules(l).items():
         def hook(_m, _a, o, k=k):  # noqa: ANN001, ANN202
-            outs[k] = o[0] if isinstance(o, tuple) else o
+            # (Llama 4's MoE returns its update flattened to [tokens, d])
+            outs[k] = (o[0] if isinstance(o, tuple) else o).reshape(h.shape)
         handles.append(m.register_forward_hook(hook))
     with torch.no_grad():
         y = stack.run_block(l, h)
@@ -435,6 +446,8 @@ def _oracle_topk(name: str, x: torch.Tensor, info, router_w: torch.Tensor) -> to
     logits = x @ router_w.T
     if name == "gpt_oss":  # top-k of the biased logits (softmax over those k: same choice)
         return (logits + router.bias).topk(k, dim=-1).indices
+    if name == "llama4_text":  # top-k of the logits (their sigmoid scales the expert input)
+        return logits.topk(k, dim=-1).indices
     if name == "minimax_m2":  # sigmoid scores + the block's balancing bias, no groups
         return (logits.sigmoid() + info.mlp.e_score_correction_bias).topk(k, dim=-1).indices
     if name in SIGMOID_MOE or name == "deepseek_v2":
@@ -458,7 +471,7 @@ def _oracle_topk(name: str, x: torch.Tensor, info, router_w: torch.Tensor) -> to
 @pytest.mark.parametrize("name", MOE)
 def test_hf_moe_router(name: str) -> None:
     model = _model(name, "eager")
-    for lay in model.model.layers[1:]:  # balancing / router biases that change the choice
+    for lay in _layers(model)[1:]:  # balancing / router biases that change the choice
         gate = getattr(getattr(lay, "mlp", None), "gate", None)
         bias = getattr(gate, "e_score_correction_bias", None)
         if bias is None and hasattr(gate, "moe_statics"):
@@ -474,11 +487,14 @@ def test_hf_moe_router(name: str) -> None:
     info = stack.moe_router(1)
     assert info is not None and info.top_k == 2 and info.num_experts == 4
     assert info.renormalize is (name not in ("olmoe", "qwen2_moe", "deepseek_v2", "dots1",
-                                             "flex_olmo", "phimoe"))  # their defaults
+                                             "flex_olmo", "phimoe", "llama4_text"))
     assert info.scoring == ("sigmoid" if name in SIGMOID_MOE else "softmax")
     seen: dict[str, torch.Tensor] = {}
-    info.router.register_forward_hook(
-        lambda _m, a, o: seen.update(x=a[0].reshape(-1, D), idx=o[2]))
+    def router_hook(_m, a, o):  # Llama 4 returns (scores: 0 except the chosen, logits)
+        idx = o[0].topk(2, dim=-1).indices if name == "llama4_text" else o[2]
+        seen.update(x=a[0].reshape(-1, D), idx=idx)
+
+    info.router.register_forward_hook(router_hook)
     info.mlp.register_forward_pre_hook(lambda _m, a: seen.update(mlp_in=a[0].reshape(-1, D)))
     stack.branch_modules(1)["attn"].register_forward_hook(
         lambda _m, a, o: seen.update(a=o[0] if isinstance(o, tuple) else o))
@@ -497,6 +513,50 @@ def test_hf_moe_router(name: str) -> None:
     _close(seen["x"], routed.reshape(-1, D))
     _close(seen["mlp_in"], seen["x"])
     assert w.shape == (4, D)
+
+
+def test_llama4_wrapper_and_expert_weights(tmp_path) -> None:
+    """Llama 4 checkpoints are image-text wrappers (model_type llama4): the stack reads
+    the text model inside the wrapper object, and the loader loads the text model alone
+    (AutoModelForCausalLM). Experts stored [E, in, out], gate then up: the canonical
+    [E, out, in] weights recompute an expert."""
+    from depthlab.probe.loading import load_model
+
+    torch.manual_seed(0)
+    vision = transformers.Llama4VisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=16, patch_size=8, vision_output_dim=16, projector_input_dim=16,
+        projector_output_dim=D)
+    cfg = transformers.Llama4Config(text_config=CONFIGS["llama4_text"].to_dict(),
+                                    vision_config=vision.to_dict())
+    wrapper = transformers.Llama4ForConditionalGeneration(cfg).eval()
+    ids = _ids()
+    with torch.no_grad():  # (the wrapper's own forward fails in transformers 5.24)
+        ref = wrapper.language_model(ids).logits
+    stack = build_stack(wrapper)
+    assert stack.arch == "llama4" and stack.moe_router(0) is None
+    _close(stack.logits(stack.hidden_states(ids)[-1]), ref)
+    wrapper.save_pretrained(tmp_path / "l4")
+    model, _, info = load_model(tmp_path / "l4")
+    assert info["arch"] == "llama4_text"
+    loaded = build_stack(model)
+    _close(loaded.logits(loaded.hidden_states(ids)[-1]), ref)
+    # its vision weights are expected to go unused, but a text weight must be there
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "l4" / "model.safetensors")
+    del weights[next(k for k in weights if "layers.1.feed_forward.router" in k)]
+    save_file(weights, tmp_path / "l4" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DepthlabError, match="lacks 1 weights of the text model"):
+        load_model(tmp_path / "l4")
+    experts = stack.block_module(1).feed_forward.experts
+    w = stack.weight_matrices(1)
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        ref = experts(x.repeat(4, 1)).view(4, 5, D)[2]  # every token through every expert
+        got = (F.silu(x @ w["experts.gate_proj"][2].T) * (x @ w["experts.up_proj"][2].T)
+               @ w["experts.down_proj"][2].T)
+    _close(got, ref, atol=1e-4)
 
 
 def test_gpt_oss_expert_weights_recompute_the_experts() -> None:

@@ -261,9 +261,9 @@ class EvalModel:
 
 def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None = None):
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from depthlab.probe.adapters import auto_class
+    from depthlab.probe.loading import is_wrapper, load_hf_lm
 
     kwargs: dict[str, Any] = {"pretrained": path, "device": device, "dtype": "float32",
                               "batch_size": batch_size}
@@ -272,9 +272,9 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         _check_vocabulary(path, tokenizer)  # before the weights load
-        loader = auto_class(AutoConfig.from_pretrained(path).model_type)
-        if loader is not AutoModelForCausalLM:  # an image-text wrapper HFLM cannot load itself
-            model = loader.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        config = AutoConfig.from_pretrained(path)
+        if is_wrapper(config.model_type):  # HFLM would not load its text model as we do
+            model = load_hf_lm(path, config, torch.float32).to(device).eval()
             kwargs.update(pretrained=model, backend="causal")
             del kwargs["device"], kwargs["dtype"]
             with _lm_eval_quiet():  # its "pretrained is not a str" advice is for its own CLI
@@ -648,15 +648,14 @@ def _load_hf_for_ppl(model: str | Path, path: Path, device: str) -> tuple[Any, A
         _check_hf_dir(path)
     else:
         check_hub_id(model)
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from depthlab.probe.adapters import auto_class
+    from depthlab.probe.loading import load_hf_lm
 
     try:
         hf_tok = AutoTokenizer.from_pretrained(str(model))
         _check_vocabulary(model, hf_tok)
-        loader = auto_class(AutoConfig.from_pretrained(str(model)).model_type)
-        hf = loader.from_pretrained(str(model), dtype=torch.float32)
+        hf = load_hf_lm(str(model), dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise DepthlabError(f"{model}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None

@@ -115,6 +115,8 @@ class HFSpec:
     router_scoring: str = "softmax"  # how the router turns logits into expert scores
     renormalize: bool = False  # top-k weights renormalised when the router has no flag
     text_config: bool = False  # a multimodal wrapper: the text model's config is config.text_config
+    router_logits_at: int = 0  # where the logits are in the router's tuple output
+    experts_in_out: bool = False  # expert weights stored [E, in, out] (not Linear's [out, in])
     routed_k: int | None = None  # experts per token the router picks whatever the config says
     final_softcap: bool = True  # logits soft-capped when the config sets final_logit_softcapping
     # config attributes of scalars applied outside those modules (None: no such scalar)
@@ -133,6 +135,10 @@ _POSTNORM = HFSpec("model", "layers", "norm", "self_attn", "decoder",
 _MOE = HFSpec("model", "layers", "norm", "self_attn", "decoder", ("self_attn", "mlp"), moe=True)
 # DeepSeek-V3 style: sigmoid scores, group-limited top-k over scores + a balancing bias
 _MOE_SIGMOID = replace(_MOE, router_scoring="sigmoid")
+
+_LLAMA4 = HFSpec("model", "layers", "norm", "self_attn", "decoder", ("self_attn", "feed_forward"),
+                 moe=True, moe_block="feed_forward", router="router", router_scoring="sigmoid",
+                 router_logits_at=1, experts_in_out=True)
 
 HF_SPECS: dict[str, HFSpec] = {
     "llama": _LLAMA,
@@ -187,7 +193,12 @@ HF_SPECS: dict[str, HFSpec] = {
     "granitemoe": replace(_GRANITE, branch=("self_attn", "block_sparse_moe"), moe=True,
                           moe_block="block_sparse_moe", router="router", renormalize=True),
     # top-k of the biased router logits, softmax over those k
-    "gpt_oss": replace(_MOE, router="router", renormalize=True),
+    "gpt_oss": replace(_MOE, router="router", renormalize=True, experts_in_out=True),
+    # top-k of the logits, sigmoid of those scales the expert's INPUT; a shared expert;
+    # chunked attention, NoPE layers with temperature tuning
+    "llama4_text": _LLAMA4,
+    # (the image-text wrapper; AutoModelForCausalLM loads its text model, llama4_text)
+    "llama4": replace(_LLAMA4, base="language_model.model", text_config=True),
     # sigmoid scores + the block's balancing bias, no groups
     "minimax_m2": replace(_MOE_SIGMOID, renormalize=True),
     # sparsemixer: in eval the 2 best logits, one after the other (always 2, whatever
@@ -314,15 +325,13 @@ class HFStack(LayerStack):
         hit = self._cache.get(key)
         if hit is not None:
             return hit  # type: ignore[return-value]
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
+        from transformers import masking_utils
 
         dummy = torch.zeros((N, T, 1), dtype=h.dtype, device=h.device)
         pos = torch.arange(T, device=h.device).unsqueeze(0)
-        sliding = kind == "sliding_attention"
-        make = create_sliding_window_causal_mask if sliding else create_causal_mask
+        make = {"sliding_attention": masking_utils.create_sliding_window_causal_mask,
+                "chunked_attention": masking_utils.create_chunked_causal_mask}.get(
+                    kind, masking_utils.create_causal_mask)
         # transformers 5.24 renamed past_key_values to cache (the old name warns)
         no_cache = {"cache" if "cache" in inspect.signature(make).parameters
                     else "past_key_values": None}
@@ -411,7 +420,8 @@ class HFStack(LayerStack):
         renorm = getattr(gate, "norm_topk_prob", self.spec.renormalize)
         top_k = self.spec.routed_k or int(gate.top_k)
         return MoERouterInfo(router=gate, top_k=top_k, num_experts=int(gate.num_experts),
-                             renormalize=bool(renorm), mlp=mlp, scoring=self.spec.router_scoring)
+                             renormalize=bool(renorm), mlp=mlp, scoring=self.spec.router_scoring,
+                             logits_at=self.spec.router_logits_at)
 
     def weight_matrices(self, l: int) -> dict[str, Tensor]:  # noqa: E741
         """Canonical names, Linear convention [out, in]; fused weights split:
@@ -445,9 +455,9 @@ class HFStack(LayerStack):
                 q, k, v = w.split([heads * hd, kv * hd, kv * hd])
                 out.update({"attn.q_proj": q, "attn.k_proj": k, "attn.v_proj": v})
                 continue
-            if self.arch == "gpt_oss" and name.startswith("experts."):
-                w = w.transpose(-1, -2)  # stored [E, in, out]
-                if name == "experts.gate_up_proj":  # gate and up interleaved
+            if self.spec.experts_in_out and name.startswith("experts."):
+                w = w.transpose(-1, -2)
+                if self.arch == "gpt_oss" and name == "experts.gate_up_proj":  # interleaved
                     out["experts.gate_proj"], out["experts.up_proj"] = w[:, ::2], w[:, 1::2]
                     continue
             if name in ("experts.gate_up_proj", "mlp.gate_up_proj"):  # gate first, then up

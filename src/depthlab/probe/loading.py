@@ -135,15 +135,13 @@ def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: A
 def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
     from transformers import AutoConfig, AutoTokenizer
 
-    from depthlab.probe.adapters import auto_class, check_supported
+    from depthlab.probe.adapters import check_supported
 
     kw = dict(kwargs)
     # the architecture first, from config.json alone: no weights loaded for nothing
     config = AutoConfig.from_pretrained(source, **kw)
     check_supported(config.model_type)
-    model = auto_class(config.model_type).from_pretrained(
-        source, config=config, dtype=dtype if dtype is not None else "auto",
-        **dequantize_override(config), **kw)
+    model = load_hf_lm(source, config, dtype if dtype is not None else "auto", **kw)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
         if not has_vocabulary(tokenizer):
@@ -152,6 +150,57 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
         tokenizer = None
     model.to(device).eval()
     return model, tokenizer
+
+
+def load_hf_lm(source: str, config: Any = None, dtype: Any = "auto", **kwargs: Any) -> nn.Module:
+    """A transformers LM with its head, from a directory or hub id, in the class
+    `auto_class` picks (MXFP4 weights dequantized). Loading only the text model of an
+    image-text checkpoint (Llama 4) is quiet about the unused vision weights and fails,
+    in one line, on missing text weights."""
+    from transformers import AutoConfig
+
+    from depthlab.probe.adapters import auto_class
+
+    config = config if config is not None else AutoConfig.from_pretrained(source, **kwargs)
+    loader = auto_class(config.model_type)
+    with _quiet_text_model_load(config, loader) as extra:
+        out = loader.from_pretrained(source, config=config, dtype=dtype,
+                                     **dequantize_override(config), **extra, **kwargs)
+    if not isinstance(out, tuple):
+        return out
+    model, info = out
+    if info["missing_keys"]:
+        raise DepthlabError(f"{source}: the checkpoint lacks {len(info['missing_keys'])} weights "
+                            f"of the text model (e.g. {sorted(info['missing_keys'])[0]})")
+    return model
+
+
+def is_wrapper(model_type: str) -> bool:
+    """An image-text checkpoint whose text model the probe and eval run on."""
+    from depthlab.probe.adapters import HF_SPECS
+
+    spec = HF_SPECS.get(model_type)
+    return spec is not None and spec.text_config
+
+
+@contextlib.contextmanager
+def _quiet_text_model_load(config: Any, loader: Any) -> Iterator[dict[str, Any]]:
+    """Loading only the text model of an image-text checkpoint (Llama 4 through its
+    causal-LM class): transformers' report listing every vision weight as unexpected
+    is silenced, and the loading info is asked for (yields the from_pretrained kwargs)
+    so that missing text weights are still an error, not a silent random init."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    if not is_wrapper(config.model_type) or loader is not transformers.AutoModelForCausalLM:
+        yield {}
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield {"output_loading_info": True}
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def dequantize_override(config: Any) -> dict[str, Any]:

@@ -34,8 +34,8 @@ class MoERouterInfo:
     """How block `l` routes tokens.
 
     `router`'s forward INPUT (first positional argument, any leading shape
-    flattened to [tokens, d]) is exactly what is routed; its output's first
-    element (if a tuple) is the router logits [tokens, num_experts].
+    flattened to [tokens, d]) is exactly what is routed; its output (element
+    `logits_at` if a tuple) is the router logits [tokens, num_experts].
     """
 
     router: nn.Module
@@ -47,6 +47,9 @@ class MoERouterInfo:
     scoring: str = "softmax"
     """Expert scores from the logits: "softmax" over all experts, or "sigmoid" of each
     (DeepSeek-V3-style routers), which router entropy normalises to sum to 1."""
+    logits_at: int = 0
+    """Where the logits are in the router's tuple output (Llama 4's router returns
+    (scores, logits))."""
 
 
 def _forward_ad(h: Tensor) -> bool:

@@ -2,19 +2,19 @@
 
 Routing is read from the real forward pass: a forward hook on each MoE layer's
 router (`stack.moe_router(l).router`) sees exactly the tensor that is routed and
-the router's logits (its output, first element if a tuple). The chosen experts
-are the router's own index output when it returns one (an integer tensor with
-`top_k` columns: every Hugging Face router depthlab supports, whose group limits and
-balancing biases are thereby honoured), else the top-k of
-`softmax(logits)` (the rule of DepthLM's router). Per MoE layer:
+the router's logits (its output; in a tuple, the first element, or the second for
+Llama 4's (scores, logits)). The chosen experts are the router's own index output when
+it returns one (an integer tensor with `top_k` columns: the Hugging Face routers whose
+group limits and balancing biases are thereby honoured), else the top-k of
+`softmax(logits)` (the rule of DepthLM's router, and of Llama 4's). Per MoE layer:
 
 - fraction of tokens routed to each expert e: `n_e / tokens`, where `n_e` counts the
   tokens whose top-k includes e (so the fractions sum to k);
 - load imbalance `max_e n_e / mean_e n_e` (1 = perfectly balanced);
 - activation sparsity `k / E`;
 - router entropy: mean over tokens of the entropy (nats) of `softmax(logits)` (for the
-  sigmoid routers of DeepSeek-V3, GLM-4-MoE(-Lite), dots.llm1 and MiniMax-M2, of `sigmoid(logits)`
-  normalised to sum to 1), also divided by `log E`;
+  sigmoid routers of DeepSeek-V3, GLM-4-MoE(-Lite), dots.llm1, MiniMax-M2 and Llama 4, of
+  `sigmoid(logits)` normalised to sum to 1), also divided by `log E`;
 - expert importance: the loss increase when the layer's whole MoE sublayer output
   is zeroed (`stack.moe_router(l).mlp`, which includes any shared expert), measured
   by rerunning from the cached h_l with a forward hook that zeroes that output.
@@ -42,7 +42,6 @@ from depthlab.probe.metrics._common import (
     chunk_bounds,
     cost_dict,
     counting,
-    first_output,
     hidden_states,
     loss_sum,
     mean_or_none,
@@ -140,7 +139,8 @@ def compute_moe(
         info = infos[l]
 
         def hook(_m, _args, out):
-            logits = first_output(out).detach().float().reshape(-1, info.num_experts)
+            logits = out[info.logits_at] if isinstance(out, tuple) else out
+            logits = logits.detach().float().reshape(-1, info.num_experts)
             chosen = _assignments(out, logits, info.top_k)
             counts[l] += torch.bincount(chosen.reshape(-1).cpu(), minlength=info.num_experts)
             ent[l] += float(_score_entropy(logits, info.scoring).sum())
