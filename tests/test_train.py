@@ -411,6 +411,25 @@ def test_resume_accepts_another_spelling_of_the_same_corpus(tmp_path, corpus, mo
     other.write_text(corpus.read_text())
     with pytest.raises(DepthlabError, match=r"different config \(data.corpus"):
         Trainer(cfg(str(other)), progress=False).fit()
+    # from another directory: the run's corpus spelled relative to there resumes; the
+    # saved spelling, which names another file from there, is refused
+    elsewhere = corpus.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / corpus.name).write_text(corpus.read_text()[::-1])
+    monkeypatch.chdir(elsewhere)
+    again = Trainer(cfg(f"../{corpus.name}"), progress=False).fit()
+    assert again.step == 3 and again.train_loss == first.train_loss
+    prepared = sorted((tmp_path / "cache").glob("**/manifest.json"))
+    assert prepared
+    with pytest.raises(DepthlabError, match=rf"data.corpus: '{corpus.name}' names .*elsewhere"):
+        Trainer(cfg(corpus.name), progress=False)
+    assert sorted((tmp_path / "cache").glob("**/manifest.json")) == prepared  # before any data
+    monkeypatch.chdir(corpus.parent)
+    # the same file with other text (same length, so the same number of tokens)
+    text = corpus.read_text()
+    corpus.write_text(text[1:] + text[0])
+    with pytest.raises(DepthlabError, match=r"its data changed since the run started \(corpus "):
+        Trainer(cfg(corpus.name), progress=False).fit()
     # built-in names are no paths, even beside a file of that name
     from depthlab.train.trainer import resume_conflicts
 

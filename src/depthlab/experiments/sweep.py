@@ -378,7 +378,7 @@ def run_state(run: SweepRun) -> str:
     saved = run.run_dir / CONFIG_FILE
     if not saved.is_file():
         return "new"
-    if resume_conflicts(read_yaml(saved), run.cfg.to_dict()):
+    if resume_conflicts(read_yaml(saved), run.cfg.to_dict(), run.run_dir):
         return "conflict"
     done = read_summary(run.run_dir / SUMMARY_FILE) or {}
     step = done.get("step")

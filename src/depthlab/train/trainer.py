@@ -2,6 +2,8 @@
 
 RUN_DIR/
   config.yaml         the validated config (vocab size filled in)
+  data.json           the files its paths named (absolute) and the data's identity:
+                      a resume must name the same files holding the same data
   tokenizer/          the tokenizer used (when the data has one)
   metrics.jsonl       one record per log/eval step
   tensorboard/        the same scalars for TensorBoard
@@ -56,6 +58,7 @@ from depthlab.train.optim import build_optimizer
 from depthlab.train.schedule import lr_at
 
 CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.json"
 SUMMARY_FILE = "summary.json"
 
 def resolve_device(name: str) -> torch.device:
@@ -108,18 +111,61 @@ def _same_path(a: Any, b: Any) -> bool:
         return False
 
 
-def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+def _absolute(value: Any) -> str | None:
+    """The absolute path a path-key value names now (None: a built-in name, unset, or
+    nothing there)."""
+    if not isinstance(value, str) or value in BUILTIN_NAMES:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else None
+
+
+def recorded_paths(cfg: dict[str, Any]) -> dict[str, str]:
+    """{path key: the absolute file it names}, as data.json records them."""
+    found = {key: _absolute(_dotted(cfg, key)) for key in sorted(PATH_KEYS)}
+    return {key: path for key, path in found.items() if path is not None}
+
+
+def read_data_record(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/data.json ({} for runs made before it existed)."""
+    path = run_dir / DATA_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def data_identity(splits: Any) -> dict[str, Any]:
+    """What the token streams are: corpus and tokenizer fingerprints where the manifest has
+    them, and the split lengths (all a directory of raw token files offers)."""
+    manifest = splits.manifest or {}
+    return {"corpus": (manifest.get("corpus") or {}).get("fingerprint"),
+            "tokenizer": (manifest.get("tokenizer") or {}).get("fingerprint"),
+            "train_tokens": len(splits.train), "val_tokens": len(splits.val)}
+
+
+def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any],
+                     run_dir: Path | None = None) -> list[str]:
     """The differences between a run directory's config (`theirs`) and the config asked to
     resume it that change what is computed: RUNTIME_KEYS may differ, and `train.device`
     too unless it switches the precision (dtype auto: bf16 on CUDA, fp32 on CPU). An unset
-    model.vocab_size (the tokenizer's) matches any."""
+    model.vocab_size (the tokenizer's) matches any. Paths (PATH_KEYS) agree when they name
+    the same file: the one `run_dir`'s data.json recorded, else the saved spelling read
+    from the current directory."""
     mine = {**mine, "model": dict(mine.get("model") or {})}
     if mine["model"].get("vocab_size") is None:
         mine["model"]["vocab_size"] = (theirs.get("model") or {}).get("vocab_size")
+    recorded = read_data_record(run_dir).get("paths", {}) if run_dir is not None else {}
     conflicts = []
+    for key, path in recorded.items():  # the same spelling may name another file from here
+        now = _dotted(mine, key)
+        if now == _dotted(theirs, key) and _absolute(now) != path:
+            conflicts.append(f"{key}: {now!r} names {_absolute(now) or 'nothing'} from here, "
+                             f"this run's is {path}")
     for d in config_differences(theirs, mine):
         key = d.split(":")[0]
-        if key in PATH_KEYS and _same_path(_dotted(theirs, key), _dotted(mine, key)):
+        if key in PATH_KEYS and _same_path(recorded.get(key, _dotted(theirs, key)),
+                                           _dotted(mine, key)):
             continue
         if key not in RUNTIME_KEYS:
             conflicts.append(d)
@@ -191,6 +237,9 @@ class Trainer:
         self.dist = D.setup(tc.distributed, tc.device, resolve_device)
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
+        self.run_dir = cfg.run_dir
+        # a run directory holding another config is refused before any data is prepared
+        D.on_main_then_share(lambda: self._check_config(cfg.to_dict()))
         if self.dist.enabled:
             self.splits = D.main_first(lambda: open_splits(cfg.data, progress=D.is_main()))
         else:
@@ -208,7 +257,6 @@ class Trainer:
                 f"vocabulary ({self.splits.vocab_size})"
             )
         self.cfg = cfg
-        self.run_dir = cfg.run_dir
         world = self.dist.world_size
         self.grad_accum, self.global_batch = tc.accumulation(world)
         self.loader = TrainLoader(self.splits.train, cfg.data.seq_len, tc.batch_size, tc.seed,
@@ -286,26 +334,43 @@ class Trainer:
         (rank 0 checks and writes; every rank raises its error)."""
         D.on_main_then_share(self._claim_run_dir_main)
 
-    def _claim_run_dir_main(self) -> None:
+    def _check_config(self, mine: dict[str, Any]) -> bool:
+        """Whether the run dir already holds a run; DepthlabError if its config differs."""
         path = self.run_dir / CONFIG_FILE
+        if not path.is_file():
+            return False
+        diffs = resume_conflicts(read_yaml(path), mine, self.run_dir)
+        if diffs:
+            longer = any(d.startswith("train.max_steps") for d in diffs)
+            hint = (f"; to train on from its weights, start a new run with --set "
+                    f"train.init_from={self.run_dir}" if longer else "")
+            raise DepthlabError(
+                f"{self.run_dir} already holds a different config ({'; '.join(diffs[:3])}); "
+                f"choose another name/out_dir or delete that run{hint}"
+            )
+        return True
+
+    def _claim_run_dir_main(self) -> None:
         mine = self.cfg.to_dict()
-        if path.is_file():
-            theirs = read_yaml(path)
-            diffs = resume_conflicts(theirs, mine)
-            if diffs:
-                longer = any(d.startswith("train.max_steps") for d in diffs)
-                hint = (f"; to train on from its weights, start a new run with --set "
-                        f"train.init_from={self.run_dir}" if longer else "")
+        identity = data_identity(self.splits)
+        if self._check_config(mine):
+            before = read_data_record(self.run_dir).get("data")
+            if before is not None and before != identity:
+                changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in identity.items()
+                                    if before.get(k) != v)
                 raise DepthlabError(
-                    f"{self.run_dir} already holds a different config ({'; '.join(diffs[:3])}); "
-                    f"choose another name/out_dir or delete that run{hint}"
-                )
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))
-        tok = self.splits.tokenizer
-        if tok is not None:
-            tok.save(self.run_dir / "tokenizer")
+                    f"{self.run_dir}: its data changed since the run started ({changed}); "
+                    "resume on the data it began with, or start a new run")
+            if before is not None:
+                return
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(mine, sort_keys=False))
+            tok = self.splits.tokenizer
+            if tok is not None:
+                tok.save(self.run_dir / "tokenizer")
+        record = {"paths": recorded_paths(mine), "data": identity}
+        atomic_write_text(self.run_dir / DATA_FILE, json.dumps(record, indent=2))
 
     def _resume(self) -> None:
         ckpt = D.broadcast_object(latest_checkpoint(self.run_dir))
