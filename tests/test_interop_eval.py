@@ -365,3 +365,39 @@ def test_a_tokenizer_without_vocabulary_is_refused(tmp_path, capsys):
         assert exc.value.code == 2
         err = " ".join(capsys.readouterr().err.split())
         assert "tokenizer (GemmaTokenizer) has no vocabulary" in err, err
+
+
+def test_eval_refuses_models_it_cannot_score(tmp_path, capsys):
+    """One line each, for --ppl and --tasks: a Llama directory without tokenizer files, one
+    whose tokenizer has no end-of-text token (lm-eval puts one before every request), and a
+    BERT encoder (transformers would load it as a 'causal' LM with bidirectional attention)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    llama = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64)
+    notok, noeos, bert = tmp_path / "notok", tmp_path / "noeos", tmp_path / "bert"
+    for d in (notok, noeos):
+        transformers.AutoModelForCausalLM.from_config(llama).save_pretrained(d)
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(
+        ["<unk>", *"in the beginning god created heaven and earth".split()])}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>") \
+        .save_pretrained(noeos)
+    transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64)).save_pretrained(bert)
+    cases = [(notok, "--ppl", "no usable tokenizer"),
+             (notok, "--tasks", "no usable tokenizer"),
+             (noeos, "--tasks", "has no end-of-text (or beginning-of-text) token"),
+             (bert, "--ppl", "model_type 'bert' is not a causal language model"),
+             (bert, "--tasks", "model_type 'bert' is not a causal language model")]
+    for model, mode, needle in cases:
+        args = (["--ppl", "--limit", "1", "--seq-len", "8"] if mode == "--ppl"
+                else ["--tasks", "copa", "--limit", "2", "--data-dir", str(DATA)])
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", str(model), *args])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and needle in " ".join(err.split()), (model, mode, err)
+        assert "Traceback" not in err

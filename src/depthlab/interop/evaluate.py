@@ -259,9 +259,12 @@ class EvalModel:
             self._tmp = None
 
 
-def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None = None):
+def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None = None,
+          name: str | None = None):
+    """lm-eval's HFLM on a Hugging Face directory or hub id (`name`: what errors call it,
+    e.g. the depthlab run exported to `path`)."""
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from depthlab.probe.loading import is_wrapper, load_hf_lm
 
@@ -270,9 +273,14 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
     if max_length:
         kwargs["max_length"] = max_length
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        _check_vocabulary(path, tokenizer)  # before the weights load
         config = AutoConfig.from_pretrained(path)
+        _check_causal_lm(config, name or path)
+        tokenizer = _hf_tokenizer(path, name or path)  # before the weights load
+        if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+            raise DepthlabError(
+                f"{name or path}: its tokenizer has no end-of-text (or beginning-of-text) "
+                "token, which lm-eval puts before every request; give it one (eos_token) or "
+                "use --ppl")
         if is_wrapper(config.model_type):  # HFLM would not load its text model as we do
             model = load_hf_lm(path, config, torch.float32).to(device).eval()
             kwargs.update(pretrained=model, backend="causal")
@@ -281,8 +289,41 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
                 return HFLM(tokenizer=tokenizer, **kwargs)
         return HFLM(tokenizer=tokenizer, **kwargs)
     except (OSError, ValueError) as err:  # no such model, or no causal-LM class for it
-        raise DepthlabError(f"{path}: cannot load with transformers "
+        raise DepthlabError(f"{name or path}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None
+
+
+def _hf_tokenizer(source: str, name: str) -> Any:
+    """The model's own tokenizer (eval tokenizes text with it), with vocabulary."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        raise DepthlabError(
+            f"{name}: no usable tokenizer ({str(err).splitlines()[0].strip()}); put the "
+            "model's tokenizer files (tokenizer.json or tokenizer.model, ...) next to its "
+            "weights") from None
+    _check_vocabulary(name, tokenizer)
+    return tokenizer
+
+
+def _check_causal_lm(config: Any, name: str) -> None:
+    """Refuse bidirectional encoders (BERT, RoBERTa, ...) and encoder-decoder models that
+    transformers would load as a causal LM anyway: their scores would not be next-token
+    likelihoods."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mt = config.model_type
+    encoder = mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False) or (
+            encoder and not (config.is_decoder or getattr(config, "causal", False))):
+        raise DepthlabError(
+            f"{name}: model_type {mt!r} is not a causal language model (bidirectional "
+            "attention, or an encoder-decoder): eval scores next-token likelihoods")
 
 
 def _check_vocabulary(model: str | Path, tokenizer: Any) -> None:
@@ -360,7 +401,7 @@ def open_eval_model(model: str | Path, backend: str = "auto", device: str = "aut
         out = Path(tmp.name) / "hf"
         try:
             export_model(net, out, to_hf_tokenizer(tok, net.cfg.max_seq_len))
-            lm = _hflm(str(out), device, batch_size)
+            lm = _hflm(str(out), device, batch_size, name=str(model))
         except BaseException:
             tmp.cleanup()
             raise
@@ -648,14 +689,15 @@ def _load_hf_for_ppl(model: str | Path, path: Path, device: str) -> tuple[Any, A
         _check_hf_dir(path)
     else:
         check_hub_id(model)
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig
 
     from depthlab.probe.loading import load_hf_lm
 
     try:
-        hf_tok = AutoTokenizer.from_pretrained(str(model))
-        _check_vocabulary(model, hf_tok)
-        hf = load_hf_lm(str(model), dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(model))
+        _check_causal_lm(config, str(model))
+        hf_tok = _hf_tokenizer(str(model), str(model))
+        hf = load_hf_lm(str(model), config, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise DepthlabError(f"{model}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None
