@@ -137,6 +137,27 @@ def test_cli_hf_directory(tiny_hf: Path, corpus_file: Path, tmp_path: Path) -> N
     assert res["model"]["max_seq_len"] == 64
 
 
+def test_hf_model_with_a_token_directory(tiny_hf: Path, corpus_file: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """A token directory prepared with the model's own tokenizer.json is used as is; one
+    prepared with another tokenizer is refused (its ids mean other strings to the model)."""
+    own, other = tmp_path / "own", tmp_path / "other"
+    main(["data", "prepare", "--corpus", str(corpus_file), "--tokenizer",
+          str(tiny_hf / "tokenizer.json"), "--out", str(own)])
+    main(["data", "prepare", "--corpus", str(corpus_file), "--out", str(other)])  # byte-level
+    capsys.readouterr()
+    args = ["--metrics", "variance", "--samples", "2", "--seq-len", "8", "--no-progress"]
+    main(["diagnose", str(tiny_hf), "--data", str(own), "--out", str(tmp_path / "d"), *args])
+    res = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert res["data"]["source"] == str(own)
+    with pytest.raises(SystemExit) as exc:
+        main(["diagnose", str(tiny_hf), "--data", str(other), "--out", str(tmp_path / "e"),
+              *args])
+    assert exc.value.code == 2
+    assert "not with the model's tokenizer: prepare it with --tokenizer" in " ".join(
+        capsys.readouterr().err.split())
+
+
 def test_api_module_and_ids(tiny_hf: Path) -> None:
     import transformers
 

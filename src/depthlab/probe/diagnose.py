@@ -226,6 +226,14 @@ def evaluation_tokens(data: str, tokenizer: Any, info: dict[str, Any], spec: str
                                                                                       recorded):
             raise DepthlabError(f"{path} was tokenized with {splits.manifest['tokenizer'].get('name')}"
                                 f", not with the model's tokenizer {enc.name}")
+        own = Path(info["path"]) / "tokenizer.json" if info.get("kind") == "hf" else None
+        if recorded and own is not None and own.is_file():
+            from depthlab.data.tokenizer import load_tokenizer_path
+
+            if load_tokenizer_path(own).fingerprint != recorded:
+                raise DepthlabError(
+                    f"{path} was tokenized with {splits.manifest['tokenizer'].get('name')}, not "
+                    f"with the model's tokenizer: prepare it with --tokenizer {own}")
         tokens = np.asarray(splits.val)
         tok_name = (splits.manifest.get("tokenizer") or {}).get("name") or "(token directory)"
         source = str(path)
