@@ -195,6 +195,15 @@ def test_prepare_notes_what_a_user_tokenizer_cannot_represent(tmp_path, capsys):
     known = {"alpha", "beta", "gamma", "delta", "the", "and", "."}
     assert f"encoded {sum(w not in known for w in words):,} pieces as its unknown token" in err
     assert "dropped" not in err.split("unknown token")[0]
+    # a copy of that tokenizer elsewhere shares the cached tokens; the note names the copy
+    copy = tmp_path / "copy" / "tokenizer.json"
+    copy.parent.mkdir()
+    copy.write_text(unk.read_text())
+    for tok in (unk, copy):
+        main(["data", "prepare", "--corpus", str(corpus), "--tokenizer", str(tok),
+              "--set", f"data.cache_dir={tmp_path / 'shared'}"])
+    assert len(list((tmp_path / "shared" / "tokens").iterdir())) == 1
+    assert f"note: {copy} encoded" in capsys.readouterr().err
     # lossless tokenizers say nothing: byte, our BPE, a user tokenizer.json that is a BPE
     lossless = load_tokenizer(_cfg(tmp_path, corpus=str(corpus), tokenizer="bpe",
                                    bpe_vocab_size=280)).save(tmp_path / "bpe")
@@ -266,6 +275,10 @@ def test_prepare_writes_manifest_and_reopens_identically(tmp_path):
     again = open_splits(_cfg(tmp_path, corpus=str(out)))  # the prepared dir itself
     assert np.array_equal(again.train, splits.train) and np.array_equal(again.val, splits.val)
     assert again.tokenizer is not None and again.tokenizer.name == "byte"
+    # bpe names a tokenizer to train, which byte-level tokens never came from
+    with pytest.raises(DepthlabError, match="tokenized with byte, not bpe: train on it with "
+                                            "data.tokenizer=byte"):
+        open_splits(_cfg(tmp_path, corpus=str(out), tokenizer="bpe"))
 
 
 def test_prepare_bpe_and_refuses_foreign_out_dir(tmp_path):

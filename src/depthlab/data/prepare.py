@@ -222,11 +222,13 @@ def _encode(
         advance(len(batch))
 
 
-def tokenizer_notes(manifest: dict[str, Any]) -> list[str]:
+def tokenizer_notes(manifest: dict[str, Any], name: str | None = None) -> list[str]:
     """What a token directory's manifest says the tokenizer lost: text it could not
-    represent, and document boundaries when it has no end-of-text token."""
+    represent, and document boundaries when it has no end-of-text token. `name`: what to
+    call the tokenizer (the path the user gave; the manifest's may be another copy of the
+    same file, since token directories are shared by content)."""
     tok = manifest.get("tokenizer") or {}
-    name = tok.get("name") or "the tokenizer"
+    name = name or tok.get("name") or "the tokenizer"
     notes = []
     cov = tok.get("coverage") or {}
     dropped, unknown = int(cov.get("dropped") or 0), int(cov.get("unknown_tokens") or 0)
@@ -235,12 +237,13 @@ def tokenizer_notes(manifest: dict[str, Any]) -> list[str]:
         if dropped:
             share = dropped / max(int(cov.get("characters") or 0), 1)
             parts.append(f"dropped {dropped:,} of {int(cov.get('characters') or 0):,} non-space "
-                         f"characters ({share:.2%}), having no token for them")
+                         f"characters ({share:.2%}), having no token for them (the model never "
+                         "sees them)")
         if unknown:
-            parts.append(f"encoded {unknown:,} pieces as its unknown token")
+            parts.append(f"encoded {unknown:,} pieces as its unknown token (the model sees only "
+                         "that token in their place)")
         examples = " ".join(repr(c) for c in cov.get("examples") or [])
-        notes.append(f"{name} {' and '.join(parts)}{f' (e.g. {examples})' if examples else ''}"
-                     ": the model never sees that text")
+        notes.append(f"{name} {' and '.join(parts)}{f'; e.g. {examples}' if examples else ''}")
     if "eos_id" in manifest and manifest["eos_id"] is None and tok.get("kind") == "file":
         notes.append(f"{name} has no end-of-text token (none named in tokenizer_config.json, "
                      "nor a common one such as </s>): documents are joined with no separator")
@@ -262,5 +265,7 @@ def open_splits(cfg: DataConfig, progress: bool = True) -> TokenSplits:
             f"{token_dir} was tokenized with {recorded.get('name')}, not {cfg.tokenizer}"
         )
     if cfg.tokenizer == "bpe" and recorded.get("kind") not in (None, "bpe"):
-        raise DepthlabError(f"{token_dir} was tokenized with {recorded.get('name')}, not bpe")
+        own = recorded.get("name") if recorded.get("kind") == "file" else "byte"
+        raise DepthlabError(f"{token_dir} was tokenized with {recorded.get('name')}, not bpe: "
+                            f"train on it with data.tokenizer={own}, or give bpe the raw corpus")
     return open_token_dir(token_dir, tokenizer=tokenizer)

@@ -177,6 +177,11 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any],
     return conflicts
 
 
+def _user_tokenizer(configured: str) -> str | None:
+    """The tokenizer.json path the config names (None for byte / bpe)."""
+    return None if configured in ("byte", "bpe") else configured
+
+
 def _token_dir_tokenizer_note(configured: str, splits: Any) -> str | None:
     """A prepared token directory brings its own tokenizer; say so when the config names
     another (it is the directory's tokenizer that the run uses and saves)."""
@@ -245,7 +250,7 @@ class Trainer:
         else:
             self.splits = open_splits(cfg.data)
         notes = [_token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
-                 *tokenizer_notes(self.splits.manifest)]
+                 *tokenizer_notes(self.splits.manifest, _user_tokenizer(cfg.data.tokenizer))]
         for note in notes:
             if note and self.dist.is_main:
                 print(f"note: {note}", file=sys.stderr, flush=True)
