@@ -182,9 +182,10 @@ def _statuses(out: Path) -> dict[str, str]:
 
 
 def test_runs_skip_resume_and_failures(tmp_path):
+    (tmp_path / "short.txt").write_text("too short to train on")
     sw = load_sweep(_sweep(tmp_path, list=[
         {"name": "ok2", "model.n_layers": 2},
-        {"name": "bad", "data.corpus": str(tmp_path / "missing.txt")},
+        {"name": "bad", "data.corpus": str(tmp_path / "short.txt")},
         {"name": "ok3", "model.n_layers": 3},
     ]))
     out = sw.out_dir
@@ -193,7 +194,7 @@ def test_runs_skip_resume_and_failures(tmp_path):
     assert outcome.failed == ["bad"]
     status = json.loads((out / STATUS_FILE).read_text())
     assert status["runs"]["bad"]["returncode"] != 0
-    assert "missing.txt" in status["runs"]["bad"]["error"]  # the trainer's one-line error
+    assert "short.txt" in status["runs"]["bad"]["error"]  # the trainer's one-line error
     assert status["runs"]["ok2"]["threads"] >= 1
     for name in ("ok2", "ok3"):
         assert json.loads((out / name / "summary.json").read_text())["step"] == 4
@@ -210,7 +211,7 @@ def test_runs_skip_resume_and_failures(tmp_path):
     # the run left out by --only keeps its record; it is not a failure of this call
     assert _statuses(out) == {"ok2": "complete", "bad": "failed", "ok3": "complete"}
     assert outcome.failed == []
-    assert "missing.txt" in json.loads((out / STATUS_FILE).read_text())["runs"]["bad"]["error"]
+    assert "short.txt" in json.loads((out / STATUS_FILE).read_text())["runs"]["bad"]["error"]
     log = (out / "logs" / "ok3.log").read_text()
     assert "--set name=ok3" in log
     assert "ok3: resuming at step 2/4" in log and "ok3: step 4/4  loss" in log  # progress
@@ -315,10 +316,36 @@ def test_cli_dry_run_lists_runs_and_params(tmp_path, capsys):
     assert not (tmp_path / "sweep").exists()
     main(["sweep", str(path), "--dry-run", "--only", "L4"])  # --only selects here too
     out = capsys.readouterr().out
-    assert "1 runs" in out and "L4" in out and "L2" not in out
+    assert "1 run " in out and "L4" in out and "L2" not in out
     with pytest.raises(SystemExit) as exc:
         main(["sweep", str(path), "--dry-run", "--only", "L3"])
-    assert exc.value.code == 2 and "no run(s) named L3" in capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "no run(s) named L3 (its runs: L2, L4)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_missing_data_from_here_fails_before_any_run(tmp_path, capsys, monkeypatch):
+    """Relative data paths are read from the current directory: from elsewhere, a dry run
+    warns and a sweep refuses before writing anything (every run would fail)."""
+    from depthlab.cli import main
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"paragraph {i} " * 20 for i in range(60)))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_sweep(tmp_path, set={"data.corpus": "corpus.txt"},
+                                          grid={"model.n_layers": [2]})))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main(["sweep", str(path), "--dry-run"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"warning: data.corpus 'corpus.txt' not found from {elsewhere}" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", str(path)])
+    assert exc.value.code == 2
+    assert "data.corpus 'corpus.txt' not found" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "sweep").exists()
+    monkeypatch.chdir(tmp_path)
+    main(["sweep", str(path), "--dry-run"])
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_cli_bad_key_is_one_line_exit_2(tmp_path, capsys):

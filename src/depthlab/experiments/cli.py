@@ -43,17 +43,19 @@ def sweep(
     from depthlab.errors import DepthlabError
     from depthlab.experiments.sweep import (
         load_sweep,
+        missing_inputs,
         param_counts,
         run_state,
         run_sweep,
         select_runs,
     )
+    from depthlab.progress import counted
 
     console = Console()
     sw = load_sweep(sweep_file, out_dir=out, overrides=set_ or [])
     if dry_run:
         runs = select_runs(sw, only)
-        table = Table(title=f"sweep {sw.name}: {len(runs)} runs -> {sw.out_dir}")
+        table = Table(title=f"sweep {sw.name}: {counted(len(runs), 'run')} -> {sw.out_dir}")
         for col in ("run", "overrides", "params", "active", "state"):
             table.add_column(col, justify="right" if col in ("params", "active") else "left",
                              overflow="fold")
@@ -67,6 +69,10 @@ def sweep(
         console.print(table)
         if notes:
             console.print(f"[dim]parameter counts use: {'; '.join(sorted(notes))}[/]")
+        missing = missing_inputs(runs, {run.name: run_state(run) for run in runs})
+        if missing:
+            console.print(f"[yellow]warning:[/] {missing}: those runs would fail",
+                          highlight=False)
         return
 
     def show(run: Any, entry: dict[str, Any]) -> None:

@@ -755,6 +755,27 @@ class SweepOutcome:
                 if self.status["runs"][r.name].get("status") == "failed"]
 
 
+def missing_inputs(runs: list[SweepRun], states: dict[str, str]) -> str | None:
+    """One line naming the corpus / tokenizer / init_from files that runs still to train
+    would not find from the current directory (where relative paths are read), or None."""
+    missing: dict[str, None] = {}
+    for run in runs:
+        if states.get(run.name) == "complete":
+            continue
+        d = run.cfg.data
+        named = {"data.corpus": d.corpus, "data.tokenizer": d.tokenizer}
+        if states.get(run.name) == "new":  # a resumed run takes its weights from checkpoints
+            named["train.init_from"] = run.cfg.train.init_from
+        for key, value in named.items():
+            if value and value not in ("kjv", "byte", "bpe") and not Path(
+                    value).expanduser().exists():
+                missing[f"{key} {value!r}"] = None
+    if not missing:
+        return None
+    return (f"{', '.join(missing)} not found from {Path.cwd()} (relative paths in a config are "
+            "read from the current directory)")
+
+
 def select_runs(sweep: Sweep, only: list[str] | None = None,
                 runs: list[SweepRun] | None = None) -> list[SweepRun]:
     """The sweep's runs (`runs` when already built), or those named in `only` (every name
@@ -763,7 +784,11 @@ def select_runs(sweep: Sweep, only: list[str] | None = None,
     if only:
         unknown = sorted(set(only) - {r.name for r in runs})
         if unknown:
-            raise DepthlabError(f"sweep {sweep.name} has no run(s) named {', '.join(unknown)}")
+            names = [r.name for r in runs]
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12
+                                             else "")
+            raise DepthlabError(f"sweep {sweep.name} has no run(s) named {', '.join(unknown)} "
+                                f"(its runs: {shown})")
         runs = [r for r in runs if r.name in only]
     return runs
 
@@ -790,6 +815,10 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, slurm: dict[str, Any] | None = Non
             f"sweep {sweep.name}: {', '.join(conflicts)} already hold(s) a different config in "
             f"{sweep.out_dir}; delete those run dirs or use another --out"
         )
+    missing = missing_inputs(runs, states)
+    if missing:
+        raise DepthlabError(f"sweep {sweep.name}: {missing}; run it from the directory they "
+                            "are relative to, or make them absolute")
     _write_inputs(sweep)
     status = StatusFile(sweep, runs, [r.name for r in every])
     todo = []

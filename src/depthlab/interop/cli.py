@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from depthlab.errors import DepthlabError
+from depthlab.progress import counted
 
 console = Console()
 
@@ -89,8 +90,8 @@ def results_table(report) -> Table:  # noqa: ANN001
     if report.averages:
         n_tasks = len({r["task"] for r in report.rows})
         table.add_section()
-        table.add_row(f"average ({n_tasks} tasks)", "acc", _fmt(report.averages["acc"]), "", "")
-        table.add_row(f"average ({n_tasks} tasks)", "acc_norm|acc",
+        table.add_row(f"average ({counted(n_tasks, 'task')})", "acc", _fmt(report.averages["acc"]), "", "")
+        table.add_row(f"average ({counted(n_tasks, 'task')})", "acc_norm|acc",
                       _fmt(report.averages["acc_norm|acc"]), "", "")
     return table
 
@@ -176,7 +177,7 @@ def eval_cmd(
                            seq_len=seq_len, limit=int(limit) if limit else None, device=device)
         bpb = f", ~{r.bits_per_byte:.3f} bits/byte" if r.bits_per_byte is not None else ""
         console.print(f"perplexity on {r.data}: loss {r.loss:.4f}, ppl {r.ppl:.3f}{bpb} "
-                      f"({r.tokens:,} tokens, {r.windows} windows of {r.seq_len})")
+                      f"({counted(r.tokens, 'token')}, {counted(r.windows, 'window')} of {r.seq_len})")
         target = out if out is not None else (r.run_dir / "eval" if r.run_dir else None)
         if target is not None:
             console.print(f"wrote {write_ppl_report(r, target.expanduser())}", soft_wrap=True)

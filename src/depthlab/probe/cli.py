@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from depthlab.errors import DepthlabError
+from depthlab.progress import counted
 
 
 def register(app: typer.Typer) -> None:
@@ -126,5 +127,5 @@ def diagnose_command(
                   f"{run['data_seconds']:.1f}s)")
     outs = results.get("outputs", {})
     console.print(f"results: [bold]{outs.get('results')}[/]  summary: {outs.get('summary')}\n"
-                  f"  csv: {len(outs.get('csv', []))} files in {out_dir / 'csv'}  figures: "
+                  f"  csv: {counted(len(outs.get('csv', [])), 'file')} in {out_dir / 'csv'}  figures: "
                   f"{len(outs.get('figures', []))} in {out_dir / 'figures'}", highlight=False)

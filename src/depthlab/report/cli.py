@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from depthlab.progress import counted
+
 
 def register(app: typer.Typer) -> None:
     app.command("report")(report)
@@ -35,8 +37,8 @@ def report(
     console = Console()
     rep = build_report(dirs, out, ladder=ladder, title=title,
                        formats=("png", "svg") if svg else ("png",), dpi=dpi)
-    console.print(f"report: [bold]{rep.html}[/]  ({len(rep.data.runs)} runs, "
-                  f"{len(rep.drawn)} figures, {len(rep.tables)} tables)")
+    console.print(f"report: [bold]{rep.html}[/]  ({counted(len(rep.data.runs), 'run')}, "
+                  f"{counted(len(rep.drawn), 'figure')}, {counted(len(rep.tables), 'table')})")
     for f in rep.skipped:
         console.print(f"  [dim]skipped {f.name}: {f.note}[/]")
     for w in rep.data.warnings:
