@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Prepare token files.")
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(soft_wrap=True)
 
 SetOption = Annotated[
     list[str] | None,
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         raise
     if code == 130:
-        Console(stderr=True).print("interrupted; finished checkpoints and results are kept")
+        Console(stderr=True, soft_wrap=True).print("interrupted; finished checkpoints and results are kept")
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 

@@ -41,7 +41,3 @@ class ThrottledLines:
     def end(self, name: str, seconds: float) -> None:
         self._emit(f"{name}: done in {seconds:.1f}s")
 
-
-def counted(n: int, noun: str) -> str:
-    """'1 run', '3 runs' (nouns with a plain -s plural)."""
-    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"

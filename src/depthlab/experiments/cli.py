@@ -49,9 +49,9 @@ def sweep(
         run_sweep,
         select_runs,
     )
-    from depthlab.progress import counted
+    from depthlab.text import counted, fmt_params
 
-    console = Console()
+    console = Console(soft_wrap=True)
     sw = load_sweep(sweep_file, out_dir=out, overrides=set_ or [])
     if dry_run:
         runs = select_runs(sw, only)
@@ -65,7 +65,7 @@ def sweep(
             if note:
                 notes.add(note)
             ov = ", ".join(f"{k}={v}" for k, v in run.overrides.items()) or "-"
-            table.add_row(run.name, ov, _fmt_params(total), _fmt_params(active), run_state(run))
+            table.add_row(run.name, ov, fmt_params(total), fmt_params(active), run_state(run))
         console.print(table)
         if notes:
             console.print(f"[dim]parameter counts use: {'; '.join(sorted(notes))}[/]")
@@ -107,11 +107,6 @@ def sweep(
         raise DepthlabError(f"{len(outcome.failed)} of {len(outcome.runs)} runs failed "
                             f"({', '.join(outcome.failed)}); see {sw.out_dir / 'sweep_status.json'}")
 
-
-def _fmt_params(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
 
 
 def _status_printer(console: Any):
@@ -167,7 +162,7 @@ def reproduce(
     from depthlab.experiments.reproduce_report import REPORT_FILE
     from depthlab.outdir import check_creatable_dir
 
-    console = Console()
+    console = Console(soft_wrap=True)
     wanted = None
     if claims is not None:
         try:
@@ -231,7 +226,7 @@ def ablate(
     from depthlab.experiments.ablate import LadderSpec
     from depthlab.experiments.ablate import ablate as run
 
-    console = Console()
+    console = Console(soft_wrap=True)
     spec = LadderSpec(context_factor=context_factor, weight_decay=weight_decay,
                       group_size=group_size, num_experts=experts, top_k=top_k)
     res = run(config, out, spec=spec, jobs=jobs, seeds=seeds, overrides=set_ or [],
@@ -280,7 +275,7 @@ def recipe(
     if dense and moe_only:
         raise DepthlabError(f"{', '.join(moe_only)} would be ignored with --dense (a dense "
                             "model has no experts; its total and active counts are equal)")
-    console = Console()
+    console = Console(soft_wrap=True)
     rec = make_recipe(layers, parse_count(params, "--params"), context=context,
                       tokens=parse_count(budget, "--budget") if budget else None,
                       vocab_size=vocab_size, moe=not dense,

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from depthlab.errors import DepthlabError
-from depthlab.progress import counted
+from depthlab.text import counted
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _quiet_transformers() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from depthlab.errors import DepthlabError
-from depthlab.progress import counted
+from depthlab.text import counted, fmt_params
 
 
 def register(app: typer.Typer) -> None:
@@ -65,10 +65,10 @@ def diagnose_command(
     from depthlab.probe.diagnose import default_out_dir, diagnose
     from depthlab.probe.results import headline_rows, result_warnings
 
-    console = Console()
+    console = Console(soft_wrap=True)
     if not console.is_terminal:  # piped / redirected: room for the whole table
-        console = Console(width=120)
-    err_console = Console(stderr=True)
+        console = Console(width=120, soft_wrap=True)
+    err_console = Console(stderr=True, soft_wrap=True)
     if samples < 1:
         raise DepthlabError(f"--samples must be >= 1, got {samples}")
     if seq_len < 2:
@@ -97,7 +97,7 @@ def diagnose_command(
                           markup=False, soft_wrap=True)
     m, d = results["model"], results["data"]
     table = Table(title=f"{results['model_name']}: {m['arch']}, L={m['n_layers']}, "
-                        f"d={m['d_model']}, {m['params'] / 1e6:.1f}M params, {m['dtype']}; "
+                        f"d={m['d_model']}, {fmt_params(m['params'])} params, {m['dtype']}; "
                         f"N={d['n_samples']} x T={d['seq_len']} of {d['source']}")
     table.add_column("metric", no_wrap=True)
     table.add_column("headline", no_wrap=True)

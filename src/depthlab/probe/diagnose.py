@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from depthlab.devices import resolve_device
 from depthlab.errors import DepthlabError
+from depthlab.text import fmt_params
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
 DEFAULT_SAMPLES = 16
@@ -495,7 +496,7 @@ def diagnose(
     msection = model_section(stack, info)
     if log is not None:
         log(f"model {msection['name']}: {msection['arch']}, L={msection['n_layers']}, "
-            f"d={msection['d_model']}, {msection['params'] / 1e6:.1f}M params, "
+            f"d={msection['d_model']}, {fmt_params(msection['params'])} params, "
             f"{msection['dtype']} on {stack.device} (loaded in {load_s:.1f}s)")
 
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from depthlab.progress import counted
+from depthlab.text import counted
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +34,7 @@ def report(
     if not 1 <= dpi <= 1200:
         raise DepthlabError(f"--dpi must be between 1 and 1200, got {dpi}")
     check_creatable_dir(out)
-    console = Console()
+    console = Console(soft_wrap=True)
     rep = build_report(dirs, out, ladder=ladder, title=title,
                        formats=("png", "svg") if svg else ("png",), dpi=dpi)
     console.print(f"report: [bold]{rep.html}[/]  ({counted(len(rep.data.runs), 'run')}, "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from depthlab.report.data import Diagnosis, ReportData, ladder_scores, num
+from depthlab.text import fmt_params as _fmt_params
 
 ABBREV = {
     "model.n_layers": "L", "model.d_model": "d", "model.n_heads": "heads",
@@ -97,9 +98,7 @@ def fmt_value(v: Any) -> str:
 
 
 def fmt_params(n: int | None) -> str:
-    if n is None:
-        return "–"
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+    return _fmt_params(n, missing="–")
 
 
 def knob_name(key: str) -> str:

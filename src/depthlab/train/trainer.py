@@ -576,7 +576,7 @@ class _Bar:
             return
         if tps is not None:
             self._tps = tps
-        self._progress.update(self._task, completed=step, loss=loss, tps=self._tps)
+        self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", tps=self._tps)
 
 
 class _LogLines:
@@ -617,11 +617,11 @@ def _progress_bar(enabled: bool, total: int, start: int, name: str):
 
     columns = [
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     ]
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(name, total=total, completed=start, loss=float("nan"), tps=0.0)
+        task = progress.add_task(name, total=total, completed=start, loss="-", tps=0.0)
         yield _Bar(progress, task)
 
 
