@@ -57,6 +57,10 @@ def test_file_system_and_config_file_mistakes_are_one_line(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert "empty file" in _one_line_error(["train", str(empty)], capsys)
+    prose = tmp_path / "corpus.txt"
+    prose.write_text("In the beginning God created the heaven and the earth.\n")
+    assert "corpus.txt: not a YAML config (its top level must be a mapping" in _one_line_error(
+        ["info", str(prose)], capsys)
     assert "is a directory; give a YAML file" in _one_line_error(["train", str(tmp_path)], capsys)
     assert "the key before '=' is empty" in _one_line_error(["train", tiny, "--set", "=5"], capsys)
     assert "the key before '=' is empty" in _one_line_error(

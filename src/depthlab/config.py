@@ -388,7 +388,8 @@ def read_yaml(path: str | Path, *, allow_empty: bool = False) -> dict[str, Any]:
             return {}
         raise ConfigError(f"{p}: empty file")
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
+        raise ConfigError(f"{p}: not a YAML config (its top level must be a mapping of "
+                          f"key: value, here it is a {type(data).__name__})")
     return data
 
 
