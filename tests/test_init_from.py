@@ -81,8 +81,17 @@ def test_init_from_run_checkpoint_or_file_loads_the_same_weights(tmp_path, corpu
 
 
 def test_init_from_is_ignored_once_the_run_has_checkpoints(tmp_path, corpus, source):  # noqa: F811
-    cfg = tiny_cfg(tmp_path, corpus, name="source", **{"train.init_from": str(tmp_path / "x")})
-    assert Trainer(cfg, progress=False).init_weights is None  # resumes its own checkpoint
+    """A run started from weights resumes from its own checkpoints, even once those
+    weights are gone."""
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes((load_run_model(source)[2] / "model.safetensors").read_bytes())
+    cfg = tiny_cfg(tmp_path, corpus, name="ft", **{"train.init_from": str(weights),
+                                                    "train.max_steps": 4})
+    assert Trainer(cfg, progress=False).fit().step == 4
+    weights.unlink()
+    again = Trainer(cfg, progress=False)
+    assert again.init_weights is None  # resumes its own checkpoint
+    assert again.fit().step == 4
 
 
 def test_init_from_errors_are_one_line(tmp_path, corpus, source, capsys):  # noqa: F811

@@ -159,9 +159,9 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any],
     conflicts = []
     for key, path in recorded.items():  # the same spelling may name another file from here
         now = _dotted(mine, key)
-        if now == _dotted(theirs, key) and _absolute(now) != path:
-            conflicts.append(f"{key}: {now!r} names {_absolute(now) or 'nothing'} from here, "
-                             f"this run's is {path}")
+        here = _absolute(now)
+        if now == _dotted(theirs, key) and here is not None and here != path:
+            conflicts.append(f"{key}: {now!r} names {here} from here, this run's is {path}")
     for d in config_differences(theirs, mine):
         key = d.split(":")[0]
         if key in PATH_KEYS and _same_path(recorded.get(key, _dotted(theirs, key)),
