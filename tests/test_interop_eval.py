@@ -369,7 +369,7 @@ def test_a_tokenizer_without_vocabulary_is_refused(tmp_path, capsys):
 
 def test_eval_refuses_models_it_cannot_score(tmp_path, capsys):
     """One line each, for --ppl and --tasks: a Llama directory without tokenizer files, one
-    whose tokenizer has no end-of-text token (lm-eval puts one before every request), and a
+    whose tokenizer has no end-of-text token (lm-eval's context for empty contexts), and a
     BERT encoder (transformers would load it as a 'causal' LM with bidirectional attention)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers

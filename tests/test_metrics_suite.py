@@ -165,6 +165,11 @@ def _hf(name: str, impl: str = "sdpa"):
                                         num_local_experts=4, num_experts_per_tok=2,
                                         rope_parameters={"rope_type": "default",
                                                          "rope_theta": 1e4})
+    elif name == "llama4_text":  # router returns (scores, logits); layer 0 dense
+        cfg = transformers.Llama4TextConfig(**common, intermediate_size=16,
+                                            intermediate_size_mlp=64, head_dim=8,
+                                            num_local_experts=4, num_experts_per_tok=2,
+                                            moe_layers=[1, 2], attention_chunk_size=4)
     elif name == "phimoe":  # sparsemixer routes 2 experts whatever num_experts_per_tok says
         cfg = transformers.PhimoeConfig(**common, intermediate_size=16, num_local_experts=4,
                                         num_experts_per_tok=1)
@@ -250,40 +255,47 @@ def test_hf_attention_sparsity_against_output_attentions():
     assert res.group_size == 2
 
 
-@pytest.mark.parametrize("name", ["mixtral", "glm4_moe", "gpt_oss", "phimoe"])
+@pytest.mark.parametrize("name", ["mixtral", "glm4_moe", "gpt_oss", "phimoe", "llama4_text"])
 def test_hf_moe_counts_from_real_forward(name):
     """Counts, router entropy and importance against the model's own forward: the
     routers' index outputs, the entropy of softmax(logits) (of sigmoid(logits) / sum for
     GLM-4-MoE's sigmoid router), and a rerun with the MoE sublayer's output zeroed."""
     model = _hf(name, "eager" if name == "gpt_oss" else "sdpa")
     ids = _ids(3, 8)
-    moe_layers = [1, 2] if name == "glm4_moe" else [0, 1, 2]
+    llama4 = name == "llama4_text"
+    sigmoid = name in ("glm4_moe", "llama4_text")
+    moe_layers = [1, 2] if name in ("glm4_moe", "llama4_text") else [0, 1, 2]
     seen: dict[int, torch.Tensor] = {}
     ent: dict[int, list[torch.Tensor]] = {i: [] for i in moe_layers}
     hooks = []
     for i in moe_layers:
-        mlp = model.model.layers[i].mlp
+        layer = model.model.layers[i]
+        mlp = layer.feed_forward if llama4 else layer.mlp
         def hook(_m, _a, out, i=i):
-            seen[i] = seen.get(i, 0) + torch.bincount(out[2].reshape(-1), minlength=4)
-            p = out[0].float().softmax(-1) if name != "glm4_moe" else out[0].float().sigmoid()
+            # Llama 4: (scores, logits), scores 0 except at the chosen experts
+            chosen = out[0].topk(2, dim=-1).indices if llama4 else out[2]
+            logits = out[1 if llama4 else 0].float()
+            seen[i] = seen.get(i, 0) + torch.bincount(chosen.reshape(-1), minlength=4)
+            p = logits.sigmoid() if sigmoid else logits.softmax(-1)
             p = p / p.sum(-1, keepdim=True)
             ent[i].append(-(p * p.log()).sum(-1))
-        hooks.append(getattr(mlp, "router" if name in ("gpt_oss", "phimoe") else "gate")
-                     .register_forward_hook(hook))
+        hooks.append(getattr(mlp, "router" if name in ("gpt_oss", "phimoe", "llama4_text")
+                             else "gate").register_forward_hook(hook))
     _, base = _hf_run(model, ids)
     for h in hooks:
         h.remove()
     res = compute_moe(build_stack(model), ids, batch_size=2)
     assert res.moe_layers == moe_layers and res.top_k == [2] * len(moe_layers)
-    assert res.router_scoring == ["sigmoid" if name == "glm4_moe" else "softmax"] * len(moe_layers)
+    assert res.router_scoring == ["sigmoid" if sigmoid else "softmax"] * len(moe_layers)
     for j, i in enumerate(moe_layers):
         assert res.expert_counts[j] == seen[i].tolist()
         assert res.router_entropy[j] == pytest.approx(float(torch.cat(ent[i]).mean()), rel=1e-5)
     assert res.base_loss == pytest.approx(base, rel=1e-5)
     mod = copy.deepcopy(model)
-    zero = ((lambda h: (torch.zeros_like(h), None)) if name == "gpt_oss"
+    zero = ((lambda h: (torch.zeros_like(h), None)) if name in ("gpt_oss", "llama4_text")
             else (lambda h: torch.zeros_like(h)))
-    mod.model.layers[1].mlp.forward = zero
+    layer = mod.model.layers[1]
+    (layer.feed_forward if llama4 else layer.mlp).forward = zero
     j = moe_layers.index(1)
     assert res.importance[j] == pytest.approx(_hf_run(mod, ids)[1] - base, rel=1e-4, abs=1e-5)
 

@@ -394,8 +394,14 @@ def test_resume_conflicts_rules():
 
 
 def test_resume_accepts_another_spelling_of_the_same_corpus(tmp_path, corpus, monkeypatch):
-    """A corpus named relative on the first call and absolute (or with ~) on the resume is
-    the same corpus: the run resumes instead of refusing a 'different config'."""
+    """data.json keeps what the data is: a resume may spell the corpus any way (relative,
+    absolute, ~, another copy, from another directory) as long as it gives the same data;
+    other data, e.g. the same spelling read from elsewhere or a file changed in place, is
+    refused. Runs made before data.json compare the paths themselves."""
+    import shutil
+
+    from depthlab.train.trainer import DATA_FILE
+
     monkeypatch.chdir(corpus.parent)
     monkeypatch.setenv("HOME", str(corpus.parent.parent))
 
@@ -404,32 +410,33 @@ def test_resume_accepts_another_spelling_of_the_same_corpus(tmp_path, corpus, mo
                                              "data.corpus": spelling})
 
     first = Trainer(cfg(corpus.name), progress=False).fit()
-    for spelling in (str(corpus.resolve()), f"~/{corpus.parent.name}/{corpus.name}"):
+    copy = corpus.with_name("copy.txt")
+    copy.write_text(corpus.read_text())
+    shutil.rmtree(tmp_path / "cache")  # the token cache is rebuilt, not part of the run
+    for spelling in (str(corpus.resolve()), f"~/{corpus.parent.name}/{corpus.name}", copy.name):
         again = Trainer(cfg(spelling), progress=False).fit()  # resumed at its end
         assert again.step == 3 and again.train_loss == first.train_loss
-    other = corpus.with_name("other.txt")
-    other.write_text(corpus.read_text())
-    with pytest.raises(DepthlabError, match=r"different config \(data.corpus"):
-        Trainer(cfg(str(other)), progress=False).fit()
-    # from another directory: the run's corpus spelled relative to there resumes; the
-    # saved spelling, which names another file from there, is refused
     elsewhere = corpus.parent / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / corpus.name).write_text(corpus.read_text()[::-1])
     monkeypatch.chdir(elsewhere)
-    again = Trainer(cfg(f"../{corpus.name}"), progress=False).fit()
-    assert again.step == 3 and again.train_loss == first.train_loss
-    prepared = sorted((tmp_path / "cache").glob("**/manifest.json"))
-    assert prepared
-    with pytest.raises(DepthlabError, match=rf"data.corpus: '{corpus.name}' names .*elsewhere"):
-        Trainer(cfg(corpus.name), progress=False)
-    assert sorted((tmp_path / "cache").glob("**/manifest.json")) == prepared  # before any data
+    assert Trainer(cfg(f"../{corpus.name}"), progress=False).fit().step == 3
+    with pytest.raises(DepthlabError, match=r"was trained on other data than the config gives "
+                                            r"now \(corpus "):
+        Trainer(cfg(corpus.name), progress=False).fit()  # names elsewhere/corpus.txt here
     monkeypatch.chdir(corpus.parent)
-    # the same file with other text (same length, so the same number of tokens)
-    text = corpus.read_text()
+    text = corpus.read_text()  # the same file with other text (as many tokens)
     corpus.write_text(text[1:] + text[0])
-    with pytest.raises(DepthlabError, match=r"its data changed since the run started \(corpus "):
+    with pytest.raises(DepthlabError, match=r"trained on other data"):
         Trainer(cfg(corpus.name), progress=False).fit()
+    corpus.write_text(text)
+    # a run from before data.json: the paths must name the same file (and it gets one)
+    run_dir = first.run_dir
+    (run_dir / DATA_FILE).unlink()
+    with pytest.raises(DepthlabError, match=r"different config \(data.corpus"):
+        Trainer(cfg(copy.name), progress=False).fit()
+    assert Trainer(cfg(str(corpus.resolve())), progress=False).fit().step == 3
+    assert (run_dir / DATA_FILE).is_file()
     # built-in names are no paths, even beside a file of that name
     from depthlab.train.trainer import resume_conflicts
 

@@ -107,8 +107,9 @@ def data_prepare(
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     console.print(f"tokens written to [bold]{path}[/]")
     console.print_json(json.dumps(manifest))
-    user = None if data_cfg.tokenizer in ("byte", "bpe") else data_cfg.tokenizer
-    for note in tokenizer_notes(manifest, user):
+    from depthlab.train.trainer import user_tokenizer
+
+    for note in tokenizer_notes(manifest, user_tokenizer(data_cfg.tokenizer)):
         Console(stderr=True, soft_wrap=True).print(f"note: {note}", highlight=False, markup=False)
 
 

@@ -40,4 +40,3 @@ class ThrottledLines:
 
     def end(self, name: str, seconds: float) -> None:
         self._emit(f"{name}: done in {seconds:.1f}s")
-

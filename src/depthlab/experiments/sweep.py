@@ -409,14 +409,15 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
     with open(lock_path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            locked = True
         except OSError as exc:  # e.g. Lustre mounted noflock, NFS without lockd
             _warn_no_lock(lock_path, exc)
-            yield
-            return
+            locked = False
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _UNLOCKED: set[Path] = set()
@@ -758,6 +759,8 @@ class SweepOutcome:
 def missing_inputs(runs: list[SweepRun], states: dict[str, str]) -> str | None:
     """One line naming the corpus / tokenizer / init_from files that runs still to train
     would not find from the current directory (where relative paths are read), or None."""
+    from depthlab.train.trainer import BUILTIN_NAMES
+
     missing: dict[str, None] = {}
     for run in runs:
         if states.get(run.name) == "complete":
@@ -767,7 +770,7 @@ def missing_inputs(runs: list[SweepRun], states: dict[str, str]) -> str | None:
         if states.get(run.name) == "new":  # a resumed run takes its weights from checkpoints
             named["train.init_from"] = run.cfg.train.init_from
         for key, value in named.items():
-            if value and value not in ("kjv", "byte", "bpe") and not Path(
+            if value and value not in BUILTIN_NAMES and not Path(
                     value).expanduser().exists():
                 missing[f"{key} {value!r}"] = None
     if not missing:

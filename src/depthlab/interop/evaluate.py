@@ -279,8 +279,8 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
         if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
             raise DepthlabError(
                 f"{name or path}: its tokenizer has no end-of-text (or beginning-of-text) "
-                "token, which lm-eval puts before every request; give it one (eos_token) or "
-                "use --ppl")
+                "token, which lm-eval needs as the context of requests that have none; give it "
+                "one (eos_token) or use --ppl")
         if is_wrapper(config.model_type):  # HFLM would not load its text model as we do
             model = load_hf_lm(path, config, torch.float32).to(device).eval()
             kwargs.update(pretrained=model, backend="causal")
@@ -320,7 +320,7 @@ def _check_causal_lm(config: Any, name: str) -> None:
     mt = config.model_type
     encoder = mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if getattr(config, "is_encoder_decoder", False) or (
-            encoder and not (config.is_decoder or getattr(config, "causal", False))):
+            encoder and not (getattr(config, "is_decoder", False) or getattr(config, "causal", False))):
         raise DepthlabError(
             f"{name}: model_type {mt!r} is not a causal language model (bidirectional "
             "attention, or an encoder-decoder): eval scores next-token likelihoods")

@@ -2,8 +2,8 @@
 
 RUN_DIR/
   config.yaml         the validated config (vocab size filled in)
-  data.json           the files its paths named (absolute) and the data's identity:
-                      a resume must name the same files holding the same data
+  data.json           what the data is (fingerprints, split lengths): a resume must give
+                      the same data, however its paths are spelled
   tokenizer/          the tokenizer used (when the data has one)
   metrics.jsonl       one record per log/eval step
   tensorboard/        the same scalars for TensorBoard
@@ -111,21 +111,6 @@ def _same_path(a: Any, b: Any) -> bool:
         return False
 
 
-def _absolute(value: Any) -> str | None:
-    """The absolute path a path-key value names now (None: a built-in name, unset, or
-    nothing there)."""
-    if not isinstance(value, str) or value in BUILTIN_NAMES:
-        return None
-    path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else None
-
-
-def recorded_paths(cfg: dict[str, Any]) -> dict[str, str]:
-    """{path key: the absolute file it names}, as data.json records them."""
-    found = {key: _absolute(_dotted(cfg, key)) for key in sorted(PATH_KEYS)}
-    return {key: path for key, path in found.items() if path is not None}
-
-
 def read_data_record(run_dir: Path) -> dict[str, Any]:
     """RUN_DIR/data.json ({} for runs made before it existed)."""
     path = run_dir / DATA_FILE
@@ -149,23 +134,19 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any],
     """The differences between a run directory's config (`theirs`) and the config asked to
     resume it that change what is computed: RUNTIME_KEYS may differ, and `train.device`
     too unless it switches the precision (dtype auto: bf16 on CUDA, fp32 on CPU). An unset
-    model.vocab_size (the tokenizer's) matches any. Paths (PATH_KEYS) agree when they name
-    the same file: the one `run_dir`'s data.json recorded, else the saved spelling read
-    from the current directory."""
+    model.vocab_size (the tokenizer's) matches any. Paths (PATH_KEYS) may be spelled
+    differently: when `run_dir` has a data.json, the data they give is compared with the
+    run's after it is prepared; before it existed, they must name the
+    same file from the current directory."""
     mine = {**mine, "model": dict(mine.get("model") or {})}
     if mine["model"].get("vocab_size") is None:
         mine["model"]["vocab_size"] = (theirs.get("model") or {}).get("vocab_size")
-    recorded = read_data_record(run_dir).get("paths", {}) if run_dir is not None else {}
+    identity_kept = run_dir is not None and "data" in read_data_record(run_dir)
     conflicts = []
-    for key, path in recorded.items():  # the same spelling may name another file from here
-        now = _dotted(mine, key)
-        here = _absolute(now)
-        if now == _dotted(theirs, key) and here is not None and here != path:
-            conflicts.append(f"{key}: {now!r} names {here} from here, this run's is {path}")
     for d in config_differences(theirs, mine):
         key = d.split(":")[0]
-        if key in PATH_KEYS and _same_path(recorded.get(key, _dotted(theirs, key)),
-                                           _dotted(mine, key)):
+        if key in PATH_KEYS and (identity_kept or _same_path(_dotted(theirs, key),
+                                                             _dotted(mine, key))):
             continue
         if key not in RUNTIME_KEYS:
             conflicts.append(d)
@@ -177,7 +158,7 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any],
     return conflicts
 
 
-def _user_tokenizer(configured: str) -> str | None:
+def user_tokenizer(configured: str) -> str | None:
     """The tokenizer.json path the config names (None for byte / bpe)."""
     return None if configured in ("byte", "bpe") else configured
 
@@ -250,7 +231,7 @@ class Trainer:
         else:
             self.splits = open_splits(cfg.data)
         notes = [_token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
-                 *tokenizer_notes(self.splits.manifest, _user_tokenizer(cfg.data.tokenizer))]
+                 *tokenizer_notes(self.splits.manifest, user_tokenizer(cfg.data.tokenizer))]
         for note in notes:
             if note and self.dist.is_main:
                 print(f"note: {note}", file=sys.stderr, flush=True)
@@ -364,8 +345,9 @@ class Trainer:
                 changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in identity.items()
                                     if before.get(k) != v)
                 raise DepthlabError(
-                    f"{self.run_dir}: its data changed since the run started ({changed}); "
-                    "resume on the data it began with, or start a new run")
+                    f"{self.run_dir} was trained on other data than the config gives now "
+                    f"({changed}): resume it on the data it began with (a relative path is "
+                    "read from the current directory), or start a new run")
             if before is not None:
                 return
         else:
@@ -374,8 +356,7 @@ class Trainer:
             tok = self.splits.tokenizer
             if tok is not None:
                 tok.save(self.run_dir / "tokenizer")
-        record = {"paths": recorded_paths(mine), "data": identity}
-        atomic_write_text(self.run_dir / DATA_FILE, json.dumps(record, indent=2))
+        atomic_write_text(self.run_dir / DATA_FILE, json.dumps({"data": identity}, indent=2))
 
     def _resume(self) -> None:
         ckpt = D.broadcast_object(latest_checkpoint(self.run_dir))
