@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthlab.config import ModelConfig, MoEConfig
+from depthlab.errors import DepthlabError
 from depthlab.model.transformer import DepthLM
 from depthlab.probe import build_stack
 from depthlab.probe.metrics import (
@@ -181,6 +182,8 @@ def test_jacobian_exact_matches_autograd(model, ids):
     # the un-vmapped fallback gives the same numbers
     res2 = compute_jacobian(stack, ids, batch_size=n, use_vmap=False, tangent_chunk=7, layers=[2])
     assert res2.jacobian_norm[0] == _approx(res.jacobian_norm[2])
+    with pytest.raises(DepthlabError, match="jacobian layers: 2 given more than once"):
+        compute_jacobian(stack, ids, layers=[2, 2])  # its Jacobian would be summed twice
 
 
 def test_jacobian_hutchinson_within_standard_errors(model, ids):

@@ -361,3 +361,16 @@ def test_scores_over_a_subset_are_labelled_and_drawn_at_their_layers(tmp_path):
     texts = [t.get_text() for a in fig_diagnostic_bars(data, colors).axes for t in a.texts]
     assert "0.0487\n(pairs with block 2)" in texts and "0.667\n(disjoint split)" in texts
     assert "0.013" in texts
+
+
+def test_runs_table_shows_the_depth_and_sparsity_knobs_first():
+    """Sorted alphabetically, MoE keys came first and hid L and weight decay behind the
+    six columns the table has room for."""
+    from depthlab.report.tables import shown_knobs
+
+    keys = ["model.moe.expert_hidden", "model.moe.lb_loss_weight", "model.moe.num_experts",
+            "model.moe.renormalize", "model.moe.shared_expert", "model.moe.top_k",
+            "model.n_kv_heads", "model.n_layers", "model.norm_placement", "train.weight_decay"]
+    assert shown_knobs(keys) == ["model.n_layers", "train.weight_decay", "model.n_kv_heads",
+                                 "model.norm_placement", "model.moe.num_experts",
+                                 "model.moe.top_k"]

@@ -287,13 +287,17 @@ def headline(name: str, m: dict[str, Any], n_layers: int) -> list[tuple[str, str
                  ("mean variance", _f(m.get("mean_variance")))]
     elif name == "jacobian":
         mean = m.get("mean") or {}
+        layers = m.get("layers") or []
+        # a mean over some of the blocks is not comparable with one over all of them
+        over = (f" over layers {','.join(map(str, layers))}"
+                if n_layers and len(layers) != n_layers else "")
         if mean:
-            rows += [("mean jacobian_norm", _f(mean.get("jacobian_norm"))),
+            rows += [(f"mean jacobian_norm{over}", _f(mean.get("jacobian_norm"))),
                      ("identity_preservation", _f(m.get("identity_preservation"))),
-                     ("mean diagonal_mean", _f(mean.get("diagonal_mean")))]
+                     (f"mean diagonal_mean{over}", _f(mean.get("diagonal_mean")))]
         h = m.get("hutchinson")
         if isinstance(h, dict):
-            rows.append((f"mean jacobian_norm (Hutchinson, {h.get('probes')} probes)",
+            rows.append((f"mean jacobian_norm{over} (Hutchinson, {h.get('probes')} probes)",
                          _f(h.get("mean_jacobian_norm"))))
     elif name == "usefulness":
         rows += [("usefulness", f"{_f(m.get('usefulness'))} ({m.get('n_useful')}/{n_layers})"),

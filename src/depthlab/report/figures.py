@@ -186,11 +186,14 @@ def fig_layer_stats(data: ReportData, colors: dict[str, str]) -> Figure | str:
 # ----------------------------------------------------------------------------- diagnose
 
 
-def _jacobian(d: Diagnosis) -> tuple[list[int], list[float | None]] | None:
-    """(measured block indices, ||J_l - I||_F / d at each); None without a Jacobian result."""
+def _jacobian(d: Diagnosis) -> tuple[list[int], list[float | None], bool] | None:
+    """(measured block indices, ||J_l - I||_F / d at each, whether those are Hutchinson
+    estimates); None without a Jacobian result."""
     vals = d.layer_list("jacobian", "jacobian_norm")
     h = d.get("jacobian", "hutchinson")
+    estimated = False
     if not vals and isinstance(h, dict) and isinstance(h.get("fro"), list):
+        estimated = True
         n = d.get("jacobian", "info") or {}
         dm = n.get("d_model") if isinstance(n, dict) else None
         if dm:
@@ -201,7 +204,7 @@ def _jacobian(d: Diagnosis) -> tuple[list[int], list[float | None]] | None:
     if not (isinstance(layers, list) and len(layers) == len(vals)
             and all(isinstance(x, int) for x in layers)):
         layers = list(range(len(vals)))
-    return layers, vals
+    return layers, vals, estimated
 
 
 def fig_jacobian(data: ReportData, colors: dict[str, str]) -> Figure | str:
@@ -210,9 +213,12 @@ def fig_jacobian(data: ReportData, colors: dict[str, str]) -> Figure | str:
         return "no Jacobian results (run `depthlab diagnose RUN --out RUN/diagnose`)"
     fig, axes = _fig(6.4, 4.0)
     ax = axes[0][0]
-    for label, (layers, vals) in lines:
+    for label, (layers, vals, estimated) in lines:
+        # a line only through consecutive measured blocks (jacobian.layers may skip some)
+        joined = layers == list(range(layers[0], layers[0] + len(layers)))
         ax.plot(layers, _vals(vals), marker="o", ms=3, color=colors.get(label, "black"),
-                label=label, lw=1.3)
+                label=f"{label} (Hutchinson)" if estimated else label, lw=1.3,
+                ls="-" if joined else "none")
     ax.set(title="Jacobian deviation from identity per layer",
            xlabel="layer index l", ylabel="||J_l - I||_F / d (dimensionless)")
     _layer_axis(ax)

@@ -22,6 +22,19 @@ ABBREV = {
     "model.norm_placement": "norm",
 }
 
+# The knobs the runs table shows first when runs differ in more than fit: the paper's
+# depth and sparsity levers, then shape, then optimisation.
+KNOB_ORDER = ("model.n_layers", "train.weight_decay", "data.seq_len", "model.n_kv_heads",
+              "model.norm_placement", "model.moe.num_experts", "model.moe.top_k",
+              "model.d_model", "model.n_heads", "train.lr", "train.batch_size",
+              "train.max_steps")
+
+
+def shown_knobs(keys: list[str], limit: int = 6) -> list[str]:
+    """Up to `limit` of the differing config keys, those in KNOB_ORDER first."""
+    rank = {k: i for i, k in enumerate(KNOB_ORDER)}
+    return sorted(keys, key=lambda k: rank.get(k, len(rank)))[:limit]
+
 
 @dataclass
 class Table:
@@ -109,7 +122,7 @@ def runs_table(data: ReportData) -> Table | None:
     """Paper-style table: the knobs, then validation PPL and usefulness per run."""
     if not data.runs:
         return None
-    knobs = data.knob_keys[:6]
+    knobs = shown_knobs(data.knob_keys)
     headers = ["run", *(knob_name(k) for k in knobs), "params", "steps", "val loss",
                "val PPL ↓", "usefulness ↑", "causal", "permutation", "last-layer var"]
     rows = []
@@ -132,9 +145,11 @@ def runs_table(data: ReportData) -> Table | None:
             "(causal_pairs) and permutation come from `depthlab diagnose` (– when not run; "
             "permutation over all block pairs and usefulness evaluated on its fitting tokens "
             "unless the cell names another set). "
-            "last-layer var: the last stats step (pre-final-norm).")
-    if len(data.knob_keys) > len(knobs):
-        note += f" Further differing keys: {', '.join(data.knob_keys[len(knobs):])}."
+            "last-layer var: the last stats step (pre-final-norm), or diagnose's variance "
+            "for runs trained without stats.")
+    rest = [k for k in data.knob_keys if k not in knobs]
+    if rest:
+        note += f" Further differing keys: {', '.join(rest)}."
     return Table("runs", "Validation perplexity and layer usefulness per run", headers, rows,
                  note)
 

@@ -182,6 +182,10 @@ def compute_jacobian(
     for x in layers:
         if not 0 <= x < L:
             raise DepthlabError(f"jacobian layer {x} out of range 0..{L - 1}")
+    repeated = sorted({x for x in layers if layers.count(x) > 1})
+    if repeated:
+        raise DepthlabError(f"jacobian layers: {', '.join(map(str, repeated))} given more than "
+                            "once; list each layer once")
     counter = counter if counter is not None else BlockCounter()
     bounds = chunk_bounds(ids.shape[0], batch_size)
     prog = Progress(progress, len(bounds) * len(layers))
