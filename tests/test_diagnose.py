@@ -208,6 +208,14 @@ def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
     err = _error(["diagnose", str(tiny_run), "--opt", "jacobian.layers=0,2", "--metrics",
                   "jacobian", *base], capsys)
     assert "jacobian.layers='0,2': expected list[int] | None (a list in brackets" in err
+    # values that would run but measure nothing meaningful
+    for opt, needle in [("usefulness.threshold=0.1", "must be >= 1: it is a loss ratio"),
+                        ("weight_sparsity.tau=-1", "must be > 0"),
+                        ("attention_sparsity.max_sequences=-1", "must be >= 0 (0: all"),
+                        ("permutation.anchor=1", "applies to permutation.pairs=one-vs-rest")]:
+        err = _error(["diagnose", str(tiny_run), "--opt", opt, "--metrics",
+                      opt.split(".")[0], *base], capsys)
+        assert needle in err, (opt, err)
     (tmp_path / "a_file").write_text("x")
     err = _error(["diagnose", str(tiny_run), "--metrics", "variance", "--out",
                   str(tmp_path / "a_file" / "sub"), "--no-progress"], capsys)

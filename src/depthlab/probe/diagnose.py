@@ -32,7 +32,7 @@ import json
 import sys
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +312,32 @@ def check_options(options: dict[str, dict[str, Any]] | None, names: list[str]
             raise DepthlabError(f"unknown option(s) {', '.join(bad)} for {metric}; valid: "
                                 f"{', '.join(valid)}")
         _check_option_types(metric, opts)
+        _check_option_values(metric, opts)
     return options
+
+
+# (metric, option) -> (rule, what it means); values outside give meaningless numbers
+OPTION_RANGES: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
+    ("usefulness", "threshold"): (lambda x: x >= 1, ">= 1: it is a loss ratio L_lin / L_base, "
+                                                    "1.1 = 10 % worse; below 1 every layer counts"),
+    ("weight_sparsity", "tau"): (lambda x: x > 0, "> 0: the magnitude below which a weight counts "
+                                                  "as zero"),
+    ("attention_sparsity", "max_sequences"): (lambda x: x >= 0, ">= 0 (0: all sequences)"),
+    ("attention_sparsity", "mass"): (lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("jacobian", "probes"): (lambda x: x >= 1, ">= 1"),
+}
+
+
+def _check_option_values(metric: str, opts: dict[str, Any]) -> None:
+    """Option values that would run but measure nothing meaningful fail before any work."""
+    for key, value in opts.items():
+        rule = OPTION_RANGES.get((metric, key))
+        if rule is not None and isinstance(value, (int, float)) and not rule[0](value):
+            raise DepthlabError(f"--opt {metric}.{key}={value!r}: must be {rule[1]}")
+    if metric == "permutation" and opts.get("anchor") is not None \
+            and opts.get("pairs", "all") != "one-vs-rest":
+        raise DepthlabError("--opt permutation.anchor applies to permutation.pairs=one-vs-rest "
+                            f"(pairs is {opts.get('pairs', 'all')!r})")
 
 
 def _check_option_types(metric: str, opts: dict[str, Any]) -> None:
