@@ -97,6 +97,15 @@ def test_init_from_is_ignored_once_the_run_has_checkpoints(tmp_path, corpus, sou
 def test_init_from_errors_are_one_line(tmp_path, corpus, source, capsys):  # noqa: F811
     with pytest.raises(DepthlabError, match="no model weights there"):
         Trainer(tiny_cfg(tmp_path, corpus, name="a", **{"train.init_from": str(tmp_path)}))
+    # a Hugging Face export or checkpoint is imported first; a run is not imported again
+    main(["export", str(source), "--to", "hf", str(tmp_path / "hf")])
+    with pytest.raises(DepthlabError, match="is a Hugging Face model directory: bring it in "
+                                            "first with `depthlab import-hf"):
+        Trainer(tiny_cfg(tmp_path, corpus, name="b", **{"train.init_from": str(tmp_path / "hf")}))
+    with pytest.raises(SystemExit):
+        main(["import-hf", str(source), str(tmp_path / "imported")])
+    assert "is a depthlab run already: train from it with --set train.init_from=" in " ".join(
+        capsys.readouterr().err.split())
     cfg_path = tmp_path / "runs" / "source" / "config.yaml"
     with pytest.raises(SystemExit) as exit_info:
         main(["train", str(cfg_path), "--no-progress", "--set", "model.d_model=64",

@@ -132,3 +132,13 @@ def test_paper_scale_keeps_edited_files_and_out_must_be_a_directory(tmp_path, ca
             main([*argv, "--out", str(tmp_path / "a_file")])
         assert exc.value.code == 2
         assert "a_file exists and is not a directory" in capsys.readouterr().err
+    # nor is a training run directory: its own files would be mixed with a run's
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: run\n")
+    for argv in (["reproduce", "--scale", "paper"], ["ablate", "configs/cpu/dense.yaml"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--out", str(run)])
+        assert exc.value.code == 2
+        assert "is a training run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]

@@ -15,3 +15,11 @@ def check_creatable_dir(path: Path, what: str = "--out") -> None:
             if not p.is_dir():
                 raise DepthlabError(f"{what} {path}: {p} exists and is not a directory")
             return
+
+
+def check_not_a_run(path: Path, what: str = "--out") -> None:
+    """One line if `path` is a training run directory: commands that write many files of
+    their own (reproduce, ablate) must not mix them into a run."""
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        raise DepthlabError(f"{what} {path} is a training run directory; give this command a "
+                            "directory of its own")

@@ -24,6 +24,7 @@ from typing import Any
 from depthlab.config import RunConfig, build_config
 from depthlab.errors import DepthlabError
 from depthlab.experiments.study import Point, mean_metrics, seed_run_name
+from depthlab.outdir import check_not_a_run
 
 RUNGS = ("baseline", "+T", "+lambda", "+G", "+MoE")
 
@@ -184,6 +185,7 @@ def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpe
     base_raw = apply_overrides(read_yaml(config), overrides)
     base = build_config(base_raw)
     out = Path(out or Path("runs/ablate") / base.name)
+    check_not_a_run(out)
     points = ladder_points(base, spec)
     note = context_cap_note(base, points, spec)
     if note and on_note is not None:

@@ -35,6 +35,7 @@ from depthlab.experiments.study import (
     seed_run_name,
 )
 from depthlab.experiments.sweep import flatten_overrides, run_name
+from depthlab.outdir import check_not_a_run
 from depthlab.probe.metrics._common import jsonify
 
 SCALES = ("tiny", "small", "paper")
@@ -346,6 +347,7 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
     """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures."""
     started = time.perf_counter()
     out = Path(out or default_out(scale))
+    check_not_a_run(out)
     if scale == "paper":
         return paper_commands(out, overwrite)
     if steps is not None and steps < 1:

@@ -363,6 +363,10 @@ def import_hf_to_run(
     overwrite: bool = False,
 ) -> tuple[Path, ModelConfig]:
     """`depthlab import-hf`: HF dir -> depthlab run dir (step 0)."""
+    src = Path(str(hf_dir)).expanduser()
+    if (src / "config.yaml").is_file() and not (src / "config.json").is_file():
+        raise DepthlabError(f"{src} is a depthlab run already: train from it with --set "
+                            f"train.init_from={src}, or export it with `depthlab export`")
     model, mcfg = import_hf(hf_dir, keep_layers=keep_layers, max_seq_len=max_seq_len)
     return write_run(model, out_run_dir, hf_source=hf_dir, overwrite=overwrite), mcfg
 

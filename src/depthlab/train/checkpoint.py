@@ -247,6 +247,10 @@ def weights_file(source: str | Path) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        raise DepthlabError(
+            f"{path} is a Hugging Face model directory: bring it in first with "
+            f"`depthlab import-hf {path} OUT`, then use OUT")
     if (path / "model.safetensors").is_file():
         return path / "model.safetensors"
     ckpt = latest_checkpoint(path)
