@@ -53,6 +53,13 @@ def test_train_from_import_hf_weights_starts_at_the_source_loss(tmp_path, corpus
     main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imported")])
     imported = tmp_path / "imported"
     capsys.readouterr()
+    # trained in place it is refused (weights only), and nothing is added to it
+    before = sorted(p.relative_to(imported) for p in imported.rglob("*"))
+    with pytest.raises(SystemExit):
+        main(["train", str(imported / "config.yaml"), "--no-progress",
+              "--set", f"out_dir={tmp_path}", "--set", "name=imported"])
+    assert "holds weights only" in capsys.readouterr().err
+    assert sorted(p.relative_to(imported) for p in imported.rglob("*")) == before
 
     main(["train", str(imported / "config.yaml"), "--no-progress",
           *_overrides(tmp_path, corpus, "ft", imported)])

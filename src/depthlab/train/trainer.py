@@ -348,15 +348,17 @@ class Trainer:
                     f"{self.run_dir} was trained on other data than the config gives now "
                     f"({changed}): resume it on the data it began with (a relative path is "
                     "read from the current directory), or start a new run")
-            if before is not None:
-                return
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(mine, sort_keys=False))
-            tok = self.splits.tokenizer
-            if tok is not None:
-                tok.save(self.run_dir / "tokenizer")
-        atomic_write_text(self.run_dir / DATA_FILE, json.dumps({"data": identity}, indent=2))
+            return  # a run from before data.json gets one once it resumed (fit)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(mine, sort_keys=False))
+        tok = self.splits.tokenizer
+        if tok is not None:
+            tok.save(self.run_dir / "tokenizer")
+        self._record_data()
+
+    def _record_data(self) -> None:
+        atomic_write_text(self.run_dir / DATA_FILE,
+                          json.dumps({"data": data_identity(self.splits)}, indent=2))
 
     def _resume(self) -> None:
         ckpt = D.broadcast_object(latest_checkpoint(self.run_dir))
@@ -444,6 +446,8 @@ class Trainer:
         self._claim_run_dir()
         summary_path = self.run_dir / SUMMARY_FILE
         self._resume()
+        if self.dist.is_main and not (self.run_dir / DATA_FILE).is_file():
+            self._record_data()
         tc = self.cfg.train
         if self.step >= tc.max_steps:
             done = D.broadcast_object(read_summary(summary_path))
