@@ -107,10 +107,9 @@ def data_prepare(
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     console.print(f"tokens written to [bold]{path}[/]")
     console.print_json(json.dumps(manifest))
-    from depthlab.train.trainer import user_tokenizer
-
-    for note in tokenizer_notes(manifest, user_tokenizer(data_cfg.tokenizer)):
-        Console(stderr=True, soft_wrap=True).print(f"note: {note}", highlight=False, markup=False)
+    err = Console(stderr=True, soft_wrap=True)
+    for note in tokenizer_notes(manifest, data_cfg.tokenizer):
+        err.print(f"note: {note}", highlight=False, markup=False)
 
 
 def _param_table(cfg) -> Table:

@@ -34,6 +34,9 @@ from depthlab.config import DataConfig
 from depthlab.data.cache import sha256_file
 from depthlab.errors import DepthlabError
 
+BUILTIN_NAMES = frozenset({"kjv", "byte", "bpe"})
+"""data.corpus / data.tokenizer values that name no file, even beside a file of that name."""
+
 Split = Literal["train", "val"]
 SPLIT_VERSION = 1
 """Bump when a split rule changes: it is part of every corpus fingerprint."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from depthlab.config import DataConfig
 from depthlab.data.cache import cache_root, write_json
-from depthlab.data.corpus import Corpus, Split, is_token_dir, load_corpus
+from depthlab.data.corpus import BUILTIN_NAMES, Corpus, Split, is_token_dir, load_corpus
 from depthlab.data.tokenizer import (
     META_FILE,
     Coverage,
@@ -222,21 +222,24 @@ def _encode(
         advance(len(batch))
 
 
-def tokenizer_notes(manifest: dict[str, Any], name: str | None = None) -> list[str]:
+def tokenizer_notes(manifest: dict[str, Any], configured: str | None = None) -> list[str]:
     """What a token directory's manifest says the tokenizer lost: text it could not
-    represent, and document boundaries when it has no end-of-text token. `name`: what to
-    call the tokenizer (the path the user gave; the manifest's may be another copy of the
-    same file, since token directories are shared by content)."""
+    represent, and document boundaries when it has no end-of-text token. `configured`:
+    data.tokenizer; a tokenizer.json path there names the tokenizer in the notes (the
+    manifest's may be another copy of the same file: token directories are shared by
+    content)."""
     tok = manifest.get("tokenizer") or {}
-    name = name or tok.get("name") or "the tokenizer"
+    user = configured if configured not in (None, *BUILTIN_NAMES) else None
+    name = user or tok.get("name") or "the tokenizer"
     notes = []
     cov = tok.get("coverage") or {}
     dropped, unknown = int(cov.get("dropped") or 0), int(cov.get("unknown_tokens") or 0)
+    characters = int(cov.get("characters") or 0)
     if dropped or unknown:
         parts = []
         if dropped:
-            share = dropped / max(int(cov.get("characters") or 0), 1)
-            parts.append(f"dropped {dropped:,} of {int(cov.get('characters') or 0):,} non-space "
+            share = dropped / max(characters, 1)
+            parts.append(f"dropped {dropped:,} of {characters:,} non-space "
                          f"characters ({share:.2%}), having no token for them (the model never "
                          "sees them)")
         if unknown:

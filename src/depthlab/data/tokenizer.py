@@ -47,10 +47,10 @@ class Coverage:
 
     MAX_EXAMPLES = 5
 
-    def add(self, text: str, ids: Sequence[int], unk_id: int | None) -> None:
+    def add(self, text: str, ids: list[int], unk_id: int | None) -> None:
         self.chars.update(text)
         if unk_id is not None:
-            self.unknown_tokens += list(ids).count(unk_id)
+            self.unknown_tokens += ids.count(unk_id)
 
     def summary(self, tokenizer: HFTokenizer) -> dict[str, object]:
         """{characters, dropped, unknown_tokens, examples}: non-space characters seen,
@@ -87,8 +87,8 @@ class Tokenizer(ABC):
         """Changes whenever the id mapping changes: keys cached token files."""
 
     def encode_documents(self, texts: Sequence[str], coverage: Coverage | None = None) -> np.ndarray:
-        """Concatenated ids of `texts`, each followed by EOS (when there is one); what
-        the tokenizer could not represent is added to `coverage` when given."""
+        """Concatenated ids of `texts`, each followed by EOS (when there is one). Tokenizers
+        that can lose text add what they saw to `coverage` (HFTokenizer)."""
         out: list[int] = []
         for text in texts:
             out += self.encode(text)

@@ -60,16 +60,17 @@ def sweep(
             table.add_column(col, justify="right" if col in ("params", "active") else "left",
                              overflow="fold")
         notes = set()
+        states = {run.name: run_state(run) for run in runs}
         for run in runs:
             total, active, note = param_counts(run.cfg)
             if note:
                 notes.add(note)
             ov = ", ".join(f"{k}={v}" for k, v in run.overrides.items()) or "-"
-            table.add_row(run.name, ov, fmt_params(total), fmt_params(active), run_state(run))
+            table.add_row(run.name, ov, fmt_params(total), fmt_params(active), states[run.name])
         console.print(table)
         if notes:
             console.print(f"[dim]parameter counts use: {'; '.join(sorted(notes))}[/]")
-        missing = missing_inputs(runs, {run.name: run_state(run) for run in runs})
+        missing = missing_inputs(runs, states)
         if missing:
             console.print(f"[yellow]warning:[/] {missing}: those runs would fail",
                           highlight=False)

@@ -373,12 +373,19 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
 def run_state(run: SweepRun) -> str:
     """'complete', 'partial' (started, resumable), 'new' or 'conflict' (the run dir holds a
     different config)."""
-    from depthlab.train.trainer import CONFIG_FILE, SUMMARY_FILE, read_summary, resume_conflicts
+    from depthlab.train.trainer import (
+        CONFIG_FILE,
+        SUMMARY_FILE,
+        read_data_record,
+        read_summary,
+        resume_conflicts,
+    )
 
     saved = run.run_dir / CONFIG_FILE
     if not saved.is_file():
         return "new"
-    if resume_conflicts(read_yaml(saved), run.cfg.to_dict(), run.run_dir):
+    kept = "data" in read_data_record(run.run_dir)
+    if resume_conflicts(read_yaml(saved), run.cfg.to_dict(), identity_kept=kept):
         return "conflict"
     done = read_summary(run.run_dir / SUMMARY_FILE) or {}
     step = done.get("step")
@@ -460,6 +467,8 @@ class StatusFile:
         self.write()
 
     def write(self) -> None:
+        from depthlab.data.cache import atomic_write_text
+
         with _exclusive(self.path.with_name(".sweep_status.lock")):
             on_disk = read_status(self.path.parent).get("runs", {})
             merged = {**on_disk, **self.owned}
@@ -471,9 +480,7 @@ class StatusFile:
                 counts[s] = counts.get(s, 0) + 1
             data = {"sweep": self.sweep_name, "runs": runs, "counts": counts,
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(data, indent=2, default=str))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(data, indent=2, default=str))
         self.data = data
 
 
@@ -759,7 +766,7 @@ class SweepOutcome:
 def missing_inputs(runs: list[SweepRun], states: dict[str, str]) -> str | None:
     """One line naming the corpus / tokenizer / init_from files that runs still to train
     would not find from the current directory (where relative paths are read), or None."""
-    from depthlab.train.trainer import BUILTIN_NAMES
+    from depthlab.data.corpus import BUILTIN_NAMES
 
     missing: dict[str, None] = {}
     for run in runs:

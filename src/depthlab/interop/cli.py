@@ -88,10 +88,10 @@ def results_table(report) -> Table:  # noqa: ANN001
         table.add_row(row["task"], row["metric"], _fmt(row["value"]), _fmt(row["stderr"]),
                       str(row["n"] if row["n"] is not None else "-"))
     if report.averages:
-        n_tasks = len({r["task"] for r in report.rows})
+        label = f"average ({counted(len({r['task'] for r in report.rows}), 'task')})"
         table.add_section()
-        table.add_row(f"average ({counted(n_tasks, 'task')})", "acc", _fmt(report.averages["acc"]), "", "")
-        table.add_row(f"average ({counted(n_tasks, 'task')})", "acc_norm|acc",
+        table.add_row(label, "acc", _fmt(report.averages["acc"]), "", "")
+        table.add_row(label, "acc_norm|acc",
                       _fmt(report.averages["acc_norm|acc"]), "", "")
     return table
 

@@ -266,30 +266,31 @@ def _hflm(path: str, device: str, batch_size: int | str, max_length: int | None 
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoConfig
 
-    from depthlab.probe.loading import is_wrapper, load_hf_lm
+    from depthlab.probe.adapters import is_wrapper
+    from depthlab.probe.loading import load_hf_lm
 
-    kwargs: dict[str, Any] = {"pretrained": path, "device": device, "dtype": "float32",
-                              "batch_size": batch_size}
+    name = name or path
+    common: dict[str, Any] = {"batch_size": batch_size}
     if max_length:
-        kwargs["max_length"] = max_length
+        common["max_length"] = max_length
     try:
         config = AutoConfig.from_pretrained(path)
-        _check_causal_lm(config, name or path)
-        tokenizer = _hf_tokenizer(path, name or path)  # before the weights load
+        _check_causal_lm(config, name)
+        tokenizer = _hf_tokenizer(path, name)  # before the weights load
         if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
             raise DepthlabError(
-                f"{name or path}: its tokenizer has no end-of-text (or beginning-of-text) "
+                f"{name}: its tokenizer has no end-of-text (or beginning-of-text) "
                 "token, which lm-eval needs as the context of requests that have none; give it "
                 "one (eos_token) or use --ppl")
-        if is_wrapper(config.model_type):  # HFLM would not load its text model as we do
-            model = load_hf_lm(path, config, torch.float32).to(device).eval()
-            kwargs.update(pretrained=model, backend="causal")
-            del kwargs["device"], kwargs["dtype"]
-            with _lm_eval_quiet():  # its "pretrained is not a str" advice is for its own CLI
-                return HFLM(tokenizer=tokenizer, **kwargs)
-        return HFLM(tokenizer=tokenizer, **kwargs)
+        if not is_wrapper(config.model_type):
+            return HFLM(pretrained=path, tokenizer=tokenizer, device=device, dtype="float32",
+                        **common)
+        # an image-text checkpoint: HFLM would not load its text model as we do
+        model = load_hf_lm(path, config, torch.float32).to(device).eval()
+        with _lm_eval_quiet():  # its "pretrained is not a str" advice is for its own CLI
+            return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", **common)
     except (OSError, ValueError) as err:  # no such model, or no causal-LM class for it
-        raise DepthlabError(f"{name or path}: cannot load with transformers "
+        raise DepthlabError(f"{name}: cannot load with transformers "
                             f"({str(err).splitlines()[0]})") from None
 
 

@@ -305,9 +305,8 @@ class HFStack(LayerStack):
             logits = logits * self._logit_scale
         if self._logit_divisor != 1.0:
             logits = logits / self._logit_divisor
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap is not None and not self.spec.final_softcap:
-            cap = None
+        cap = getattr(self.config, "final_logit_softcapping", None) if self.spec.final_softcap \
+            else None
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -508,10 +507,15 @@ def auto_class(model_type: str) -> Any:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    spec = HF_SPECS.get(model_type)
-    if spec is not None and spec.text_config and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if is_wrapper(model_type) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return transformers.AutoModelForImageTextToText
     return transformers.AutoModelForCausalLM
+
+
+def is_wrapper(model_type: str) -> bool:
+    """An image-text checkpoint whose text model the probe and eval run on."""
+    spec = HF_SPECS.get(model_type)
+    return spec is not None and spec.text_config
 
 
 def check_supported(model_type: str) -> None:

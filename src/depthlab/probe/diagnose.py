@@ -222,19 +222,18 @@ def evaluation_tokens(data: str, tokenizer: Any, info: dict[str, Any], spec: str
 
         enc = _encoder(tokenizer, info, spec) if info.get("kind") == "depthlab" else None
         splits = open_token_dir(path, tokenizer=enc)
-        recorded = (splits.manifest.get("tokenizer") or {}).get("fingerprint")
-        if enc is not None and recorded and getattr(enc, "fingerprint", None) not in (None,
-                                                                                      recorded):
-            raise DepthlabError(f"{path} was tokenized with {splits.manifest['tokenizer'].get('name')}"
-                                f", not with the model's tokenizer {enc.name}")
+        made_with = splits.manifest.get("tokenizer") or {}
+        # the model's tokenizer: a run's, or a local Hugging Face directory's tokenizer.json
+        mine, remedy = enc, f" {getattr(enc, 'name', '')}"
         own = Path(info["path"]) / "tokenizer.json" if info.get("kind") == "hf" else None
-        if recorded and own is not None and own.is_file():
+        if made_with.get("fingerprint") and own is not None and own.is_file():
             from depthlab.data.tokenizer import load_tokenizer_path
 
-            if load_tokenizer_path(own).fingerprint != recorded:
-                raise DepthlabError(
-                    f"{path} was tokenized with {splits.manifest['tokenizer'].get('name')}, not "
-                    f"with the model's tokenizer: prepare it with --tokenizer {own}")
+            mine, remedy = load_tokenizer_path(own), f": prepare it with --tokenizer {own}"
+        if made_with.get("fingerprint") and getattr(mine, "fingerprint", None) not in (
+                None, made_with["fingerprint"]):
+            raise DepthlabError(f"{path} was tokenized with {made_with.get('name')}, not with "
+                                f"the model's tokenizer{remedy}")
         tokens = np.asarray(splits.val)
         tok_name = (splits.manifest.get("tokenizer") or {}).get("name") or "(token directory)"
         source = str(path)

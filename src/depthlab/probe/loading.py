@@ -175,14 +175,6 @@ def load_hf_lm(source: str, config: Any = None, dtype: Any = "auto", **kwargs: A
     return model
 
 
-def is_wrapper(model_type: str) -> bool:
-    """An image-text checkpoint whose text model the probe and eval run on."""
-    from depthlab.probe.adapters import HF_SPECS
-
-    spec = HF_SPECS.get(model_type)
-    return spec is not None and spec.text_config
-
-
 @contextlib.contextmanager
 def _quiet_text_model_load(config: Any, loader: Any) -> Iterator[dict[str, Any]]:
     """Loading only the text model of an image-text checkpoint (Llama 4 through its
@@ -191,6 +183,8 @@ def _quiet_text_model_load(config: Any, loader: Any) -> Iterator[dict[str, Any]]
     so that missing text weights are still an error, not a silent random init."""
     import transformers
     from transformers.utils import logging as hf_logging
+
+    from depthlab.probe.adapters import is_wrapper
 
     if not is_wrapper(config.model_type) or loader is not transformers.AutoModelForCausalLM:
         yield {}

@@ -38,6 +38,7 @@ import yaml
 
 from depthlab.config import RUNTIME_KEYS, RunConfig, TrainConfig, build_config, read_yaml
 from depthlab.data.cache import atomic_write_text
+from depthlab.data.corpus import BUILTIN_NAMES
 from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
@@ -97,10 +98,6 @@ def _dotted(cfg: dict[str, Any], key: str) -> Any:
     return (cfg.get(section) or {}).get(name)
 
 
-BUILTIN_NAMES = frozenset({"kjv", "byte", "bpe"})
-"""data.corpus / data.tokenizer values that name no file, even beside a file of that name."""
-
-
 def _same_path(a: Any, b: Any) -> bool:
     """Whether two config values name the same existing file or directory."""
     if not (isinstance(a, str) and isinstance(b, str)) or {a, b} & BUILTIN_NAMES:
@@ -130,18 +127,17 @@ def data_identity(splits: Any) -> dict[str, Any]:
 
 
 def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any],
-                     run_dir: Path | None = None) -> list[str]:
+                     identity_kept: bool = False) -> list[str]:
     """The differences between a run directory's config (`theirs`) and the config asked to
     resume it that change what is computed: RUNTIME_KEYS may differ, and `train.device`
     too unless it switches the precision (dtype auto: bf16 on CUDA, fp32 on CPU). An unset
     model.vocab_size (the tokenizer's) matches any. Paths (PATH_KEYS) may be spelled
-    differently: when `run_dir` has a data.json, the data they give is compared with the
-    run's after it is prepared; before it existed, they must name the
-    same file from the current directory."""
+    differently: when the run keeps its data identity (`identity_kept`, data.json), the
+    data they give is compared with the run's after it is prepared; before data.json
+    existed, they must name the same file from the current directory."""
     mine = {**mine, "model": dict(mine.get("model") or {})}
     if mine["model"].get("vocab_size") is None:
         mine["model"]["vocab_size"] = (theirs.get("model") or {}).get("vocab_size")
-    identity_kept = run_dir is not None and "data" in read_data_record(run_dir)
     conflicts = []
     for d in config_differences(theirs, mine):
         key = d.split(":")[0]
@@ -156,11 +152,6 @@ def resume_conflicts(theirs: dict[str, Any], mine: dict[str, Any],
             if a != b:
                 conflicts.append(f"{d} (with train.dtype=auto this changes the precision)")
     return conflicts
-
-
-def user_tokenizer(configured: str) -> str | None:
-    """The tokenizer.json path the config names (None for byte / bpe)."""
-    return None if configured in ("byte", "bpe") else configured
 
 
 def _token_dir_tokenizer_note(configured: str, splits: Any) -> str | None:
@@ -230,11 +221,11 @@ class Trainer:
             self.splits = D.main_first(lambda: open_splits(cfg.data, progress=D.is_main()))
         else:
             self.splits = open_splits(cfg.data)
-        notes = [_token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
-                 *tokenizer_notes(self.splits.manifest, user_tokenizer(cfg.data.tokenizer))]
-        for note in notes:
-            if note and self.dist.is_main:
-                print(f"note: {note}", file=sys.stderr, flush=True)
+        if self.dist.is_main:
+            for note in [_token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
+                         *tokenizer_notes(self.splits.manifest, cfg.data.tokenizer)]:
+                if note:
+                    print(f"note: {note}", file=sys.stderr, flush=True)
         if cfg.model.vocab_size is None:
             cfg = build_config(cfg.to_dict(), {"model.vocab_size": self.splits.vocab_size})
         elif cfg.model.vocab_size < self.splits.vocab_size:
@@ -320,12 +311,14 @@ class Trainer:
         (rank 0 checks and writes; every rank raises its error)."""
         D.on_main_then_share(self._claim_run_dir_main)
 
-    def _check_config(self, mine: dict[str, Any]) -> bool:
-        """Whether the run dir already holds a run; DepthlabError if its config differs."""
+    def _check_config(self, mine: dict[str, Any]) -> dict[str, Any] | None:
+        """The run's data.json record ({} for runs from before it) when the run dir already
+        holds a run, None when it is new; DepthlabError if its config differs."""
         path = self.run_dir / CONFIG_FILE
         if not path.is_file():
-            return False
-        diffs = resume_conflicts(read_yaml(path), mine, self.run_dir)
+            return None
+        record = read_data_record(self.run_dir)
+        diffs = resume_conflicts(read_yaml(path), mine, identity_kept="data" in record)
         if diffs:
             longer = any(d.startswith("train.max_steps") for d in diffs)
             hint = (f"; to train on from its weights, start a new run with --set "
@@ -334,13 +327,13 @@ class Trainer:
                 f"{self.run_dir} already holds a different config ({'; '.join(diffs[:3])}); "
                 f"choose another name/out_dir or delete that run{hint}"
             )
-        return True
+        return record
 
     def _claim_run_dir_main(self) -> None:
         mine = self.cfg.to_dict()
-        identity = data_identity(self.splits)
-        if self._check_config(mine):
-            before = read_data_record(self.run_dir).get("data")
+        record = self._check_config(mine)
+        if record is not None:
+            before, identity = record.get("data"), data_identity(self.splits)
             if before is not None and before != identity:
                 changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in identity.items()
                                     if before.get(k) != v)
