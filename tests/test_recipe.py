@@ -59,8 +59,16 @@ def test_recipe_bad_input():
         make_recipe(8, 20_000_000, vocab_size=257, experts=4, top_k=8)
     assert parse_count("1.2B") == 1_200_000_000 and parse_count("350m") == 350_000_000
     assert parse_count("5E8") == parse_count("5e8") == 500_000_000
-    with pytest.raises(DepthlabError, match="--context must be >= 2"):
-        make_recipe(8, 20_000_000, vocab_size=257, moe=False, context=0)
+    for bad in (0, 7, 2**20):
+        with pytest.raises(DepthlabError, match="--context must be between 64 and 524,288"):
+            make_recipe(8, 20_000_000, vocab_size=257, moe=False, context=bad)
+    with pytest.raises(DepthlabError, match=r"--budget 10 tokens is 1 optimiser step of 524,288 "
+                       r"tokens; .* at least 100 \(52.43M tokens\)"):
+        make_recipe(8, 20_000_000, vocab_size=257, moe=False, tokens=10)
+    assert make_recipe(8, 20_000_000, vocab_size=257, moe=False,
+                       tokens=100 * 2**19).config["train"]["max_steps"] == 100
+    with pytest.raises(DepthlabError, match="fits 100T parameters"):
+        make_recipe(8, 100 * 10**12, vocab_size=257, moe=False)
     with pytest.raises(DepthlabError, match="--vocab-size must be >= 257"):
         make_recipe(8, 20_000_000, vocab_size=100, moe=False)
     with pytest.raises(DepthlabError, match="--experts must be >= 1"):
@@ -76,6 +84,15 @@ def test_recipe_cites_reproduce_results(tmp_path):
     rec = make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path)
     text = render(rec, explain=True)
     assert "reproduce --scale tiny claim 3" in text
+    assert "caveat" not in text  # claim 3 held
+    # width and schedule are arithmetic: nothing cited, no "paper only" placeholder
+    width = next(c for c in rec.choices if c.knob == "width d")
+    assert not width.cites and not width.evidence
+    results["claims"][0]["verdict"] = "does not hold"
+    (tmp_path / "reproduce.json").write_text(json.dumps(results))
+    text = render(make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path),
+                  explain=True)
+    assert "caveat: the tiny-scale re-check contradicts the paper here" in text
     with pytest.raises(DepthlabError, match="no reproduce results"):
         make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path / "nope")
     for bad in ("[1, 2]", '{"claims": 5}', '{"scale": "tiny", "claims": [{"id": 3}]}'):
@@ -154,3 +171,11 @@ def test_growth_law_simulation():
     assert status != FAILS and "slope" in detail
     with pytest.raises(ValueError):
         simulate(densities=(1.5,), max_depth=2)
+
+
+def test_fmt_params_scales():
+    from depthlab.text import fmt_params
+
+    assert [fmt_params(n) for n in (12_345, 400_000_000, 400_370_000, 1_200_000_000,
+                                    100 * 10**12, None)] == [
+        "12,345", "400M", "400.37M", "1.2B", "100T", "?"]

@@ -21,11 +21,15 @@ import yaml
 from depthlab.config import RunConfig, build_config
 from depthlab.errors import DepthlabError
 from depthlab.experiments.reproduce import RESULTS_FILE
+from depthlab.experiments.verdict import FAILS, HOLDS
+from depthlab.text import counted, fmt_params
 
 SWEET_SPOT_T = 4096
 TOKENS_PER_STEP = 2**19  # ~0.5M tokens per optimiser step
 HEAD_DIM = 64
 TOLERANCE = 0.05
+MIN_CONTEXT = 64
+MIN_STEPS = 100
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 
@@ -46,6 +50,10 @@ class Choice:
     value: str
     why: str
     evidence: list[str] = field(default_factory=list)
+    caveat: str | None = None
+    """Set when the cited re-check did not confirm the paper's claim."""
+    cites: bool = True
+    """False for choices that are arithmetic, with no claim to cite."""
 
 
 @dataclass
@@ -58,11 +66,13 @@ class Recipe:
     choices: list[Choice]
     budget_kind: str = "total"
     """Which count the budget constrains: "total" or "active" parameters."""
+    overall: Choice | None = None
+    """The evidence for the recipe as a whole (the ablation ladder)."""
 
     def yaml(self) -> str:
-        head = (f"# depthlab recipe: {self.cfg.model.n_layers} layers, {self.params / 1e6:.1f}M "
-                f"parameters ({self.active_params / 1e6:.1f}M active per token), budget "
-                f"{self.target / 1e6:.1f}M {self.budget_kind}.\n# Point data.corpus / "
+        head = (f"# depthlab recipe: {self.cfg.model.n_layers} layers, {fmt_params(self.params)} "
+                f"parameters ({fmt_params(self.active_params)} active per token), budget "
+                f"{fmt_params(self.target)} {self.budget_kind}.\n# Point data.corpus / "
                 f"data.tokenizer at your own corpus and tokenizer (vocab {self.cfg.model.vocab_size}).\n")
         return head + yaml.safe_dump(self.config, sort_keys=False)
 
@@ -124,7 +134,7 @@ def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int,
             min(fits, key=lambda f: f[0]) if fits else None)
     if best is None or best[0] > TOLERANCE:
         raise DepthlabError(
-            f"no {'MoE' if moe else 'dense'} shape with {L} layers fits {target / 1e6:.1f}M "
+            f"no {'MoE' if moe else 'dense'} shape with {L} layers fits {fmt_params(target)} "
             f"{'active ' if active else ''}parameters within {TOLERANCE:.0%} (vocab {vocab}); "
             f"change --params or --layers"
             + ("" if not moe else ", or try --dense"))
@@ -167,16 +177,20 @@ def _looks_like_results(results: Any) -> bool:
         for c in results["claims"])
 
 
-def _cite(results: dict[str, Any] | None, source: str | None, claim_id: int) -> list[str]:
-    if not results:
-        return []
-    for c in results.get("claims", []):
+def _cite(choice: Choice, results: dict[str, Any] | None, source: str | None,
+          claim_id: int) -> Choice:
+    """Attach the re-check of claim `claim_id` to `choice`, with a caveat unless it held."""
+    for c in (results or {}).get("claims", []):
         if c["id"] == claim_id:
             tests = "; ".join(f"{t['label']}: {t['status']} ({t['detail']})"
                               for t in c["tests"] if t.get("primary"))
-            return [f"reproduce --scale {results['scale']} claim {claim_id} "
-                    f"({c['title']}): {c['verdict']} - {tests} [{source}]"]
-    return []
+            choice.evidence = [f"reproduce --scale {results['scale']} claim {claim_id} "
+                               f"({c['title']}): {c['verdict']} - {tests} [{source}]"]
+            if c["verdict"] != HOLDS:
+                seen = "contradicts" if c["verdict"] == FAILS else "does not confirm"
+                choice.caveat = (f"the {results['scale']}-scale re-check {seen} the paper here; "
+                                 "this choice follows the paper's result")
+    return choice
 
 
 def make_recipe(layers: int, params: int, *, context: int | None = None, tokens: int | None = None,
@@ -192,15 +206,20 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     if moe and not 1 <= top_k <= experts:
         raise DepthlabError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
     T = SWEET_SPOT_T if context is None else context
-    if T < 2:
-        raise DepthlabError(f"--context must be >= 2, got {T}")
+    if not MIN_CONTEXT <= T <= TOKENS_PER_STEP:
+        raise DepthlabError(f"--context must be between {MIN_CONTEXT} and {TOKENS_PER_STEP:,} "
+                            f"(the tokens of one optimiser step), got {T}")
     d, heads, kv, hidden = _solve(layers, params, vocab_size, moe, experts, top_k, active)
     wd = 0.1 if layers < 24 else 0.3
     seqs = max(1, TOKENS_PER_STEP // T)
     micro = max(1, min(seqs, 16384 // T))
     while seqs % micro:
         micro -= 1
-    steps = max(1, math.ceil(tokens / (seqs * T))) if tokens else 100_000
+    steps = math.ceil(tokens / (seqs * T)) if tokens else 100_000
+    if steps < MIN_STEPS:
+        raise DepthlabError(f"--budget {fmt_params(tokens)} tokens is "
+                            f"{counted(steps, 'optimiser step')} of {seqs * T:,} tokens; a warmup + cosine schedule needs at least "
+                            f"{MIN_STEPS} ({fmt_params(MIN_STEPS * seqs * T)} tokens)")
     model: dict[str, Any] = {"vocab_size": vocab_size, "n_layers": layers, "d_model": d,
                              "n_heads": heads, "n_kv_heads": kv, "max_seq_len": T,
                              "init": "paper"}
@@ -232,47 +251,55 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
                             f"{TOLERANCE:.0%} of {params:,}; please report this")
     results, source = _find_evidence(evidence)
     choices = [
-        Choice("context T", str(T),
-               "long context makes attention sparse (each query spreads over more keys), which "
-               "damps variance growth; the paper's sweet spot is T = 2048-4096"
-               + ("" if context is None else " (you fixed T)"), _cite(results, source, 4)),
-        Choice("weight decay lambda", f"{wd:g}",
-               "weight decay sparsifies weights and lowers last-layer variance; lambda = 0.1 gave "
-               "the paper's best PPL at 16 layers, and its 32-layer ladder gained with 0.3",
-               _cite(results, source, 3)),
-        Choice("GQA group size G", f"{heads // kv} ({heads} query heads, {kv} KV heads)",
-               "sharing keys/values across heads raised usefulness at equal PPL in the paper "
-               "(G = 2 in its 32-layer ladder, G = 16 best at 1.2B)", _cite(results, source, 5)),
-        Choice("MoE" if moe else "MLP",
-               f"{experts} experts, top-{top_k}, expert hidden {hidden}" if moe
-               else f"dense SwiGLU, hidden {hidden}",
-               "fine-grained experts make each token's MLP sparse; the paper's MoE beat dense by "
-               "> 2 PPL with usefulness 0.94" if moe else "dense MLP (--dense)",
-               _cite(results, source, 6)),
+        _cite(Choice("context T", str(T),
+                     "long context makes attention sparse (each query spreads over more keys), "
+                     "which damps variance growth; the paper's sweet spot is T = 2048-4096"
+                     + ("" if context is None else " (you fixed T)")), results, source, 4),
+        _cite(Choice("weight decay lambda", f"{wd:g}",
+                     "weight decay sparsifies weights and lowers last-layer variance; lambda = 0.1 "
+                     "gave the paper's best PPL at 16 layers, and its 32-layer ladder gained with "
+                     "0.3"), results, source, 3),
+        _cite(Choice("GQA group size G", f"{heads // kv} ({heads} query heads, {kv} KV heads)",
+                     "sharing keys/values across heads raised usefulness at equal PPL in the "
+                     "paper (G = 2 in its 32-layer ladder, G = 16 best at 1.2B)"),
+              results, source, 5),
+        _cite(Choice("MoE" if moe else "MLP",
+                     f"{experts} experts, top-{top_k}, expert hidden {hidden}" if moe
+                     else f"dense SwiGLU, hidden {hidden}",
+                     "fine-grained experts make each token's MLP sparse; the paper's MoE beat "
+                     "dense by > 2 PPL with usefulness 0.94" if moe else "dense MLP (--dense)",
+                     cites=moe), results if moe else None, source, 6),
         Choice("width d", f"{d} (head dim {d // heads})",
-               f"solved so that the {kind} count is {matched / 1e6:.1f}M for a "
-               f"{params / 1e6:.1f}M budget ({(matched - params) / params:+.1%}); "
-               f"{total / 1e6:.1f}M total, {n_active / 1e6:.1f}M active per token",
-               _cite(results, source, 2)),
+               f"solved so that the {kind} count is {fmt_params(matched)} for a "
+               f"{fmt_params(params)} budget ({(matched - params) / params:+.1%}); "
+               f"{fmt_params(total)} total, {fmt_params(n_active)} active per token",
+               cites=False),
         Choice("schedule", f"lr 4e-4 cosine to 0.1x, betas (0.9, 0.95), clip 1.0, {seqs} x {T} "
                f"tokens/step, {steps} steps", "the paper's optimiser settings" +
-               (f"; {tokens / 1e9:.2f}B tokens" if tokens else "; set --budget for max_steps"),
-               _cite(results, source, 7)),
+               (f"; {fmt_params(tokens)} tokens" if tokens else "; set --budget for max_steps"),
+               cites=False),
     ]
-    return Recipe(raw, cfg, total, n_active, params, choices, budget_kind=kind)
+    overall = _cite(Choice("the recipe as a whole", "baseline -> +T -> +lambda -> +G -> +MoE",
+                           "the paper's ablation ladder gained at every rung"), results, source, 7)
+    return Recipe(raw, cfg, total, n_active, params, choices, budget_kind=kind, overall=overall)
 
 
 def render(rec: Recipe, explain: bool = False) -> str:
-    """A short plain-text explanation (one line per choice, evidence with --explain)."""
-    lines = [f"recipe for L={rec.cfg.model.n_layers}: {rec.params / 1e6:.1f}M parameters "
-             f"({rec.active_params / 1e6:.1f}M active), budget {rec.target / 1e6:.1f}M "
+    """A short plain-text explanation (one line per choice; evidence and caveats with
+    --explain)."""
+    lines = [f"recipe for L={rec.cfg.model.n_layers}: {fmt_params(rec.params)} parameters "
+             f"({fmt_params(rec.active_params)} active), budget {fmt_params(rec.target)} "
              f"{rec.budget_kind}"]
-    for c in rec.choices:
+    shown = rec.choices + ([rec.overall] if explain and rec.overall else [])
+    for c in shown:
         lines.append(f"- {c.knob}: {c.value} - {c.why}")
-        if explain:
-            if c.evidence:
-                lines += [f"    evidence: {e}" for e in c.evidence]
-            else:
-                lines.append("    evidence: paper only (no reproduce results found; run "
-                             "`depthlab reproduce --scale tiny`)")
+        if not explain or not c.cites:
+            continue
+        if c.evidence:
+            lines += [f"    evidence: {e}" for e in c.evidence]
+        else:
+            lines.append("    evidence: paper only (no reproduce results found; run "
+                         "`depthlab reproduce --scale tiny`)")
+        if c.caveat:
+            lines.append(f"    caveat: {c.caveat}")
     return "\n".join(lines)
