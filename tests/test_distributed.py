@@ -433,10 +433,11 @@ def test_global_batch_is_checked_before_any_work(tmp_path, monkeypatch):
     does not split over it is refused before the group is joined or the data is read."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    raw = raw_cfg(tmp_path, "x", **{"train.global_batch_size": 3 * B})  # no corpus written
-    with pytest.raises(DepthlabError, match=r"\(6\) is not divisible by .* world size \(2\)"):
-        Trainer(build_config(raw), progress=False)
+    with pytest.raises(DepthlabError, match=r"global_batch_size \(6\) must be a multiple of "
+                                            r"train.batch_size \(2\) x 2 processes = 4"):
+        raw_cfg(tmp_path, "x", **{"train.global_batch_size": 3 * B})  # no corpus written
     monkeypatch.delenv("RANK")  # WORLD_SIZE alone is not a torchrun launch: one process
+    raw = raw_cfg(tmp_path, "x", **{"train.global_batch_size": 3 * B})
     with pytest.raises(DepthlabError, match="corpus.txt"):  # gets as far as the data
         Trainer(build_config(raw), progress=False)
 

@@ -232,10 +232,14 @@ class TrainConfig(_Strict):
                     f"({self.global_batch_size}) are both set: set one (grad_accum is derived "
                     "from global_batch_size)"
                 )
-            if self.global_batch_size % self.batch_size:
+            from depthlab.train import distributed as D
+
+            world = D.env_world_size() if D.launched() else 1  # torchrun's processes
+            if self.global_batch_size % (self.batch_size * world):
                 raise ValueError(
                     f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                    f"train.batch_size ({self.batch_size}) x the number of processes"
+                    f"train.batch_size ({self.batch_size})"
+                    + (f" x {world} processes = {self.batch_size * world}" if world > 1 else "")
                 )
         return self
 
