@@ -358,9 +358,37 @@ def test_scores_over_a_subset_are_labelled_and_drawn_at_their_layers(tmp_path):
     ax = fig_jacobian(data, colors).axes[0]
     xs = sorted(tuple(line.get_xdata()) for line in ax.get_lines())
     assert xs == [(0, 1, 2), (3, 5)]
-    texts = [t.get_text() for a in fig_diagnostic_bars(data, colors).axes for t in a.texts]
-    assert "0.0487\n(pairs with block 2)" in texts and "0.667\n(disjoint split)" in texts
-    assert "0.013" in texts
+    axes = fig_diagnostic_bars(data, colors).axes
+    texts = [t.get_text() for a in axes for t in a.texts]
+    assert "0.0487*" in texts and "0.667*" in texts and "0.013" in texts
+    xlabels = {a.get_title(): a.get_xlabel() for a in axes}
+    assert xlabels["permutation score"] == "run\n* pairs with block 2"
+    assert xlabels["usefulness"] == "run\n* disjoint split"
+    assert xlabels["causal score (causal_pairs)"] == "run"
+
+
+def test_heatmaps_mark_unmeasured_pairs(tmp_path):
+    """Pairs a subset left out are drawn grey and the colour bar says so; a full matrix
+    is not labelled with gaps it does not have."""
+    from depthlab.report.figures import fig_permutation_heatmaps
+
+    res = fake_results(4)
+    hf = tmp_path / "model"
+    hf.mkdir()
+    res["metrics"]["permutation"]["matrix"] = [
+        [None if abs(a - b) != 1 else 0.5 for b in range(4)] for a in range(4)]
+    res["metrics"]["permutation"]["pair_set"] = "adjacent"
+    (hf / "results.json").write_text(json.dumps(res))
+    fig = fig_permutation_heatmaps(collect([hf]), {})
+    heat, bar = fig.axes
+    assert heat.get_title() == "model (adjacent pairs)"
+    assert bar.get_ylabel().endswith("(grey: not measured)")
+    image = heat.get_images()[0]
+    assert image.cmap.get_bad().tolist() == pytest.approx([0.85, 0.85, 0.85, 1.0])
+    full = [[0.0 if a == b else 0.5 for b in range(4)] for a in range(4)]
+    res["metrics"]["permutation"].update(matrix=full, pair_set="all")
+    (hf / "results.json").write_text(json.dumps(res))
+    assert "grey" not in fig_permutation_heatmaps(collect([hf]), {}).axes[1].get_ylabel()
 
 
 def test_runs_table_shows_the_depth_and_sparsity_knobs_first():

@@ -218,7 +218,8 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     steps = math.ceil(tokens / (seqs * T)) if tokens else 100_000
     if steps < MIN_STEPS:
         raise DepthlabError(f"--budget {fmt_params(tokens)} tokens is "
-                            f"{counted(steps, 'optimiser step')} of {seqs * T:,} tokens; a warmup + cosine schedule needs at least "
+                            f"{counted(steps, 'optimiser step')} of {seqs * T:,} tokens; "
+                            "a warmup + cosine schedule needs at least "
                             f"{MIN_STEPS} ({fmt_params(MIN_STEPS * seqs * T)} tokens)")
     model: dict[str, Any] = {"vocab_size": vocab_size, "n_layers": layers, "d_model": d,
                              "n_heads": heads, "n_kv_heads": kv, "max_seq_len": T,

@@ -235,6 +235,15 @@ def _bar_values(data: ReportData) -> list[tuple[str, dict[str, float | None], di
              {m: d.measured_on(m) for m in _BARS}) for label, d in data.all_diagnoses]
 
 
+_MARKS = ("*", "†", "‡", "§", "¶")
+
+
+def _footnotes(qualifiers: list[str]) -> dict[str, str]:
+    """A mark per distinct qualifier ('adjacent pairs' -> '*'), in order of appearance."""
+    distinct = list(dict.fromkeys(q for q in qualifiers if q))
+    return {q: _MARKS[i] if i < len(_MARKS) else f"[{i + 1}]" for i, q in enumerate(distinct)}
+
+
 def fig_diagnostic_bars(data: ReportData, colors: dict[str, str]) -> Figure | str:
     rows = [(lab, v, on) for lab, v, on in _bar_values(data)
             if any(x is not None for x in v.values())]
@@ -246,38 +255,53 @@ def fig_diagnostic_bars(data: ReportData, colors: dict[str, str]) -> Figure | st
     fig, axes = _fig(max(9.0, min(3 + 1.2 * len(rows), 15)), 3.8, ncols=3)
     labels = [lab for lab, _, _ in rows]
     tilt = len(rows) > 3 or max(len(lab) for lab in labels) > 8
+    upright = len(rows) <= 5  # value labels turn vertical when the bars get narrow
     for ax, (key, title, ylabel) in zip(axes[0], panels, strict=True):
         vals = [v[key] for _, v, _ in rows]
         xs = list(range(len(rows)))
         ax.bar(xs, [NAN if x is None else x for x in vals],
                color=[colors.get(lab, "grey") for lab in labels])
+        # a score measured over another set than the default gets a mark, explained below
+        # the panel, rather than a second text line that collides with its neighbours'
+        marks = _footnotes([on[key] for _, _, on in rows])
         for x, val, (_, _, on) in zip(xs, vals, rows, strict=True):
-            text = "n/a" if val is None else f"{val:.3g}" + (f"\n({on[key]})" if on[key] else "")
-            ax.text(x, 0 if val is None else val, text, ha="center", va="bottom", fontsize=7)
+            text = "n/a" if val is None else f"{val:.3g}{marks.get(on[key], '')}"
+            ax.text(x, 0 if val is None else val, text, ha="center", va="bottom", fontsize=7,
+                    rotation=0 if upright else 90)
         ax.set_xticks(xs, labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
-        ax.set(title=title, ylabel=ylabel, xlabel="run")
+        notes = "; ".join(f"{m} {q}" for q, m in marks.items())
+        ax.set(title=title, ylabel=ylabel, xlabel="run" + (f"\n{notes}" if notes else ""))
+        top = max((x for x in vals if x is not None), default=0.0)
         if key == "usefulness":
-            ax.set_ylim(0, 1.08)
+            ax.set_ylim(0, 1.15 if upright else 1.3)
+        elif top > 0:  # room above the tallest bar for its label
+            ax.set_ylim(0, top * (1.15 if upright else 1.35))
         ax.grid(axis="x", visible=False)
     return fig
 
 
 def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: str,
               colors: dict[str, str]) -> Figure | str:
-    mats = [(label, m) for label, d in data.all_diagnoses if (m := d.matrix(metric))]
+    import matplotlib
+
+    mats = [(label, m, d.measured_on(metric)) for label, d in data.all_diagnoses
+            if (m := d.matrix(metric))]
     if not mats:
         return f"no {metric} matrices from `depthlab diagnose`"
     n = len(mats)
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
     fig, axes = _fig(3.3 * ncols + 0.6, 3.1 * nrows, ncols=ncols, nrows=nrows)
-    vmax = max((x for _, m in mats for row in m for x in row if x is not None), default=1.0) or 1.0
+    vmax = max((x for _, m, _ in mats for row in m for x in row if x is not None),
+               default=1.0) or 1.0
+    # unmeasured cells (the diagonal, pairs outside a subset) are grey, not background
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
     image = None
-    for ax, (label, m) in zip(axes.flat, mats, strict=False):
+    for ax, (label, m, on) in zip(axes.flat, mats, strict=False):
         grid = [[NAN if x is None else x for x in row] for row in m]
-        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, origin="upper",
+        image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=vmax, origin="upper",
                           interpolation="nearest")
-        ax.set_title(label, color=colors.get(label, "black"))
+        ax.set_title(label + (f" ({on})" if on else ""), color=colors.get(label, "black"))
         ax.set(xlabel=xlabel, ylabel=ylabel)
         L = len(grid)
         if L <= 16:
@@ -290,7 +314,9 @@ def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: st
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=title)
+        gaps = any(x is None for _, m, _ in mats for row in m for x in row)
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8,
+                     label=title + ("\n(grey: not measured)" if gaps else ""))
     return fig
 
 
@@ -367,7 +393,7 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportData, dict[str, str]], Figure
      "usefulness = useful layers / L (loss ratio > 1.1 when the block is replaced by its best "
      "affine map, evaluated on its fitting tokens); causal = causal_pairs; permutation = mean "
      "over all block pairs. A bar measured over another set (adjacent pairs, a disjoint "
-     "split) names it under its value.",
+     "split) carries a mark that the panel's axis label explains.",
      fig_diagnostic_bars),
     ("causal_heatmaps", "Causal score matrices",
      "C[s, l]: relative change of block l's update when block s is skipped (zero on and below "
