@@ -72,6 +72,38 @@ def test_file_system_and_config_file_mistakes_are_one_line(tmp_path, capsys):
     assert a_file.read_text() == "not a directory"  # refused, untouched
 
 
+def test_paths_of_the_wrong_kind_get_guidance(tmp_path, capsys, monkeypatch):
+    """info/train on a sweep spec, info/report on a checkpoint, report on a run's file."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    sweep = str(repo / "configs" / "sweeps" / "depth.yaml")
+    for cmd in ("info", "train"):
+        assert "is a sweep spec, not a run config: run it with `depthlab sweep" in \
+            _one_line_error([cmd, sweep], capsys)
+    assert "depth.yaml is a sweep spec: report its output directory" in _one_line_error(
+        ["report", sweep, "--out", str(tmp_path / "r")], capsys)
+    run = tmp_path / "runs" / "a"
+    step = run / "checkpoints" / "step_0000020"
+    step.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"name": "a", "out_dir": str(tmp_path / "runs"), "model": {"vocab_size": 257}}))
+    (run / "metrics.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    for inside in ("runs/a/checkpoints/step_0000020", "runs/a/checkpoints", "runs/a/metrics.jsonl"):
+        assert (f"{inside} is inside run runs/a: give the run directory (depthlab report "
+                "runs/a)") in _one_line_error(["report", inside, "--out", "r"], capsys)
+    main(["info", "runs/a/checkpoints/step_0000020"])
+    out = capsys.readouterr()
+    assert "note: runs/a/checkpoints/step_0000020 is inside run runs/a; showing the run" in out.err
+    assert "runs/a ──" in out.out and "last metrics" in out.out  # the run itself
+    assert "is a run config: report reads the run's directory" in _one_line_error(
+        ["report", str(repo / "configs" / "cpu" / "tiny.yaml"), "--out", "r"], capsys)
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "notes.txt is a file: report reads directories" in _one_line_error(
+        ["report", "runs", "notes.txt", "--out", "r"], capsys)  # not skipped silently
+
+
 def test_recipe_out_never_replaces_a_file_silently(tmp_path, capsys):
     mine = tmp_path / "mine.yaml"
     mine.write_text("# my own config\n")

@@ -18,6 +18,7 @@ import yaml
 
 from depthlab.config import RUNTIME_KEYS
 from depthlab.errors import DepthlabError
+from depthlab.paths import enclosing_run, is_sweep_spec
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -326,12 +327,42 @@ def ladder_scores(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, floa
     return name, out
 
 
+def _misplaced(root: Path) -> str | None:
+    """Guidance when `root` is not something a report reads: a file other than a
+    results.json (a sweep spec, a run's own file) or a directory inside a run."""
+    if root.is_file() and root.name == RESULTS_FILE:
+        return None
+    if root.is_dir() and (find_runs(root) or _walk(root, RESULTS_FILE)):
+        return None
+    run = enclosing_run(root)
+    if run is not None:
+        return f"{root} is inside run {run}: give the run directory (depthlab report {run})"
+    if root.is_dir():
+        return None  # the "nothing found" error below names it
+    try:
+        raw = yaml.safe_load(root.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        return (f"{root} is a run config: report reads the run's directory (OUT_DIR/NAME) once "
+                "it has trained")
+    if isinstance(raw, dict) and is_sweep_spec(raw):
+        return (f"{root} is a sweep spec: report its output directory (the sweep's out_dir, "
+                "runs/sweeps/NAME by default; `depthlab sweep SPEC --dry-run` names it)")
+    return (f"{root} is a file: report reads directories (runs, sweeps, diagnose outputs) and "
+            f"diagnose {RESULTS_FILE} files")
+
+
 def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportData:
     """Find and read every run, diagnosis and ladder under `dirs`."""
     roots = [Path(d) for d in dirs]
     missing = [str(r) for r in roots if not r.exists()]
     if missing:
         raise DepthlabError(f"no such directory: {', '.join(missing)}")
+    for r in roots:
+        hint = _misplaced(r)
+        if hint:
+            raise DepthlabError(hint)
     warnings: list[str] = []
     run_paths: list[Path] = []
     for r in roots:
