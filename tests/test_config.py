@@ -92,3 +92,14 @@ def test_a_key_given_twice_is_refused(tmp_path):
 def test_nested_run_names_stay_inside_out_dir():
     cfg = build_config({"name": "group/run", "out_dir": "runs"})
     assert cfg.run_dir == Path("runs/group/run")
+
+
+def test_mix_ln_that_rounds_to_one_placement_is_named():
+    def note(L, f):
+        return build_config({"model": {"n_layers": L, "norm_placement": "mix",
+                                       "mix_ln_fraction": f}}).model.placement_note()
+
+    assert note(4, 0.5) is None and note(8, 0.25) is None
+    assert note(3, 0.25).endswith("gives 0 post-LN blocks: this model is pre-LN in every block")
+    assert note(4, 1.0).endswith("gives 4 post-LN blocks: this model is post-LN in every block")
+    assert build_config({"model": {"n_layers": 3}}).model.placement_note() is None

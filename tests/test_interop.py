@@ -97,6 +97,9 @@ def test_export_gives_same_logits_and_loss_in_stock_transformers(tmp_path, name)
     result = export_model(model, out, byte_level_tokenizer(64))
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == cls == result.hf_class
+    # Mix-LN with no post-LN block exports as plain pre-LN, and the export says so
+    assert any("gives 0 post-LN blocks: this model is pre-LN in every block" in n
+               for n in result.notes) == (name == "mix-ln-all-pre")
     ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids[:, :-1], ids[:, 1:])

@@ -139,6 +139,18 @@ class ModelConfig(_Strict):
             return layer < math.floor(self.mix_ln_fraction * self.n_layers)
         return False
 
+    def placement_note(self) -> str | None:
+        """Mix-LN whose post-LN share rounds to no block (or to every block) is in fact
+        pre-LN (post-LN): said at train and export time, since nothing else shows it."""
+        if self.norm_placement != "mix":
+            return None
+        n_post = math.floor(self.mix_ln_fraction * self.n_layers)
+        if 0 < n_post < self.n_layers:
+            return None
+        same = "pre-LN in every block" if n_post == 0 else "post-LN in every block"
+        return (f"model.norm_placement=mix with mix_ln_fraction {self.mix_ln_fraction:g} x "
+                f"{self.n_layers} layers gives {n_post} post-LN blocks: this model is {same}")
+
 
 class DataConfig(_Strict):
     """Where tokens come from: a corpus plus a tokenizer, or prepared token files."""

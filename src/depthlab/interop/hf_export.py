@@ -260,7 +260,7 @@ def export_model(
     bos = tokenizer.bos_token_id if tokenizer is not None else None
     hf, arch = to_hf_model(model, arch, eos_token_id=eos, bos_token_id=bos)
     diff = check_equivalent(model, hf, arch) if verify else None
-    notes = []
+    notes = [note] if (note := model.cfg.placement_note()) else []
     if model.cfg.norm_placement == "scaled":
         notes.append("LayerNorm Scaling folded into the RMSNorm gains (1/sqrt(l+1))")
     if arch == "qwen2_moe":

@@ -222,7 +222,8 @@ class Trainer:
         else:
             self.splits = open_splits(cfg.data)
         if self.dist.is_main:
-            for note in [_token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
+            for note in [cfg.model.placement_note(),
+                         _token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
                          *tokenizer_notes(self.splits.manifest, cfg.data.tokenizer)]:
                 if note:
                     print(f"note: {note}", file=sys.stderr, flush=True)
