@@ -83,8 +83,23 @@ def test_ablate_end_to_end(tmp_path, capsys):
     assert (out / "report" / "figures" / "ladder.png").is_file()
 
 
+def test_dry_runs_list_the_runs_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "rep"
+    main(["reproduce", "--dry-run", "--seeds", "1", "--claims", "1,8", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "reproduce --scale tiny: 4 runs" in printed and "L16_s0" in printed
+    assert "claim 1 (Last-layer variance grows with depth): 4 runs" in printed
+    assert "claim 8: a random-stack simulation, no training" in printed
+    main(["ablate", "configs/cpu/dense.yaml", "--dry-run", "--out", str(tmp_path / "abl")])
+    printed = capsys.readouterr().out
+    assert "5 runs" in printed and "ladder4_MoE" in printed and "new" in printed
+    assert "nothing trained" in printed
+    assert not out.exists() and not (tmp_path / "abl").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["reproduce", "--scale", "huge"], "unknown scale"),
+    (["reproduce", "--scale", "paper", "--dry-run"], "--dry-run would be ignored"),
     (["reproduce", "--claims", "9"], "unknown claim"),
     (["reproduce", "--claims", "x"], "--claims takes numbers"),
     (["ablate", "configs/cpu/moe.yaml"], "already uses MoE"),

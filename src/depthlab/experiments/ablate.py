@@ -171,9 +171,11 @@ def with_seeds(points: list[Point], seeds: int, base_seed: int = 0) -> list[Poin
 def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpec | None = None,
            jobs: int = 1, seeds: int = 1, overrides: list[str] | dict[str, Any] = (),
            on_status: Any = None, on_diagnose: Any = None,
-           on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
+           on_note: Callable[[str], None] | None = None, dry_run: bool = False
+           ) -> dict[str, Any]:
     """Train and diagnose the five rungs of `config`; write OUT/ladder.json and a report with
-    the ladder chart (bars: validation PPL, markers: usefulness)."""
+    the ladder chart (bars: validation PPL, markers: usefulness). `dry_run`: return the
+    sweep (`{"sweep", "out"}`) without training or writing anything."""
     import json
 
     from depthlab.config import apply_overrides, read_yaml
@@ -192,6 +194,9 @@ def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpe
         on_note(note)
     runs = with_seeds(points, seeds, base_seed=base.train.seed)
     sweep = make_sweep(f"ablate_{base.name}", base_raw, runs, out / "runs")
+    if dry_run:
+        sweep.runs()  # validates every rung's config
+        return {"sweep": sweep, "out": out}
     measurements = run_study(sweep, jobs=jobs, on_status=on_status, on_diagnose=on_diagnose)
     rows = ladder_rows(points, measurements, seeds)
     ladder_file = out / "ladder.json"

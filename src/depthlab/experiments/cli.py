@@ -38,42 +38,14 @@ def sweep(
 ) -> None:
     """Train every run of a sweep: skip complete runs, resume interrupted ones, record failures."""
     from rich.console import Console
-    from rich.table import Table
 
     from depthlab.errors import DepthlabError
-    from depthlab.experiments.sweep import (
-        load_sweep,
-        missing_inputs,
-        param_counts,
-        run_state,
-        run_sweep,
-        select_runs,
-    )
-    from depthlab.text import counted, fmt_params
+    from depthlab.experiments.sweep import load_sweep, run_sweep
 
     console = Console(soft_wrap=True)
     sw = load_sweep(sweep_file, out_dir=out, overrides=set_ or [])
     if dry_run:
-        runs = select_runs(sw, only)
-        table = Table(title=f"sweep {sw.name}: {counted(len(runs), 'run')} -> {sw.out_dir}")
-        for col in ("run", "overrides", "params", "active", "state"):
-            table.add_column(col, justify="right" if col in ("params", "active") else "left",
-                             overflow="fold")
-        notes = set()
-        states = {run.name: run_state(run) for run in runs}
-        for run in runs:
-            total, active, note = param_counts(run.cfg)
-            if note:
-                notes.add(note)
-            ov = ", ".join(f"{k}={v}" for k, v in run.overrides.items()) or "-"
-            table.add_row(run.name, ov, fmt_params(total), fmt_params(active), states[run.name])
-        console.print(table)
-        if notes:
-            console.print(f"[dim]parameter counts use: {'; '.join(sorted(notes))}[/]")
-        missing = missing_inputs(runs, states)
-        if missing:
-            console.print(f"[yellow]warning:[/] {missing}: those runs would fail",
-                          highlight=False)
+        print_plan(console, sw, only)
         return
 
     def show(run: Any, entry: dict[str, Any]) -> None:
@@ -108,6 +80,48 @@ def sweep(
         raise DepthlabError(f"{len(outcome.failed)} of {len(outcome.runs)} runs failed "
                             f"({', '.join(outcome.failed)}); see {sw.out_dir / 'sweep_status.json'}")
 
+
+
+def print_plan(console: Any, sw: Any, only: list[str] | None = None, title: str | None = None
+               ) -> None:
+    """What a sweep (or a study built on one) would train: each run's overrides, parameter
+    counts and state (new, partial, complete), and a warning for inputs not found."""
+    from rich.table import Table
+
+    from depthlab.experiments.sweep import missing_inputs, param_counts, run_state, select_runs
+    from depthlab.text import counted, fmt_params
+
+    runs = select_runs(sw, only)
+    title = title or f"sweep {sw.name}"
+    table = Table(title=f"{title}: {counted(len(runs), 'run')} -> {sw.out_dir}")
+    for col in ("run", "overrides", "params", "active", "state"):
+        table.add_column(col, justify="right" if col in ("params", "active") else "left",
+                         overflow="fold")
+    notes = set()
+    states = {run.name: run_state(run) for run in runs}
+    for run in runs:
+        total, active, note = param_counts(run.cfg)
+        if note:
+            notes.add(note)
+        ov = ", ".join(f"{k}={v}" for k, v in run.overrides.items()) or "-"
+        table.add_row(run.name, ov, fmt_params(total), fmt_params(active), states[run.name])
+    console.print(table)
+    if notes:
+        console.print(f"[dim]parameter counts use: {'; '.join(sorted(notes))}[/]")
+    missing = missing_inputs(runs, states)
+    if missing:
+        console.print(f"[yellow]warning:[/] {missing}: those runs would fail", highlight=False)
+
+
+def _print_study_plan(console: Any, plan: dict[str, Any], title: str) -> None:
+    """A dry run of reproduce/ablate: the sweep's table and where the results would go."""
+    if plan["sweep"] is None:
+        console.print(f"{title}: no runs to train (the chosen claims are computed directly)")
+    else:
+        print_plan(console, plan["sweep"], title=title)
+    for line in plan.get("claims", []):
+        console.print(line, highlight=False, markup=False)
+    console.print(f"nothing trained; results would go to {plan['out']}", highlight=False)
 
 
 def _status_printer(console: Any):
@@ -149,6 +163,9 @@ def reproduce(
                                                     "scale's).")] = None,
     overwrite: Annotated[bool, typer.Option(help="--scale paper: replace sweep files and "
                                             "commands.sh that differ from what it writes.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs each claim needs, "
+                                          "with parameter counts and state; train nothing.")
+                       ] = False,
 ) -> None:
     """Re-check the paper's claims at a scale that fits the hardware; verdicts in a report."""
     import shlex
@@ -178,6 +195,8 @@ def reproduce(
         given = [flag for flag, value in (("--jobs", jobs), ("--seeds", seeds), ("--steps", steps),
                                           ("--claims", claims), ("--eval-tokens", eval_tokens))
                  if value is not None]
+        if dry_run:
+            given.append("--dry-run")
         if given:
             raise DepthlabError(f"{', '.join(given)} would be ignored: --scale paper only writes "
                                 "the sweep files and launch commands")
@@ -191,8 +210,11 @@ def reproduce(
                   claims=wanted,
                   eval_tokens=eval_tokens,
                   on_status=_status_printer(console), on_diagnose=_diagnose_printer(console),
-                  command=command, overwrite=overwrite)
+                  command=command, overwrite=overwrite, dry_run=dry_run)
     out_dir = out or default_out(scale)
+    if dry_run:
+        _print_study_plan(console, results, f"reproduce --scale {scale}")
+        return
     if scale == "paper":
         for c in results["commands"]:
             console.print(c, highlight=False, soft_wrap=True, markup=False)
@@ -220,6 +242,8 @@ def ablate(
     group_size: Annotated[int, typer.Option(help="+G: GQA group size.")] = 2,
     experts: Annotated[int, typer.Option(help="+MoE: number of experts.")] = 8,
     top_k: Annotated[int, typer.Option(help="+MoE: experts per token.")] = 2,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the rungs' runs with "
+                                          "parameter counts and state; train nothing.")] = False,
 ) -> None:
     """The ablation ladder baseline -> +T -> +lambda -> +G -> +MoE on your base config."""
     from rich.console import Console
@@ -232,7 +256,11 @@ def ablate(
                       group_size=group_size, num_experts=experts, top_k=top_k)
     res = run(config, out, spec=spec, jobs=jobs, seeds=seeds, overrides=set_ or [],
               on_status=_status_printer(console), on_diagnose=_diagnose_printer(console),
-              on_note=lambda msg: console.print(f"note: {msg}", highlight=False))
+              on_note=lambda msg: console.print(f"note: {msg}", highlight=False),
+              dry_run=dry_run)
+    if dry_run:
+        _print_study_plan(console, res, f"ablate {config}")
+        return
     for row in res["rows"]:
         console.print(f"  {row['name']:>9s}  val PPL {row['val_ppl']:.3f}  usefulness "
                       f"{row['usefulness']:.3f}  last-layer var {row['last_layer_variance']:.3g}")

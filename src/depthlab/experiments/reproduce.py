@@ -37,6 +37,7 @@ from depthlab.experiments.study import (
 from depthlab.experiments.sweep import flatten_overrides, run_name
 from depthlab.outdir import check_not_a_run
 from depthlab.probe.metrics._common import jsonify
+from depthlab.text import counted
 
 SCALES = ("tiny", "small", "paper")
 RESULTS_FILE = "reproduce.json"
@@ -342,9 +343,11 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
               seeds: int | None = None, steps: int | None = None, claims: list[int] | None = None,
               eval_tokens: int | None = None,
               on_status: Any = None, on_diagnose: Any = None, command: str | None = None,
-              overwrite: bool = False
+              overwrite: bool = False, dry_run: bool = False
               ) -> dict[str, Any]:
-    """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures."""
+    """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures.
+    `dry_run`: return the sweep the chosen claims need (`{"sweep", "out"}`; sweep None when
+    they need no training) without training or writing anything."""
     started = time.perf_counter()
     out = Path(out or default_out(scale))
     check_not_a_run(out)
@@ -367,6 +370,16 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
     chosen = [c for c in all_claims if c.id in wanted]
     points, where = points_for(plan, chosen)
     measurements: dict[str, Measurement] = {}
+    if dry_run:
+        sweep = make_sweep(f"reproduce_{scale}", plan.base, points, out / "runs") if points else None
+        if sweep is not None:
+            sweep.runs()  # validates every run's config
+        uses = [f"claim {c.id} ({c.title}): " + (
+            counted(len({n for ci in range(len(c.conditions)) for n in where[(c.id, ci)]}), "run")
+            if c.conditions else "no training") for c in chosen]
+        if 8 in wanted:
+            uses.append("claim 8: a random-stack simulation, no training")
+        return {"sweep": sweep, "out": out, "claims": uses}
     if points:
         sweep = make_sweep(f"reproduce_{scale}", plan.base, points, out / "runs")
         measurements = run_study(sweep, jobs=jobs, settings=plan.diagnose, on_status=on_status,
