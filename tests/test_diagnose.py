@@ -158,6 +158,32 @@ def test_hf_model_with_a_token_directory(tiny_hf: Path, corpus_file: Path, tmp_p
         capsys.readouterr().err.split())
 
 
+def test_hub_model_with_a_token_directory(tiny_hf: Path, corpus_file: Path,
+                                          tmp_path: Path) -> None:
+    """A hub id is checked against the tokenizer.json of its cached snapshot (in a
+    subprocess: the hub cache location is read when huggingface_hub is imported)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "abc"
+    shutil.copytree(tiny_hf, snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("abc")
+    other = tmp_path / "other"
+    main(["data", "prepare", "--corpus", str(corpus_file), "--out", str(other)])  # byte-level
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "depthlab.cli", "diagnose", "org/tiny", "--data", str(other),
+         "--metrics", "variance", "--samples", "2", "--seq-len", "8", "--no-progress",
+         "--out", str(tmp_path / "d")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert (f"was tokenized with byte, not with the model's tokenizer: prepare it with "
+            f"--tokenizer {snapshot / 'tokenizer.json'}") in " ".join(done.stderr.split())
+
+
 def test_api_module_and_ids(tiny_hf: Path) -> None:
     import transformers
 

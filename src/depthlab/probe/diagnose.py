@@ -202,6 +202,18 @@ def _encoder(tokenizer: Any, info: dict[str, Any], spec: str) -> Any:
     return _HFEncoder(tokenizer)
 
 
+def _hf_tokenizer_json(info: dict[str, Any]) -> Path | None:
+    """The tokenizer.json a Hugging Face model was loaded with, when there is one on disk."""
+    if info.get("kind") == "hf":
+        return Path(info["path"]) / "tokenizer.json"
+    if info.get("kind") == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(info["hub_id"], "tokenizer.json")
+        return Path(cached) if isinstance(cached, str) else None
+    return None
+
+
 def evaluation_tokens(data: str, tokenizer: Any, info: dict[str, Any], spec: str,
                       vocab_size: int | None) -> tuple[np.ndarray, dict[str, Any]]:
     """The validation token stream of `data` for this model, and its description."""
@@ -223,9 +235,10 @@ def evaluation_tokens(data: str, tokenizer: Any, info: dict[str, Any], spec: str
         enc = _encoder(tokenizer, info, spec) if info.get("kind") == "depthlab" else None
         splits = open_token_dir(path, tokenizer=enc)
         made_with = splits.manifest.get("tokenizer") or {}
-        # the model's tokenizer: a run's, or a local Hugging Face directory's tokenizer.json
+        # the model's tokenizer: a run's, or the tokenizer.json of a Hugging Face directory
+        # or of a hub model's cached snapshot (a GGUF file embeds its own: not checked)
         mine, remedy = enc, f" {getattr(enc, 'name', '')}"
-        own = Path(info["path"]) / "tokenizer.json" if info.get("kind") == "hf" else None
+        own = _hf_tokenizer_json(info)
         if made_with.get("fingerprint") and own is not None and own.is_file():
             from depthlab.data.tokenizer import load_tokenizer_path
 
