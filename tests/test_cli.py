@@ -131,3 +131,17 @@ def test_only_file_system_refusals_become_one_line(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(NotADirectoryError):
         main(["train", tiny, "--set", f"out_dir={tmp_path / 'a_file'}"])
+
+
+def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
+    """`python -m depthlab` is the same CLI, including its one-line errors."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "depthlab", "--help"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "train" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "depthlab", "info", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("error:")
