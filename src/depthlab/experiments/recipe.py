@@ -71,7 +71,7 @@ class Recipe:
 
     def yaml(self) -> str:
         head = (f"# depthlab recipe: {self.cfg.model.n_layers} layers, {fmt_params(self.params)} "
-                f"parameters ({fmt_params(self.active_params)} active per token), budget "
+                f"parameters ({fmt_params(self.active_params)} active per token), target "
                 f"{fmt_params(self.target)} {self.budget_kind}.\n# Point data.corpus / "
                 f"data.tokenizer at your own corpus and tokenizer (vocab {self.cfg.model.vocab_size}).\n")
         return head + yaml.safe_dump(self.config, sort_keys=False)
@@ -272,7 +272,7 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
                      cites=moe), results if moe else None, source, 6),
         Choice("width d", f"{d} (head dim {d // heads})",
                f"solved so that the {kind} count is {fmt_params(matched)} for a "
-               f"{fmt_params(params)} budget ({(matched - params) / params:+.1%}); "
+               f"{fmt_params(params)} target ({(matched - params) / params:+.1%}); "
                f"{fmt_params(total)} total, {fmt_params(n_active)} active per token",
                cites=False),
         Choice("schedule", f"lr 4e-4 cosine to 0.1x, betas (0.9, 0.95), clip 1.0, {seqs} x {T} "
@@ -289,7 +289,7 @@ def render(rec: Recipe, explain: bool = False) -> str:
     """A short plain-text explanation (one line per choice; evidence and caveats with
     --explain)."""
     lines = [f"recipe for L={rec.cfg.model.n_layers}: {fmt_params(rec.params)} parameters "
-             f"({fmt_params(rec.active_params)} active), budget {fmt_params(rec.target)} "
+             f"({fmt_params(rec.active_params)} active), target {fmt_params(rec.target)} "
              f"{rec.budget_kind}"]
     shown = rec.choices + ([rec.overall] if explain and rec.overall else [])
     for c in shown:
