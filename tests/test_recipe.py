@@ -83,7 +83,7 @@ def test_recipe_cites_reproduce_results(tmp_path):
     (tmp_path / "reproduce.json").write_text(json.dumps(results))
     rec = make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path)
     text = render(rec, explain=True)
-    assert "reproduce --scale tiny claim 3" in text
+    assert "reproduce --scale tiny claim 3" in text  # no model shape recorded: no scale words
     assert "caveat" not in text  # claim 3 held
     # width and schedule are arithmetic: nothing cited, no "paper only" placeholder
     width = next(c for c in rec.choices if c.knob == "width d")
@@ -179,3 +179,26 @@ def test_fmt_params_scales():
     assert [fmt_params(n) for n in (12_345, 400_000_000, 400_370_000, 1_200_000_000,
                                     100 * 10**12, None)] == [
         "12,345", "400M", "400.37M", "1.2B", "100T", "?"]
+
+
+def test_recipe_prefers_the_larger_scale_and_says_how_small_it_was(tmp_path, monkeypatch):
+    """Without --evidence the small-scale re-check wins over the tiny one, and the evidence
+    line names the re-check's model size, steps and seeds."""
+    import json
+
+    def write(scale: str, verdict: str) -> None:
+        d = tmp_path / "runs" / "reproduce" / scale
+        d.mkdir(parents=True)
+        (d / "reproduce.json").write_text(json.dumps({
+            "scale": scale, "steps": 2000 if scale == "small" else 300, "seeds": 2,
+            "base": {"model": {"n_layers": 12, "d_model": 128 if scale == "small" else 64}},
+            "claims": [{"id": 3, "title": "wd", "verdict": verdict, "tests": [
+                {"label": "variance falls", "primary": True, "status": verdict,
+                 "detail": "1 -> 0.5"}]}]}))
+
+    write("tiny", "does not hold")
+    write("small", "holds")
+    monkeypatch.chdir(tmp_path)
+    text = render(make_recipe(12, 135_000_000, vocab_size=49152, moe=False), explain=True)
+    assert "reproduce --scale small (12 layers, d=128, 2000 steps, 2 seeds) claim 3" in text
+    assert "does not hold" not in text and "reproduce/tiny" not in text

@@ -284,8 +284,9 @@ def recipe(
     explain: Annotated[bool, typer.Option("--explain", help="Cite the measured evidence "
                                           "(reproduce results when present).")] = False,
     evidence: Annotated[Path | None, typer.Option(help="A reproduce output dir or "
-                                                  "reproduce.json (default: runs/reproduce/"
-                                                  "{small,tiny} if present).")] = None,
+                                                  "reproduce.json (default: the largest-scale "
+                                                  "re-check in runs/reproduce/ or docs/reproduce/"
+                                                  ").")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the config YAML here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:

@@ -142,13 +142,16 @@ def _solve(L: int, target: int, vocab: int, moe: bool, experts: int, top_k: int,
 
 
 _REPO_DOCS = Path(__file__).resolve().parents[3] / "docs"
-"""docs/ of a source checkout (the committed tiny-scale results), wherever the CWD is."""
+"""docs/ of a source checkout (the committed re-checks), wherever the CWD is."""
 
 
 def _find_evidence(evidence: str | Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The given results, else the largest-scale re-check found: small before tiny, and at
+    each scale the user's own runs before the committed ones."""
     candidates = ([Path(evidence)] if evidence is not None else
-                  [Path("runs/reproduce/small"), Path("runs/reproduce/tiny"),
-                   Path("docs/reproduce/tiny"), _REPO_DOCS / "reproduce" / "tiny"])
+                  [root / scale for scale in ("small", "tiny")
+                   for root in (Path("runs/reproduce"), Path("docs/reproduce"),
+                                _REPO_DOCS / "reproduce")])
     for c in candidates:
         p = c / RESULTS_FILE if c.is_dir() else c
         if p.is_file():
@@ -177,6 +180,18 @@ def _looks_like_results(results: Any) -> bool:
         for c in results["claims"])
 
 
+def _scale_words(results: dict[str, Any]) -> str:
+    """' (12 layers, d=128, 2000 steps, 2 seeds)': how small the re-check's models were, so
+    a reader can weigh it against the paper's 1B-parameter runs."""
+    model = (results.get("base") or {}).get("model") or {}
+    parts = [f"{model['n_layers']} layers" if "n_layers" in model else "",
+             f"d={model['d_model']}" if "d_model" in model else "",
+             f"{results['steps']} steps" if "steps" in results else "",
+             f"{results['seeds']} seeds" if "seeds" in results else ""]
+    parts = [p for p in parts if p]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _cite(choice: Choice, results: dict[str, Any] | None, source: str | None,
           claim_id: int) -> Choice:
     """Attach the re-check of claim `claim_id` to `choice`, with a caveat unless it held."""
@@ -184,8 +199,9 @@ def _cite(choice: Choice, results: dict[str, Any] | None, source: str | None,
         if c["id"] == claim_id:
             tests = "; ".join(f"{t['label']}: {t['status']} ({t['detail']})"
                               for t in c["tests"] if t.get("primary"))
-            choice.evidence = [f"reproduce --scale {results['scale']} claim {claim_id} "
-                               f"({c['title']}): {c['verdict']} - {tests} [{source}]"]
+            choice.evidence = [f"reproduce --scale {results['scale']}{_scale_words(results)} "
+                               f"claim {claim_id} ({c['title']}): {c['verdict']} - {tests} "
+                               f"[{source}]"]
             if c["verdict"] != HOLDS:
                 seen = "contradicts" if c["verdict"] == FAILS else "does not confirm"
                 choice.caveat = (f"the {results['scale']}-scale re-check {seen} the paper here; "
