@@ -418,8 +418,8 @@ def test_helpers_without_a_process_group():
 def test_global_batch_must_divide(tmp_path):
     cfg = build_config({"train": {"batch_size": 4, "global_batch_size": 12}})
     assert cfg.train.accumulation(1) == (3, 12)
-    with pytest.raises(DepthlabError, match=r"global_batch_size \(12\) is not divisible by "
-                                            r"train.batch_size \(4\) x world size \(2\) = 8"):
+    with pytest.raises(DepthlabError, match=r"global_batch_size \(12\) must be a multiple of "
+                                            r"train.batch_size \(4\) x 2 processes = 8"):
         cfg.train.accumulation(2)
     with pytest.raises(DepthlabError, match="both set"):
         build_config({"train": {"grad_accum": 2, "global_batch_size": 8}})

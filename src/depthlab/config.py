@@ -244,15 +244,12 @@ class TrainConfig(_Strict):
                     f"({self.global_batch_size}) are both set: set one (grad_accum is derived "
                     "from global_batch_size)"
                 )
-            from depthlab.train import distributed as D
+            from depthlab.launch import launched_world_size
 
-            world = D.env_world_size() if D.launched() else 1  # torchrun's processes
-            if self.global_batch_size % (self.batch_size * world):
-                raise ValueError(
-                    f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                    f"train.batch_size ({self.batch_size})"
-                    + (f" x {world} processes = {self.batch_size * world}" if world > 1 else "")
-                )
+            try:  # under torchrun the number of processes is known before any work
+                self.accumulation(launched_world_size())
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
         return self
 
     def accumulation(self, world_size: int) -> tuple[int, int]:
@@ -262,9 +259,10 @@ class TrainConfig(_Strict):
         per_micro = self.batch_size * world_size
         if self.global_batch_size % per_micro:
             raise ConfigError(
-                f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
-                f"train.batch_size ({self.batch_size}) x world size ({world_size}) = {per_micro}; "
-                "choose a global batch that is a multiple of it, or another batch_size"
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.batch_size ({self.batch_size})"
+                + (f" x {world_size} processes = {per_micro}" if world_size > 1 else "")
+                + "; choose another global batch or batch_size"
             )
         return self.global_batch_size // per_micro, self.global_batch_size
 

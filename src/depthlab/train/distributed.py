@@ -32,24 +32,12 @@ import torch.distributed as dist
 from torch import nn
 
 from depthlab.errors import DepthlabError
+from depthlab.launch import launched
 
 T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- who am I
-
-
-def env_world_size() -> int:
-    """WORLD_SIZE as set by torchrun (1 outside it)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
-def launched() -> bool:
-    """Whether this process was started by torchrun (or the like) as one of several."""
-    return env_world_size() > 1 and "RANK" in os.environ
 
 
 def is_distributed() -> bool:

@@ -207,10 +207,6 @@ class Trainer:
         if tc.wandb and importlib.util.find_spec("wandb") is None:
             raise DepthlabError("train.wandb=true needs the wandb package: "
                                 "pip install 'depthlab[wandb]' (or wandb)")
-        # the global batch must split over the processes torchrun started: say so before
-        # joining the group or reading any data (checked again below with the group's size)
-        tc.accumulation(D.world_size() if D.is_distributed()
-                        else D.env_world_size() if D.launched() else 1)
         self.dist = D.setup(tc.distributed, tc.device, resolve_device)
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
