@@ -102,6 +102,23 @@ def test_paths_of_the_wrong_kind_get_guidance(tmp_path, capsys, monkeypatch):
     (tmp_path / "notes.txt").write_text("hello")
     assert "notes.txt is a file: report reads directories" in _one_line_error(
         ["report", "runs", "notes.txt", "--out", "r"], capsys)  # not skipped silently
+    # the weights file of a checkpoint: info shows the run, report names it
+    (step / "model.safetensors").write_bytes(b"\0" * 64)
+    main(["info", "runs/a/checkpoints/step_0000020/model.safetensors"])
+    assert "showing the run" in capsys.readouterr().err
+    # spelled relative to a directory inside the run: the run is named as the user would
+    monkeypatch.chdir(run / "checkpoints")
+    assert "step_0000020 is inside run ..: give the run directory (depthlab report ..)" in \
+        _one_line_error(["report", "step_0000020", "--out", str(tmp_path / "r")], capsys)
+    # a run that crashed before its first checkpoint is still a run
+    early = tmp_path / "runs" / "b"
+    (early / "tensorboard").mkdir(parents=True)
+    (early / "config.yaml").write_text((run / "config.yaml").read_text())
+    (early / "data.json").write_text("{}")
+    assert "tensorboard is inside run" in _one_line_error(
+        ["report", str(early / "tensorboard"), "--out", str(tmp_path / "r")], capsys)
+    assert "is a sweep spec, not a run config: run it with `depthlab sweep" in \
+        _one_line_error(["ablate", sweep, "--dry-run"], capsys)
 
 
 def test_recipe_out_never_replaces_a_file_silently(tmp_path, capsys):

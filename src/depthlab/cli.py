@@ -149,17 +149,20 @@ def info(
     """Config, parameter counts (total/active) and the last metrics of a run or config."""
     import yaml
 
-    from depthlab.paths import enclosing_run
+    from depthlab.paths import CONFIG_FILE, enclosing_run
     from depthlab.train.checkpoint import checkpoint_dirs
     from depthlab.train.loggers import read_metrics
     from depthlab.train.trainer import read_run_config
 
-    is_run = target.is_dir()
-    run = enclosing_run(target) if is_run and not (target / "config.yaml").exists() else None
-    if run is not None:  # a checkpoint or the checkpoints folder: show its run
+    # a checkpoint, its weights or the checkpoints folder: show its run (a YAML file, the
+    # run's own config.yaml included, is read as a config)
+    run = None if (target / CONFIG_FILE).exists() or target.suffix in (".yaml", ".yml") \
+        else enclosing_run(target)
+    if run is not None:
         Console(stderr=True, soft_wrap=True).print(
             f"note: {target} is inside run {run}; showing the run", markup=False, highlight=False)
         target = run
+    is_run = target.is_dir()
     if is_run and set_:
         raise DepthlabError("--set applies to a config file, not to a run directory "
                             f"({target}): its config is the one it was trained with")

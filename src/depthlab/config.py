@@ -407,12 +407,17 @@ def read_yaml(path: str | Path, *, allow_empty: bool = False) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
-    """Read a YAML config file and apply `--set` style overrides."""
+def read_run_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a run config file; a sweep spec given instead is pointed at `sweep`."""
     from depthlab.paths import is_sweep_spec
 
     raw = read_yaml(path)
     if is_sweep_spec(raw):
         raise ConfigError(f"{path} is a sweep spec, not a run config: run it with `depthlab "
                           f"sweep {path}` (`--dry-run` lists its runs and parameter counts)")
-    return build_config(raw, overrides)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """Read a YAML config file and apply `--set` style overrides."""
+    return build_config(read_run_yaml(path), overrides)

@@ -20,6 +20,8 @@ def check_creatable_dir(path: Path, what: str = "--out") -> None:
 def check_not_a_run(path: Path, what: str = "--out") -> None:
     """One line if `path` is a training run directory: commands that write many files of
     their own (reproduce, ablate) must not mix them into a run."""
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+    from depthlab.paths import is_run_dir
+
+    if is_run_dir(path):
         raise DepthlabError(f"{what} {path} is a training run directory; give this command a "
                             "directory of its own")

@@ -1,30 +1,48 @@
-"""What a path a user typed is part of, for guidance when a command gets the wrong one."""
+"""What a directory is (a training run, a checkpoint) and what a path a user typed is part
+of. Torch-free, so commands can tell a user they gave the wrong path before loading anything."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-RUN_CONFIG = "config.yaml"
+CONFIG_FILE = "config.yaml"
+CKPT_DIR = "checkpoints"
+WEIGHTS_FILE = "model.safetensors"
+_RUN_MARKS = (CKPT_DIR, "metrics.jsonl", "data.json")
+"""Files a training run writes beside its config before (or without) a first checkpoint."""
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run directory: its config.yaml beside something only a run writes."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and any((path / m).exists() for m in _RUN_MARKS)
+
+
+def run_of_checkpoint(path: Path) -> Path | None:
+    """The run directory of a checkpoint directory (RUN/checkpoints/step_N holding
+    model.safetensors, RUN holding config.yaml); None for any other path, such as a
+    Hugging Face export saved somewhere inside a run."""
+    full = Path(os.path.abspath(path))
+    if (full.parent.name == CKPT_DIR and full.name.startswith("step_")
+            and (full / WEIGHTS_FILE).is_file() and (full.parent.parent / CONFIG_FILE).is_file()):
+        return _as_typed(path, full.parent.parent)
+    return None
 
 
 def enclosing_run(path: Path, depth: int = 3) -> Path | None:
     """The training run directory that `path` lies inside (its checkpoints/ folder, one
     checkpoint, or a file in either), or None. `path` itself being a run does not count."""
-    for parent in list(Path(path).absolute().parents)[:depth]:
-        if (parent / RUN_CONFIG).is_file() and (parent / "checkpoints").is_dir():
+    for parent in Path(os.path.abspath(path)).parents[:depth]:
+        if is_run_dir(parent):
             return _as_typed(path, parent)
     return None
 
 
-def _as_typed(path: Path, parent: Path) -> Path:
-    """`parent` spelled relative to the user's path when it was relative."""
-    if path.is_absolute():
-        return parent
-    up = len(Path(path).absolute().relative_to(parent).parts)
-    rel = Path(path)
-    for _ in range(up):
-        rel = rel.parent
-    return rel if str(rel) != "" else Path(".")
+def _as_typed(path: Path, found: Path) -> Path:
+    """`found` (absolute) spelled relative to the working directory when the user's `path`
+    was relative, so messages echo the user's spelling."""
+    return found if Path(path).is_absolute() else Path(os.path.relpath(found))
 
 
 def is_sweep_spec(raw: dict) -> bool:

@@ -178,13 +178,13 @@ def ablate(config: str | Path, out: str | Path | None = None, *, spec: LadderSpe
     sweep (`{"sweep", "out"}`) without training or writing anything."""
     import json
 
-    from depthlab.config import apply_overrides, read_yaml
+    from depthlab.config import apply_overrides, read_run_yaml
     from depthlab.experiments.study import make_sweep, run_study
     from depthlab.report.html import build_report
 
     if seeds < 1:
         raise DepthlabError(f"--seeds must be >= 1, got {seeds}")
-    base_raw = apply_overrides(read_yaml(config), overrides)
+    base_raw = apply_overrides(read_run_yaml(config), overrides)
     base = build_config(base_raw)
     out = Path(out or Path("runs/ablate") / base.name)
     check_not_a_run(out)

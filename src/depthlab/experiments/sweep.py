@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from depthlab.config import RunConfig, apply_overrides, build_config, read_yaml
+from depthlab.config import RunConfig, apply_overrides, build_config, read_run_yaml, read_yaml
 from depthlab.errors import ConfigError, DepthlabError
 from depthlab.outdir import check_creatable_dir
 
@@ -329,7 +329,7 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
             raise ConfigError(f"sweep {name}: base {base} is a directory; give a config file")
         if not base_path.is_file():
             raise ConfigError(f"sweep {name}: base config not found: {base}")
-        base = read_yaml(base_path)
+        base = read_run_yaml(base_path)
     elif base is None:
         base = {}
     elif not isinstance(base, dict):
@@ -373,8 +373,8 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
 def run_state(run: SweepRun) -> str:
     """'complete', 'partial' (started, resumable), 'new' or 'conflict' (the run dir holds a
     different config)."""
+    from depthlab.paths import CONFIG_FILE
     from depthlab.train.trainer import (
-        CONFIG_FILE,
         SUMMARY_FILE,
         read_data_record,
         read_summary,

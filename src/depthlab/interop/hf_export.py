@@ -58,7 +58,7 @@ class ExportResult:
 
 def is_depthlab_source(path: Path) -> bool:
     """A run dir (config.yaml) or a checkpoint dir inside one."""
-    from depthlab.train.checkpoint import run_of_checkpoint
+    from depthlab.paths import run_of_checkpoint
 
     path = Path(path)
     return (path / "config.yaml").is_file() or run_of_checkpoint(path) is not None

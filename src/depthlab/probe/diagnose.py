@@ -653,7 +653,7 @@ def default_out_dir(model: str) -> Path:
         return p / "diagnose"
     if p.is_file() and p.name == "model.safetensors":
         p = p.parent
-    from depthlab.train.checkpoint import run_of_checkpoint
+    from depthlab.paths import run_of_checkpoint
 
     run_dir = run_of_checkpoint(p)
     if run_dir is not None:

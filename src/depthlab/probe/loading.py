@@ -75,7 +75,7 @@ def _model_dtype(model: nn.Module) -> str:
 
 def _depthlab_paths(path: Path) -> tuple[Path, Path] | None:
     """(config.yaml, checkpoint dir) if `path` is a depthlab run or checkpoint."""
-    from depthlab.train.checkpoint import run_of_checkpoint
+    from depthlab.paths import run_of_checkpoint
 
     if (path / "model.safetensors").is_file():
         cfg_dir = path if (path / "config.yaml").is_file() else run_of_checkpoint(path)

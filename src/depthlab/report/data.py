@@ -18,9 +18,8 @@ import yaml
 
 from depthlab.config import RUNTIME_KEYS
 from depthlab.errors import DepthlabError
-from depthlab.paths import enclosing_run, is_sweep_spec
+from depthlab.paths import CONFIG_FILE, enclosing_run, is_sweep_spec
 
-CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
@@ -234,12 +233,20 @@ class ReportData:
 # ----------------------------------------------------------------------------- discovery
 
 
-def _is_run_config(path: Path) -> bool:
+def _load_yaml(path: Path) -> Any:
+    """The YAML in `path`, or None when it cannot be read as YAML text."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return False
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def _looks_like_run_config(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("model"), dict) and "train" in data
+
+
+def _is_run_config(path: Path) -> bool:
+    return _looks_like_run_config(_load_yaml(path))
 
 
 def _walk(root: Path, name: str) -> list[Path]:
@@ -327,29 +334,25 @@ def ladder_scores(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, floa
     return name, out
 
 
-def _misplaced(root: Path) -> str | None:
-    """Guidance when `root` is not something a report reads: a file other than a
-    results.json (a sweep spec, a run's own file) or a directory inside a run."""
-    if root.is_file() and root.name == RESULTS_FILE:
-        return None
-    if root.is_dir() and (find_runs(root) or _walk(root, RESULTS_FILE)):
-        return None
-    run = enclosing_run(root)
-    if run is not None:
-        return f"{root} is inside run {run}: give the run directory (depthlab report {run})"
-    if root.is_dir():
-        return None  # the "nothing found" error below names it
-    try:
-        raw = yaml.safe_load(root.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        raw = None
-    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
-        return (f"{root} is a run config: report reads the run's directory (OUT_DIR/NAME) once "
+def _inside_run_hint(path: Path) -> str | None:
+    run = enclosing_run(path)
+    return None if run is None else (f"{path} is inside run {run}: give the run directory "
+                                     f"(depthlab report {run})")
+
+
+def _file_hint(path: Path) -> str:
+    """What a file given to report is instead of a results.json, and what to give."""
+    inside = _inside_run_hint(path)
+    if inside:
+        return inside
+    raw = _load_yaml(path) if path.suffix in (".yaml", ".yml") else None
+    if _looks_like_run_config(raw):
+        return (f"{path} is a run config: report reads the run's directory (OUT_DIR/NAME) once "
                 "it has trained")
     if isinstance(raw, dict) and is_sweep_spec(raw):
-        return (f"{root} is a sweep spec: report its output directory (the sweep's out_dir, "
+        return (f"{path} is a sweep spec: report its output directory (the sweep's out_dir, "
                 "runs/sweeps/NAME by default; `depthlab sweep SPEC --dry-run` names it)")
-    return (f"{root} is a file: report reads directories (runs, sweeps, diagnose outputs) and "
+    return (f"{path} is a file: report reads directories (runs, sweeps, diagnose outputs) and "
             f"diagnose {RESULTS_FILE} files")
 
 
@@ -360,27 +363,33 @@ def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportD
     if missing:
         raise DepthlabError(f"no such directory: {', '.join(missing)}")
     for r in roots:
-        hint = _misplaced(r)
-        if hint:
-            raise DepthlabError(hint)
+        if r.is_file() and r.name != RESULTS_FILE:
+            raise DepthlabError(_file_hint(r))
     warnings: list[str] = []
     run_paths: list[Path] = []
+    found = {r: False for r in roots}  # whether a root holds anything a report reads
     for r in roots:
         if r.is_file():
             continue
         for p in find_runs(r):
+            found[r] = True
             if p.resolve() not in {q.resolve() for q in run_paths}:
                 run_paths.append(p)
     run_set = {p.resolve() for p in run_paths}
 
     diag_paths: list[Path] = []
     for r in roots:
-        cands = [r] if r.is_file() and r.name == RESULTS_FILE else (
-            _walk(r, RESULTS_FILE) if r.is_dir() else [])
+        cands = [r] if r.is_file() else _walk(r, RESULTS_FILE)
+        found[r] = found[r] or bool(cands)
         for c in cands:
             inside_run = any(parent in run_set for parent in c.resolve().parents)
             if not inside_run and c.resolve() not in {d.resolve() for d in diag_paths}:
                 diag_paths.append(c)
+
+    for r in roots:  # a run's checkpoints/ or tensorboard/: name the run
+        inside = None if found[r] else _inside_run_hint(r)
+        if inside:
+            raise DepthlabError(inside)
 
     ladder_path = Path(ladder) if ladder is not None else None
     if ladder_path is None:

@@ -39,9 +39,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from depthlab.errors import DepthlabError, first_line
+from depthlab.paths import CKPT_DIR, WEIGHTS_FILE
 from depthlab.train import distributed as D
 
-CKPT_DIR = "checkpoints"
 DCP_DIR = "dcp"
 
 
@@ -50,20 +50,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "model.safetensors").is_file()]
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / WEIGHTS_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def run_of_checkpoint(path: Path) -> Path | None:
-    """The run directory of a checkpoint directory (RUN/checkpoints/step_N holding
-    model.safetensors, RUN holding config.yaml); None for any other path, such as a
-    Hugging Face export saved somewhere inside a run."""
-    path = Path(path)
-    run_dir = path.parent.parent
-    if (path.parent.name == CKPT_DIR and path.name.startswith("step_")
-            and (path / "model.safetensors").is_file() and (run_dir / "config.yaml").is_file()):
-        return run_dir
-    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -217,7 +205,7 @@ def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,
     D.barrier()
     weights = full_model_state(model)
     if D.is_main():
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
     del weights
     with _single_process_quiet(), _dcp_errors(f"cannot write checkpoint {tmp / DCP_DIR}"):
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR),
@@ -238,7 +226,7 @@ def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,
 
 def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
     """Load `model.safetensors` into `model` (strict, tied weights restored)."""
-    load_weights_file(model, Path(ckpt_dir) / "model.safetensors")
+    load_weights_file(model, Path(ckpt_dir) / WEIGHTS_FILE)
 
 
 def weights_file(source: str | Path) -> Path:
@@ -251,8 +239,8 @@ def weights_file(source: str | Path) -> Path:
         raise DepthlabError(
             f"{path} is a Hugging Face model directory: bring it in first with "
             f"`depthlab import-hf {path} OUT`, then use OUT")
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
+    if (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
     ckpt = latest_checkpoint(path)
     if ckpt is None:
         raise DepthlabError(

@@ -43,6 +43,7 @@ from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
 from depthlab.model import DepthLM
+from depthlab.paths import CONFIG_FILE
 from depthlab.progress import clock
 from depthlab.train import distributed as D
 from depthlab.train.checkpoint import (
@@ -58,7 +59,6 @@ from depthlab.train.loggers import MetricLogger, NullLogger, open_logger, read_m
 from depthlab.train.optim import build_optimizer
 from depthlab.train.schedule import lr_at
 
-CONFIG_FILE = "config.yaml"
 DATA_FILE = "data.json"
 SUMMARY_FILE = "summary.json"
 
