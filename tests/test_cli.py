@@ -119,6 +119,11 @@ def test_paths_of_the_wrong_kind_get_guidance(tmp_path, capsys, monkeypatch):
         ["report", str(early / "tensorboard"), "--out", str(tmp_path / "r")], capsys)
     assert "is a sweep spec, not a run config: run it with `depthlab sweep" in \
         _one_line_error(["ablate", sweep, "--dry-run"], capsys)
+    junk = tmp_path / "junk" / "x"
+    junk.mkdir(parents=True)
+    (junk / "config.yaml").write_bytes(b"\xff\xfe\x00 not text")  # skipped, not a traceback
+    assert "no depthlab runs (config.yaml) or diagnose results" in _one_line_error(
+        ["report", str(tmp_path / "junk"), "--out", str(tmp_path / "r")], capsys)
 
 
 def test_recipe_out_never_replaces_a_file_silently(tmp_path, capsys):
