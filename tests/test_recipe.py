@@ -179,6 +179,9 @@ def test_fmt_params_scales():
     assert [fmt_params(n) for n in (12_345, 400_000_000, 400_370_000, 1_200_000_000,
                                     100 * 10**12, None)] == [
         "12,345", "400M", "400.37M", "1.2B", "100T", "?"]
+    # rounded before the unit is chosen: never "1000M" or "1000B"
+    assert [fmt_params(n) for n in (94_999, 99_999, 999_999_999, 999_995_000_000)] == [
+        "94,999", "0.1M", "1B", "1T"]
 
 
 def test_recipe_prefers_the_larger_scale_and_says_how_small_it_was(tmp_path, monkeypatch):
@@ -202,3 +205,8 @@ def test_recipe_prefers_the_larger_scale_and_says_how_small_it_was(tmp_path, mon
     text = render(make_recipe(12, 135_000_000, vocab_size=49152, moe=False), explain=True)
     assert "reproduce --scale small (12 layers, d=128, 2000 steps, 2 seeds) claim 3" in text
     assert "does not hold" not in text and "reproduce/tiny" not in text
+    # a claim missing from the results found: said so, not "no results found"; a dense
+    # recipe does not claim the ladder's MoE rung
+    assert "paper only (claim 4 is not in runs/reproduce/small/reproduce.json" in text
+    assert "no reproduce results found" not in text
+    assert "-> +G (stops before the ladder's +MoE rung)" in text

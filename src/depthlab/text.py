@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-_SCALES = ((1e12, "T"), (1e9, "B"), (1e5, "M"))
+_SCALES = ((1e12, "T", 1.0), (1e9, "B", 1.0), (1e6, "M", 0.1))
+"""(divisor, unit, smallest rounded value shown in that unit)."""
 
 
 def counted(n: int, noun: str) -> str:
@@ -11,12 +12,12 @@ def counted(n: int, noun: str) -> str:
 
 
 def fmt_params(n: int | float | None, missing: str = "?") -> str:
-    """A parameter (or token) count: '1.28M', '400M', '1.2B', '100T' from 100,000 up
-    (two decimals, trailing zeros dropped), else exact ('12,345')."""
+    """A parameter (or token) count: '1.28M', '400M', '1.2B', '100T' from 0.1M up (two
+    decimals, trailing zeros dropped), else exact ('12,345')."""
     if n is None:
         return missing
-    for scale, unit in _SCALES:
-        if n >= scale:
-            value = n / (1e6 if unit == "M" else scale)
+    for scale, unit, least in _SCALES:
+        value = round(n / scale, 2)  # rounded before the unit is chosen: 999,999,999 is 1B
+        if value >= least:
             return f"{value:.2f}".rstrip("0").rstrip(".") + unit
     return f"{int(n):,}"

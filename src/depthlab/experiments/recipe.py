@@ -206,6 +206,10 @@ def _cite(choice: Choice, results: dict[str, Any] | None, source: str | None,
                 seen = "contradicts" if c["verdict"] == FAILS else "does not confirm"
                 choice.caveat = (f"the {results['scale']}-scale re-check {seen} the paper here; "
                                  "this choice follows the paper's result")
+            return choice
+    if results is not None:
+        choice.evidence = [f"paper only (claim {claim_id} is not in {source}; run `depthlab "
+                           f"reproduce --claims {claim_id}`)"]
     return choice
 
 
@@ -296,7 +300,8 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
                (f"; {fmt_params(tokens)} tokens" if tokens else "; set --budget for max_steps"),
                cites=False),
     ]
-    overall = _cite(Choice("the recipe as a whole", "baseline -> +T -> +lambda -> +G -> +MoE",
+    overall = _cite(Choice("the recipe as a whole", "baseline -> +T -> +lambda -> +G"
+                           + (" -> +MoE" if moe else " (stops before the ladder's +MoE rung)"),
                            "the paper's ablation ladder gained at every rung"), results, source, 7)
     return Recipe(raw, cfg, total, n_active, params, choices, budget_kind=kind, overall=overall)
 
