@@ -89,7 +89,8 @@ def test_dry_runs_list_the_runs_and_write_nothing(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "reproduce --scale tiny: 4 runs" in printed and "L16_s0" in printed
     assert "claim 1 (Last-layer variance grows with depth): 4 runs" in printed
-    assert "claim 8: a random-stack simulation, no training" in printed
+    assert "claim 8 (Masked (sparse) sublayers slow the variance growth of a random pre-LN " \
+        "stack): a random-stack simulation, no training" in printed
     main(["ablate", "configs/cpu/dense.yaml", "--dry-run", "--out", str(tmp_path / "abl")])
     printed = capsys.readouterr().out
     assert "5 runs" in printed and "ladder4_MoE" in printed and "new" in printed

@@ -43,6 +43,7 @@ SCALES = ("tiny", "small", "paper")
 RESULTS_FILE = "reproduce.json"
 
 # Paper numbers (Muhtar et al., 1.2B-parameter scale; see ../shared/design.md).
+CLAIM8_TITLE = "Masked (sparse) sublayers slow the variance growth of a random pre-LN stack"
 PAPER = {
     1: "pre-LN residual variance grows with depth (the curse of depth)",
     2: "usefulness 1.000 / 0.813 / 0.625 / 0.562 at L = 12 / 16 / 24 / 32",
@@ -346,8 +347,9 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
               overwrite: bool = False, dry_run: bool = False
               ) -> dict[str, Any]:
     """Run a scale's plan and write OUT/reproduce.json, OUT/report.md and figures.
-    `dry_run`: return the sweep the chosen claims need (`{"sweep", "out"}`; sweep None when
-    they need no training) without training or writing anything."""
+    `dry_run`: return the sweep the chosen claims need, where results would go and what each
+    claim uses (`{"sweep", "out", "claims"}`; sweep None when they need no training) without
+    training or writing anything."""
     started = time.perf_counter()
     out = Path(out or default_out(scale))
     check_not_a_run(out)
@@ -374,11 +376,11 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
         sweep = make_sweep(f"reproduce_{scale}", plan.base, points, out / "runs") if points else None
         if sweep is not None:
             sweep.runs()  # validates every run's config
-        uses = [f"claim {c.id} ({c.title}): " + (
-            counted(len({n for ci in range(len(c.conditions)) for n in where[(c.id, ci)]}), "run")
-            if c.conditions else "no training") for c in chosen]
+        uses = [f"claim {c.id} ({c.title}): " + counted(
+            len({n for ci in range(len(c.conditions)) for n in where[(c.id, ci)]}), "run")
+            for c in chosen]
         if 8 in wanted:
-            uses.append("claim 8: a random-stack simulation, no training")
+            uses.append(f"claim 8 ({CLAIM8_TITLE}): a random-stack simulation, no training")
         return {"sweep": sweep, "out": out, "claims": uses}
     if points:
         sweep = make_sweep(f"reproduce_{scale}", plan.base, points, out / "runs")
@@ -409,8 +411,7 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
         res = simulate(**plan.theory)
         status, detail = theory_verdict(res)
         theory = res.to_dict()
-        rows.append({"id": 8, "title": "Masked (sparse) sublayers slow the variance growth of a "
-                     "random pre-LN stack", "paper": PAPER[8], "knob": "density p",
+        rows.append({"id": 8, "title": CLAIM8_TITLE, "paper": PAPER[8], "knob": "density p",
                      "conditions": [], "tests": [{"label": "slope falls with p; growth law fits",
                                                   "primary": True, "status": status,
                                                   "detail": detail}],

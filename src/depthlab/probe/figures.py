@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from depthlab.plotstyle import heatmap_cmap
 from depthlab.probe.results import FIG_DIR
 
 
@@ -124,7 +125,7 @@ def _heatmap(results: dict[str, Any], m: dict[str, Any], matrix: list[list[Any]]
         M = np.where(np.triu(np.ones_like(M, dtype=bool), k=1), M, np.nan)
     L = M.shape[0]
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+    cmap = heatmap_cmap()
     im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, origin="upper", interpolation="nearest")
     fig.colorbar(im, ax=ax, label=cbar)
     step = max(1, L // 16)

@@ -16,6 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from depthlab.plotstyle import heatmap_cmap
 from depthlab.report.data import Diagnosis, ReportData, RunData, ladder_scores, num
 
 NAN = float("nan")
@@ -282,7 +283,6 @@ def fig_diagnostic_bars(data: ReportData, colors: dict[str, str]) -> Figure | st
 
 def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: str,
               colors: dict[str, str]) -> Figure | str:
-    import matplotlib
 
     mats = [(label, m, d.measured_on(metric)) for label, d in data.all_diagnoses
             if (m := d.matrix(metric))]
@@ -294,8 +294,8 @@ def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: st
     fig, axes = _fig(3.3 * ncols + 0.6, 3.1 * nrows, ncols=ncols, nrows=nrows)
     vmax = max((x for _, m, _ in mats for row in m for x in row if x is not None),
                default=1.0) or 1.0
-    # unmeasured cells (the diagonal, pairs outside a subset) are grey, not background
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
+    # pairs outside a measured subset (None) are grey, not background
+    cmap = heatmap_cmap()
     image = None
     for ax, (label, m, on) in zip(axes.flat, mats, strict=False):
         grid = [[NAN if x is None else x for x in row] for row in m]
