@@ -31,3 +31,20 @@ def test_cuda_without_cuda_is_one_line_in_every_command(tmp_path, capsys):
         main(["eval", "configs/cpu/tiny.yaml", "--ppl", "--device", "cuda"])
     assert exit_.value.code == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["mps", "xpu", "hpu", "ipu"])
+def test_device_types_this_machine_lacks_are_one_line(name):
+    """Types torch parses but cannot use here used to reach model.to() and a traceback."""
+    backend = getattr(torch, name, None)
+    if backend is not None and getattr(backend, "is_available", lambda: False)():
+        pytest.skip(f"{name} is available here")
+    with pytest.raises(DepthlabError, match=rf"train.device={name} but {name} is not available"):
+        resolve_device(name, what="train.device")
+
+
+def test_meta_and_a_missing_cuda_index_are_refused():
+    with pytest.raises(DepthlabError, match="train.device=meta holds no data"):
+        resolve_device("meta", what="train.device")
+    with pytest.raises(DepthlabError, match="cuda:99 but"):
+        resolve_device("cuda:99", what="train.device")

@@ -284,6 +284,7 @@ def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus, capsys, caplog):
 
 @pytest.mark.parametrize("over, needle", [
     ({"train.device": "foo"}, "train.device='foo' is not a device"),
+    ({"train.device": "meta"}, "train.device=meta holds no data"),
     ({"train.wandb": True}, "train.wandb=true needs the wandb package"),
 ])
 def test_environment_errors_come_before_the_run_dir(tmp_path, corpus, over, needle):

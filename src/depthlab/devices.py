@@ -32,6 +32,26 @@ def resolve_device(name: str | torch.device | None, what: str = "--device") -> t
     except RuntimeError:
         raise DepthlabError(
             f"{what}={str(name)!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DepthlabError(f"{what}={name} but CUDA is not available on this machine")
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise DepthlabError(f"{what}=meta holds no data: use auto, cpu, cuda or cuda:N")
+    if not _available(device.type):
+        shown = "CUDA" if device.type == "cuda" else device.type
+        raise DepthlabError(f"{what}={name} but {shown} is not available on this machine")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise DepthlabError(f"{what}={name} but this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def _available(kind: str) -> bool:
+    """Whether torch can use devices of this type here (torch.cuda, torch.mps, torch.xpu ...
+    each answer is_available(); a type with no such module, or one this build was not
+    compiled for, is not available)."""
+    backend = getattr(torch, kind, None)
+    try:
+        return bool(backend.is_available())  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError, AssertionError):
+        return False
