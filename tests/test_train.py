@@ -79,6 +79,34 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, corpus):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
 
 
+def test_users_copies_of_checkpoints_are_not_checkpoints(tmp_path, corpus, capsys):
+    """Only checkpoints/step_<digits> is a checkpoint: a copy under another name is never
+    pruned by keep_last, never resumed from, and info lists the run without a traceback."""
+    import shutil
+
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 6, "train.ckpt_interval": 2,
+                                        "train.keep_last": 1})
+    first = Trainer(cfg, progress=False)
+
+    def stop(trainer, step):
+        if step == 3:
+            raise Interrupt
+
+    first.callbacks.append(stop)
+    with pytest.raises(Interrupt):
+        first.fit()
+    root = cfg.run_dir / "checkpoints"
+    for copy in ("step_0000002_mine", "best", "step_9999999x"):
+        shutil.copytree(root / "step_0000002", root / copy)
+    main(["info", str(cfg.run_dir)])
+    listed = capsys.readouterr().out
+    assert "step_0000002" in listed and "_mine" not in listed and "best" not in listed
+    Trainer(cfg, progress=False).fit()
+    assert [p.name for p in checkpoint_dirs(cfg.run_dir)] == ["step_0000006"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "best", "step_0000002_mine", "step_0000006", "step_9999999x"]
+
+
 def test_completed_run_is_not_retrained(tmp_path, corpus):
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
     Trainer(cfg, progress=False).fit()

@@ -149,8 +149,7 @@ def info(
     """Config, parameter counts (total/active) and the last metrics of a run or config."""
     import yaml
 
-    from depthlab.paths import CONFIG_FILE, enclosing_run
-    from depthlab.train.checkpoint import checkpoint_dirs
+    from depthlab.paths import CONFIG_FILE, checkpoint_dirs, enclosing_run
     from depthlab.train.loggers import read_metrics
     from depthlab.train.trainer import read_run_config
 

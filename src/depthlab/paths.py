@@ -19,12 +19,30 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and any((path / m).exists() for m in _RUN_MARKS)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N for a directory named step_N (digits only), else None."""
+    name = Path(path).name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints (checkpoints/step_N holding model.safetensors), oldest
+    first. A user's copy under another name (step_100_mine, best) is not one: never loaded
+    as the latest, never pruned."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if checkpoint_step(p) is not None and p.is_dir() and (p / WEIGHTS_FILE).is_file()]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
 def run_of_checkpoint(path: Path) -> Path | None:
     """The run directory of a checkpoint directory (RUN/checkpoints/step_N holding
     model.safetensors, RUN holding config.yaml); None for any other path, such as a
     Hugging Face export saved somewhere inside a run."""
     full = Path(os.path.abspath(path))
-    if (full.parent.name == CKPT_DIR and full.name.startswith("step_")
+    if (full.parent.name == CKPT_DIR and checkpoint_step(full) is not None
             and (full / WEIGHTS_FILE).is_file() and (full.parent.parent / CONFIG_FILE).is_file()):
         return _as_typed(path, full.parent.parent)
     return None

@@ -30,6 +30,7 @@ from depthlab.interop.arch import (
     depthlab_to_hf,
     hf_config_kwargs,
 )
+from depthlab.paths import checkpoint_step
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -79,13 +80,6 @@ def load_source(source: str | Path) -> tuple[DepthLM, RunConfig, Path, Path]:
     model, cfg, ckpt = load_run_model(path)
     run_dir = ckpt.parent.parent  # RUN/checkpoints/step_N
     return model.float().eval(), cfg, run_dir, ckpt
-
-
-def checkpoint_step(ckpt: Path) -> int | None:
-    try:
-        return int(Path(ckpt).name.split("_")[1])
-    except (IndexError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -87,22 +87,16 @@ def _depthlab_paths(path: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _latest_checkpoint(ckpts: Path) -> Path | None:
-    found = [
-        p for p in ckpts.glob("step_*")
-        if p.is_dir() and (p / "model.safetensors").is_file() and p.name[5:].isdigit()
-    ]
-    return max(found, key=lambda p: int(p.name[5:])) if found else None
-
-
 def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: Any) -> tuple:
     from depthlab.config import load_config
     from depthlab.model.transformer import DepthLM
+    from depthlab.paths import checkpoint_dirs
     from depthlab.train.checkpoint import load_weights_file
 
     run_dir = cfg_path.parent
     if ckpt.name == "checkpoints":
-        latest = _latest_checkpoint(ckpt) if ckpt.is_dir() else None
+        found = checkpoint_dirs(ckpt.parent)
+        latest = found[-1] if found else None
         if latest is None:
             raise DepthlabError(f"{path} is a depthlab run without a checkpoint yet")
         ckpt = latest

@@ -39,19 +39,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from depthlab.errors import DepthlabError, first_line
-from depthlab.paths import CKPT_DIR, WEIGHTS_FILE
+from depthlab.paths import CKPT_DIR, WEIGHTS_FILE, checkpoint_dirs, checkpoint_step
 from depthlab.train import distributed as D
 
 DCP_DIR = "dcp"
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / WEIGHTS_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -308,7 +299,8 @@ def _unreadable(ckpt_dir: Path, name: str, err: Exception) -> DepthlabError:
 
 def _delete_to_resume(ckpt_dir: Path) -> str:
     """The way out of a damaged checkpoint: the one it would resume from without it."""
-    earlier = [c for c in checkpoint_dirs(ckpt_dir.parent.parent) if c.name < ckpt_dir.name]
+    step = checkpoint_step(ckpt_dir) or 0
+    earlier = [c for c in checkpoint_dirs(ckpt_dir.parent.parent) if (checkpoint_step(c) or 0) < step]
     return (f"; if it is damaged, delete {ckpt_dir} to resume from "
             f"{earlier[-1].name if earlier else 'step 0 (no earlier checkpoint)'}")
 
