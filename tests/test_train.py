@@ -107,6 +107,21 @@ def test_users_copies_of_checkpoints_are_not_checkpoints(tmp_path, corpus, capsy
         "best", "step_0000002_mine", "step_0000006", "step_9999999x"]
 
 
+def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, corpus):
+    """A non-empty directory without config.yaml (a token directory, someone's files) is
+    refused before anything is written; an empty one becomes the run."""
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 3})
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "metrics.jsonl").write_text("mine\n")
+    with pytest.raises(DepthlabError, match="is not empty and is not a depthlab run"):
+        Trainer(cfg, progress=False)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["metrics.jsonl"]
+    assert (cfg.run_dir / "metrics.jsonl").read_text() == "mine\n"
+    (cfg.run_dir / "metrics.jsonl").unlink()
+    Trainer(cfg, progress=False).fit()
+    assert (cfg.run_dir / "config.yaml").is_file()
+
+
 def test_completed_run_is_not_retrained(tmp_path, corpus):
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
     Trainer(cfg, progress=False).fit()

@@ -313,6 +313,10 @@ class Trainer:
         holds a run, None when it is new; DepthlabError if its config differs."""
         path = self.run_dir / CONFIG_FILE
         if not path.is_file():
+            if self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+                raise DepthlabError(
+                    f"{self.run_dir} is not empty and is not a depthlab run (no {CONFIG_FILE}): "
+                    "not writing into it; choose another name/out_dir")
             return None
         record = read_data_record(self.run_dir)
         diffs = resume_conflicts(read_yaml(path), mine, identity_kept="data" in record)
