@@ -122,6 +122,26 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, corpus):
     assert (cfg.run_dir / "config.yaml").is_file()
 
 
+def test_one_process_trains_a_run_directory_at_a_time(tmp_path, corpus):
+    """A second train on a run directory in use is refused at once (it used to train along
+    and log every step twice); once the first is done the same command resumes."""
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
+    refusals = []
+
+    def second_process(tr, step):
+        if step == 1:
+            with pytest.raises(DepthlabError, match="is being trained by another process"):
+                Trainer(cfg, progress=False).fit()
+            refusals.append(step)
+
+    first = Trainer(cfg, progress=False)
+    first.callbacks.append(second_process)
+    first.fit()
+    assert refusals == [1]
+    assert sorted(losses(cfg.run_dir)) == [1, 2, 3, 4]  # each step logged once
+    assert Trainer(cfg, progress=False).fit().status == "already complete"
+
+
 def test_completed_run_is_not_retrained(tmp_path, corpus):
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
     Trainer(cfg, progress=False).fit()

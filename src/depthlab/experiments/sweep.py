@@ -26,7 +26,6 @@ a failing run is recorded there and the sweep goes on.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import itertools
@@ -39,7 +38,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from pydantic import BaseModel
 
 from depthlab.config import RunConfig, apply_overrides, build_config, read_run_yaml, read_yaml
 from depthlab.errors import ConfigError, DepthlabError
+from depthlab.locks import exclusive
 from depthlab.outdir import check_creatable_dir
 
 STATUS_FILE = "sweep_status.json"
@@ -404,37 +404,14 @@ def read_status(out_dir: str | Path) -> dict[str, Any]:
         return {"runs": {}}
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `lock_path` (POSIX; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: concurrent sweep calls are not serialised there
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            locked = True
-        except OSError as exc:  # e.g. Lustre mounted noflock, NFS without lockd
-            _warn_no_lock(lock_path, exc)
-            locked = False
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 _UNLOCKED: set[Path] = set()
 
 
-def _warn_no_lock(lock_path: Path, exc: OSError) -> None:
+def _warn_no_lock(lock_path: Path, why: str) -> None:
     """Once per lock file: say that concurrent sweep calls are not serialised here."""
     if lock_path not in _UNLOCKED:
         _UNLOCKED.add(lock_path)
-        print(f"note: cannot lock {lock_path} ({exc.strerror or exc}): two sweep calls "
+        print(f"note: cannot lock {lock_path} ({why}): two sweep calls "
               "writing to this directory at once may lose each other's status entries",
               file=sys.stderr)
 
@@ -469,7 +446,8 @@ class StatusFile:
     def write(self) -> None:
         from depthlab.data.cache import atomic_write_text
 
-        with _exclusive(self.path.with_name(".sweep_status.lock")):
+        lock = self.path.with_name(".sweep_status.lock")
+        with exclusive(lock, lambda why: _warn_no_lock(lock, why)):
             on_disk = read_status(self.path.parent).get("runs", {})
             merged = {**on_disk, **self.owned}
             # runs no longer in the sweep's spec are dropped

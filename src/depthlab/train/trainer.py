@@ -42,6 +42,7 @@ from depthlab.data.corpus import BUILTIN_NAMES
 from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
+from depthlab.locks import Busy, hold_dir, release
 from depthlab.model import DepthLM
 from depthlab.paths import CONFIG_FILE
 from depthlab.progress import clock
@@ -211,6 +212,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
         self.run_dir = cfg.run_dir
+        self._lock: int | None = None  # the run directory's lock while fit() runs (rank 0)
         # a run directory holding another config is refused before any data is prepared
         D.on_main_then_share(lambda: self._check_config(cfg.to_dict()))
         if self.dist.enabled:
@@ -437,6 +439,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> TrainSummary:
+        """Train to max_steps, resuming from the run's last checkpoint; one process (group)
+        per run directory at a time."""
+        D.on_main_then_share(self._lock_run_dir)
+        try:
+            return self._fit()
+        finally:
+            release(self._lock)
+            self._lock = None
+
+    def _lock_run_dir(self) -> None:
+        try:
+            self._lock = hold_dir(self.run_dir)
+        except Busy:
+            raise DepthlabError(
+                f"{self.run_dir} is being trained by another process right now; wait for it "
+                "to finish (or stop it), then run the same command again to resume") from None
+
+    def _fit(self) -> TrainSummary:
         self._claim_run_dir()
         summary_path = self.run_dir / SUMMARY_FILE
         self._resume()
