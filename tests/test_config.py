@@ -32,6 +32,17 @@ def test_presets_validate(path):
     ({"name": "../elsewhere"}, "name", "must be a path inside out_dir"),
     ({"name": "/abs/run"}, "name", "must be a path inside out_dir"),
     ({"model.n_layers": 10**22}, "model.n_layers", "less than or equal to 4096"),
+    ({"name": ""}, "name", "must name a directory inside out_dir"),
+    ({"name": "."}, "name", "must name a directory inside out_dir"),
+    # YAML's yes/no values are not numbers (max_steps: yes used to train one step) ...
+    ({"train.max_steps": True}, "train.max_steps", "true is a yes/no value, not a number"),
+    ({"train.lr": False}, "train.lr", "false is a yes/no value, not a number"),
+    ({"model.moe": {"shared_expert_hidden": True}}, "model.moe.shared_expert_hidden",
+     "yes/no value"),
+    # ... nor text, and neither is ~
+    ({"name": True}, "name", "YAML reads yes/no/on/off/true/false as a yes/no value"),
+    ({"out_dir": None}, "out_dir", "YAML reads ~ and null as no value, not text: quote it"),
+    ({"name": 7}, "name", "YAML reads this as the number 7, not text: quote it"),  # name=007
 ])
 def test_bad_values_name_field_and_rule(overrides, field, rule):
     with pytest.raises(ConfigError) as err:
@@ -48,6 +59,12 @@ def test_override_parsing_uses_yaml_types(tmp_path):
                           "model.moe.num_experts=4", "model.moe.top_k=1"])
     assert cfg.model.n_layers == 12 and cfg.train.lr == 1e-3 and cfg.model.qk_norm
     assert cfg.model.moe.num_experts == 4
+
+
+def test_bools_stay_bools_and_float_text_is_a_number():
+    cfg = build_config({}, ["model.qk_norm=yes", "train.lr=1e-3"])
+    assert cfg.model.qk_norm is True
+    assert cfg.train.lr == 1e-3  # YAML 1.1 reads 1e-3 as text; pydantic makes it a number
 
 
 def test_override_without_equals_is_an_error():

@@ -10,10 +10,18 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path, PurePath
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from depthlab.errors import ConfigError
 
@@ -32,6 +40,23 @@ it computes (`out_dir` only names the directory the run was found in)."""
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as
+        1 and 0 for a number (max_steps: yes trained one step): refused."""
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _kinds(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"{str(value).lower()} is a yes/no value, not a number")
+        return value
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (int | None -> {int, NoneType})."""
+    args = get_args(annotation)
+    return {a for arg in args for a in _kinds(arg)} if args else {annotation}
 
 
 class MoEConfig(_Strict):
@@ -280,6 +305,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if not PurePath(self.name).parts:  # '' or '.': the run would fill out_dir itself
+            raise ValueError(f"name ({self.name!r}) must name a directory inside out_dir")
         if PurePath(self.name).is_absolute() or ".." in PurePath(self.name).parts:
             raise ValueError(f"name ({self.name!r}) must be a path inside out_dir (relative, "
                              "without '..'); put the parent directory in out_dir")
@@ -309,6 +336,12 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "string_type" and isinstance(e["input"], (type(None), bool, int, float)):
+            # quoting keeps the text as typed (name: 007 would otherwise be the number 7)
+            msg = ("YAML reads ~ and null as no value" if e["input"] is None else
+                   "YAML reads yes/no/on/off/true/false as a yes/no value"
+                   if isinstance(e["input"], bool) else f"YAML reads this as the number {e['input']}"
+                   ) + ", not text: quote it"
         names_field = loc and (f"{loc}." in msg or msg.startswith(loc))
         parts.append(f"{loc}: {msg}" if loc and not names_field else msg)
     return "invalid config: " + "; ".join(parts)
