@@ -358,6 +358,12 @@ def test_corrupt_and_missing_token_files(tmp_path):
         read_tokens(d / "train.bin", "uint16")
     with pytest.raises(DepthlabError, match="no val.bin or val.npy"):
         open_splits(_cfg(tmp_path, corpus=str(d)))
+    empty = tmp_path / "empty_npy"  # no ids at all: said so, not "vocab_size must be >= 2"
+    empty.mkdir()
+    np.save(empty / "train.npy", np.zeros(0, dtype=np.uint16))
+    np.save(empty / "val.npy", np.zeros(0, dtype=np.uint16))
+    with pytest.raises(DepthlabError, match="empty_npy: the token files are empty"):
+        open_splits(_cfg(tmp_path, corpus=str(empty)))
     with pytest.raises(DepthlabError, match="token file not found"):
         read_tokens(d / "nothing.bin", "uint16")
     (d / "train.bin").write_bytes(b"\x01\x00" * 100)

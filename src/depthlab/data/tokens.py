@@ -282,7 +282,9 @@ def _finish(
     if vocab is None and tokenizer is not None:
         vocab = tokenizer.vocab_size
     if vocab is None:  # no manifest, no tokenizer: one pass over the data
-        vocab = 1 + max((int(a.max()) for a in arrays.values() if len(a)), default=0)
+        if not any(len(a) for a in arrays.values()):
+            raise DepthlabError(f"{path or 'token files'}: the token files are empty")
+        vocab = 1 + max(int(a.max()) for a in arrays.values() if len(a))
         if vocab > MAX_INFERRED_VOCAB:
             raise DepthlabError(
                 f"{path or 'token files'}: the largest id is {vocab - 1:,}, which would make a "
