@@ -214,7 +214,7 @@ def test_runs_skip_resume_and_failures(tmp_path):
     assert "short.txt" in json.loads((out / STATUS_FILE).read_text())["runs"]["bad"]["error"]
     log = (out / "logs" / "ok3.log").read_text()
     assert "--set name=ok3" in log
-    assert "ok3: resuming at step 2/4" in log and "ok3: step 4/4  loss" in log  # progress
+    assert "from step_0000002 (step 2/4)" in log and "ok3: step 4/4  loss" in log  # progress
     # --diagnose on a sweep whose runs are already complete: diagnosed, not skipped
     run_sweep(sw, only=["ok2"], diagnose=True)
     assert json.loads((out / STATUS_FILE).read_text())["runs"]["ok2"]["diagnose"] == "complete"

@@ -50,7 +50,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, corpus):
+def test_resume_reproduces_uninterrupted_run(tmp_path, corpus, capsys):
     full = Trainer(tiny_cfg(tmp_path, corpus, name="full"), progress=False)
     full.fit()
     ref = losses(full.run_dir)
@@ -67,8 +67,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, corpus):
     with pytest.raises(Interrupt):
         first.fit()
     assert checkpoint_dirs(cfg.run_dir)[-1].name == "step_0000008"
+    capsys.readouterr()
     second = Trainer(cfg, progress=False)
     second.fit()
+    assert "from step_0000008 (step 8/12)" in capsys.readouterr().err  # said without a bar too
     got = losses(cfg.run_dir)
     assert sorted(got) == list(range(1, 13))  # no duplicated or missing steps
     for step in ref:

@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         raise
     if code == 130:
-        Console(stderr=True, soft_wrap=True).print("interrupted; finished checkpoints and results are kept")
+        Console(stderr=True, soft_wrap=True).print(
+            "interrupted; finished work is kept: run the same command again to go on from it")
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 

@@ -364,6 +364,9 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        if self.dist.is_main and self.step < self.cfg.train.max_steps:  # in every output mode
+            print(f"note: resuming {self.run_dir} from {ckpt.name} (step {self.step}/"
+                  f"{self.cfg.train.max_steps})", file=sys.stderr, flush=True)
 
     def _save(self) -> Path:
         return save_checkpoint(
@@ -585,8 +588,6 @@ class _LogLines:
     def __init__(self, name: str, total: int, start: int) -> None:
         self._name, self._total, self._start = name, total, start
         self._t0 = time.time()
-        if start:
-            print(f"{name}: resuming at step {start}/{total}", flush=True)
 
     def update(self, step: int, loss: float, tps: float | None) -> None:
         if tps is None:
