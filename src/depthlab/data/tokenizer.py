@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -299,14 +300,19 @@ def bpe_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: str | None = None)
     d = bpe_cache_dir(corpus, vocab_size, cache_dir)
     if (d / META_FILE).is_file() and (d / "tokenizer.json").is_file():
         return load_tokenizer_path(d)
-    tok = train_bpe(corpus.documents("train"), vocab_size, corpus.n_split_documents("train"))
+    n_docs = corpus.n_split_documents("train")
+    print(f"training a {vocab_size:,}-token BPE tokenizer on {corpus.name} ({n_docs:,} "
+          f"documents; once, then cached in {d})", file=sys.stderr, flush=True)
+    tok = train_bpe(corpus.documents("train"), vocab_size, n_docs,
+                    progress=sys.stderr.isatty())
     tok.name = f"bpe-{vocab_size}"
     tok.kind = "bpe"
     tok.save(d)
     return tok
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> HFTokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None,
+              progress: bool = False) -> HFTokenizer:
     """Train a GPT-2-style byte-level BPE with `<|endoftext|>` as id 0.
 
     Every byte is in the initial alphabet, so any text encodes without unknowns; a
@@ -322,7 +328,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,  # the tokenizers library's own bar (terminals only)
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     return HFTokenizer(tok, f"bpe-{vocab_size}", "bpe", tok.token_to_id(EOS_TOKEN))
