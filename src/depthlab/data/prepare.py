@@ -8,6 +8,7 @@ corpus and tokenizer is already there, so every run after the first starts at on
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +150,7 @@ def _quiet_manifest(d: Path) -> dict[str, Any]:
 
 
 def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> None:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     import depthlab
@@ -160,13 +162,18 @@ def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> Non
     coverage = Coverage() if tokenizer.kind == "file" else None
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    # a live bar on a terminal (stderr); elsewhere one line per split, since a bar that is
+    # not drawn shows nothing and leaves a stray blank line
+    stderr = Console(stderr=True)
+    live = progress and stderr.is_terminal
+    with Progress(*columns, console=stderr, disable=not live, transient=True) as bar:
         for split in SPLITS:
-            task = bar.add_task(
-                f"tokenizing {corpus.name if corpus.kind == 'kjv' else Path(corpus.name).name}"
-                f" [{split}]",
-                total=corpus.n_split_documents(split),  # type: ignore[arg-type]
-            )
+            what = (f"tokenizing {corpus.name if corpus.kind == 'kjv' else Path(corpus.name).name}"
+                    f" [{split}]")
+            n_docs = corpus.n_split_documents(split)  # type: ignore[arg-type]
+            if progress and not live:
+                print(f"{what}: {n_docs:,} {corpus.unit}(s)", file=sys.stderr, flush=True)
+            task = bar.add_task(what, total=n_docs)
             chunks = _encode(corpus, split, tokenizer, lambda n, t=task: bar.advance(t, n),  # type: ignore[arg-type]
                              coverage)
             splits[split] = write_tokens(d / f"{split}.bin", chunks, dtype)
