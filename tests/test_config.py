@@ -79,6 +79,10 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    bad.write_text("model:\n\tn_layers: 2\n")  # a tab: where, and what YAML found
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 2, column 1 \(found "
+                                          r"character '\\t' that cannot start any token\)"):
+        load_config(bad)
 
 
 def test_derived_quantities():

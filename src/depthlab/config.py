@@ -425,7 +425,10 @@ def read_yaml(path: str | Path, *, allow_empty: bool = False) -> dict[str, Any]:
         where = f" (line {err.problem_mark.line + 1})" if err.problem_mark else ""
         raise ConfigError(f"{p}: {err.problem}{where}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(err, "problem", None) or err.__class__.__name__
+        raise ConfigError(f"{p}: not valid YAML{where} ({what})") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{p}: not UTF-8 text (bad byte at offset {err.start})") from None
     except OSError as err:
