@@ -166,4 +166,4 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "depthlab", "info", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().startswith("error:")
+    assert bad.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run directory or config file"

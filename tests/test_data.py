@@ -482,6 +482,13 @@ def test_jsonl_and_folder_mistakes_are_named(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"text": f"r{i}"} for i in range(60)]))
     with pytest.raises(DepthlabError, match="a JSON array; give JSONL instead"):
         corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "a.json")))
+    (tmp_path / "a.json").write_text(json.dumps([{"text": f"r{i}"} for i in range(60)],
+                                                indent=1))  # the same, over many lines
+    with pytest.raises(DepthlabError, match="a JSON array; give JSONL instead"):
+        corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "a.json")))
+    (tmp_path / "rows.jsonl").write_text("\n".join(f'["r{i}"]' for i in range(60)))
+    with pytest.raises(DepthlabError, match=r"rows.jsonl:1: a list, not a JSON object"):
+        corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "rows.jsonl")))  # records, not a file
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(good).encode())
     train, val = corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "bom.jsonl")))
     assert train[0] == "record 0" and len(train) + len(val) == 60

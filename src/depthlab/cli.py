@@ -161,6 +161,8 @@ def info(
         Console(stderr=True, soft_wrap=True).print(
             f"note: {target} is inside run {run}; showing the run", markup=False, highlight=False)
         target = run
+    if not target.exists():
+        raise DepthlabError(f"{target}: no such run directory or config file")
     is_run = target.is_dir()
     if is_run and set_:
         raise DepthlabError("--set applies to a config file, not to a run directory "

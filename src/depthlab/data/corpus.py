@@ -225,13 +225,17 @@ def _folder_corpus(path: Path, every: int) -> Corpus:
 
 
 def _jsonl_corpus(path: Path, key: str, every: int) -> Corpus:
-    n = 0
+    n, first = 0, b""
     with open(path, "rb") as f:
         for line in f:
-            if not n and line.strip().lstrip(b"\xef\xbb\xbf").startswith(b"["):
-                raise DepthlabError(f"{path}: a JSON array; give JSONL instead (one JSON "
-                                    "object per line)")
+            if not n:
+                first = line.strip().lstrip(b"\xef\xbb\xbf")
             n += bool(line.strip())
+    # a JSON array file: "[" opens a value longer than its line, or one line holds it all
+    # (several lines that are arrays each are records, and are told so one by one)
+    if first.startswith(b"[") and (n == 1 or not _is_json(first)):
+        raise DepthlabError(f"{path}: a JSON array; give JSONL instead (one JSON object per "
+                            "line)")
     _need(n, every, path, "records")
 
     def docs() -> Iterator[str]:
@@ -251,6 +255,14 @@ def _jsonl_corpus(path: Path, key: str, every: int) -> Corpus:
 
     fp = _hash("jsonl", SPLIT_VERSION, every, key, _file_sha(path))
     return Corpus(str(path.resolve()), "jsonl", every, n, fp, docs)
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except ValueError:  # bad JSON or not UTF-8
+        return False
+    return True
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
