@@ -68,9 +68,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, corpus, capsys):
         first.fit()
     assert checkpoint_dirs(cfg.run_dir)[-1].name == "step_0000008"
     capsys.readouterr()
+    before = torch.load(checkpoint_dirs(cfg.run_dir)[-1] / "state.pt", weights_only=False)
     second = Trainer(cfg, progress=False)
     second.fit()
     assert "from step_0000008 (step 8/12)" in capsys.readouterr().err  # said without a bar too
+    # the summary's wall time counts the first session up to its checkpoint as well
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert 0 < before["seconds"] < summary["seconds"]
     got = losses(cfg.run_dir)
     assert sorted(got) == list(range(1, 13))  # no duplicated or missing steps
     for step in ref:

@@ -213,6 +213,7 @@ class Trainer:
         self.device = self.dist.device
         self.run_dir = cfg.run_dir
         self._lock: int | None = None  # the run directory's lock while fit() runs (rank 0)
+        self._seconds_before, self._started = 0.0, time.time()  # earlier sessions; this one
         # a run directory holding another config is refused before any data is prepared
         D.on_main_then_share(lambda: self._check_config(cfg.to_dict()))
         if self.dist.enabled:
@@ -364,14 +365,20 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self._seconds_before = float(state.get("seconds", 0.0))
         if self.dist.is_main and self.step < self.cfg.train.max_steps:  # in every output mode
             print(f"note: resuming {self.run_dir} from {ckpt.name} (step {self.step}/"
                   f"{self.cfg.train.max_steps})", file=sys.stderr, flush=True)
 
+    def _train_seconds(self) -> float:
+        """Wall time spent training this run, over every session up to now."""
+        return self._seconds_before + (time.time() - self._started)
+
     def _save(self) -> Path:
         return save_checkpoint(
             self.run_dir, self.step, self.model, self.optimizer,
-            {"loader": self.loader.state_dict(), "global_batch": self.global_batch},
+            {"loader": self.loader.state_dict(), "global_batch": self.global_batch,
+             "seconds": self._train_seconds()},
             self.cfg.train.keep_last,
         )
 
@@ -481,7 +488,8 @@ class Trainer:
             D.print_main(self.describe())
         tokens_per_step = self.tokens_per_step
         self.model.train()
-        start_time, window_time, window_tokens = time.time(), time.time(), 0
+        self._started = time.time()
+        window_time, window_tokens = time.time(), 0
         # a resumed run reports its last logged losses even if no step is left to run
         done = read_metrics(self.run_dir) if self.step and self.dist.is_main else []
         train_loss = next((r["loss"] for r in reversed(done) if "loss" in r), None)
@@ -534,7 +542,7 @@ class Trainer:
             else:  # the error that stopped training is the one to report
                 with contextlib.suppress(Exception):
                     logger.close()
-        seconds = time.time() - start_time
+        seconds = self._train_seconds()
         summary = TrainSummary(self.run_dir, self.step, train_loss, val_loss,
                                self.step * tokens_per_step, seconds)
         if self.dist.is_main:
