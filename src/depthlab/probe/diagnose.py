@@ -169,6 +169,9 @@ class _HFEncoder:
         self.name = getattr(tok, "name_or_path", None) or type(tok).__name__
         self.fingerprint = None
 
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
         out: list[int] = []
         enc = self.tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
@@ -200,6 +203,16 @@ def _encoder(tokenizer: Any, info: dict[str, Any], spec: str) -> Any:
     if hasattr(tokenizer, "encode_documents"):
         return tokenizer
     return _HFEncoder(tokenizer)
+
+
+_PROBE_TEXT = ("In the beginning God created the heaven and the earth.\n  And the earth was "
+               "without form; 1,234 naïve cafés — 日本語 🙂 <tag> x=y+1")
+
+
+def _encode_alike(a: Any, b: Any) -> bool:
+    """Whether two tokenizers give the same ids for a probe of words, digits, accents,
+    other scripts, emoji and whitespace (document separators left out)."""
+    return list(a.encode(_PROBE_TEXT)) == list(b.encode(_PROBE_TEXT))
 
 
 def _hf_tokenizer_json(info: dict[str, Any]) -> Path | None:
@@ -236,7 +249,7 @@ def evaluation_tokens(data: str, tokenizer: Any, info: dict[str, Any], spec: str
         splits = open_token_dir(path, tokenizer=enc)
         made_with = splits.manifest.get("tokenizer") or {}
         # the model's tokenizer: a run's, or the tokenizer.json of a Hugging Face directory
-        # or of a hub model's cached snapshot (a GGUF file embeds its own: not checked)
+        # or of a hub model's cached snapshot
         mine, remedy = enc, f" {getattr(enc, 'name', '')}"
         own = _hf_tokenizer_json(info)
         if made_with.get("fingerprint") and own is not None and own.is_file():
@@ -247,6 +260,14 @@ def evaluation_tokens(data: str, tokenizer: Any, info: dict[str, Any], spec: str
                 None, made_with["fingerprint"]):
             raise DepthlabError(f"{path} was tokenized with {made_with.get('name')}, not with "
                                 f"the model's tokenizer{remedy}")
+        if getattr(mine, "fingerprint", None) is None and splits.tokenizer is not None:
+            # no tokenizer.json to compare (a GGUF file embeds its own): compare what they do
+            model_enc = _encoder(tokenizer, info, spec)
+            if model_enc is not None and not _encode_alike(splits.tokenizer, model_enc):
+                raise DepthlabError(
+                    f"{path} was tokenized with {made_with.get('name')}, which encodes text "
+                    "differently from the model's own tokenizer: prepare it with that tokenizer "
+                    "(its tokenizer.json)")
         tokens = np.asarray(splits.val)
         tok_name = (splits.manifest.get("tokenizer") or {}).get("name") or "(token directory)"
         source = str(path)
