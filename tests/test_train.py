@@ -148,6 +148,21 @@ def test_one_process_trains_a_run_directory_at_a_time(tmp_path, corpus):
     assert Trainer(cfg, progress=False).fit().status == "already complete"
 
 
+def test_a_file_system_without_locks_trains_with_a_note(tmp_path, corpus, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 3})
+    assert Trainer(cfg, progress=False).fit().step == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot lock" in err and "No locks available" in err
+    assert "nothing stops a second train on this run directory" in err
+
+
 def test_completed_run_is_not_retrained(tmp_path, corpus):
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
     Trainer(cfg, progress=False).fit()

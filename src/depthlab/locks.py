@@ -4,9 +4,9 @@ has none, nothing is locked and callers are told so)."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 
 class Busy(Exception):
@@ -42,25 +42,32 @@ def exclusive(lock_path: Path,
         yield  # closing the file releases the lock
 
 
-def hold_dir(path: Path) -> int | None:
-    """Create directory `path` if needed and lock it until `release`; Busy at once when
-    another process holds it. None (nothing held) where locks are unsupported."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a platform that cannot open directories
-        return None
-    try:
-        if _flock(fd, wait=False) is None:
-            return fd
-    except Busy:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
+class FileLock:
+    """A lock held across a long piece of work (a training run), taken without waiting.
+    It is a regular file opened for appending: network file systems (NFS) emulate flock
+    with a write lock, which a directory cannot take."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.unsupported: str | None = None
+        """Why nothing is held after `acquire` (no file locks here), else None."""
+        self._handle: IO[str] | None = None
 
-def release(fd: int | None) -> None:
-    """Give up a lock from `hold_dir`."""
-    if fd is not None:
-        os.close(fd)
+    def acquire(self) -> None:
+        """Hold the lock; Busy at once when another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a")  # noqa: SIM115 (held until release)
+        try:
+            self.unsupported = _flock(handle.fileno(), wait=False)
+        except Busy:
+            handle.close()
+            raise
+        if self.unsupported is None:
+            self._handle = handle
+        else:
+            handle.close()
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file releases the lock
+            self._handle = None

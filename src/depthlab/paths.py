@@ -6,10 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# what a training run directory holds
 CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 CKPT_DIR = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
-_RUN_MARKS = (CKPT_DIR, "metrics.jsonl", "data.json")
+TRAIN_LOCK = ".train.lock"
+"""Held (flock) by the process training the run; the file itself stays and means nothing."""
+_RUN_MARKS = (CKPT_DIR, METRICS_FILE, DATA_FILE)
 """Files a training run writes beside its config before (or without) a first checkpoint."""
 
 
@@ -22,7 +28,9 @@ def is_run_dir(path: Path) -> bool:
 def checkpoint_step(path: Path) -> int | None:
     """N for a directory named step_N (digits only), else None."""
     name = Path(path).name
-    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+    digits = name[5:]
+    return int(digits) if name.startswith("step_") and digits.isascii() and digits.isdecimal() \
+        else None
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

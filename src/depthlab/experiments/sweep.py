@@ -373,9 +373,8 @@ def load_sweep(source: str | Path | dict[str, Any], *, out_dir: str | Path | Non
 def run_state(run: SweepRun) -> str:
     """'complete', 'partial' (started, resumable), 'new' or 'conflict' (the run dir holds a
     different config)."""
-    from depthlab.paths import CONFIG_FILE
+    from depthlab.paths import CONFIG_FILE, SUMMARY_FILE
     from depthlab.train.trainer import (
-        SUMMARY_FILE,
         read_data_record,
         read_summary,
         resume_conflicts,

@@ -18,10 +18,8 @@ import yaml
 
 from depthlab.config import RUNTIME_KEYS
 from depthlab.errors import DepthlabError
-from depthlab.paths import CONFIG_FILE, enclosing_run, is_sweep_spec
+from depthlab.paths import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, enclosing_run, is_sweep_spec
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 LADDER_FILE = "ladder.json"
 SKIP_DIRS = {"checkpoints", "tensorboard", "tokenizer", "logs", "slurm", ".git", "__pycache__"}

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from depthlab.errors import DepthlabError
-
-METRICS_FILE = "metrics.jsonl"
+from depthlab.paths import METRICS_FILE
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

@@ -42,9 +42,9 @@ from depthlab.data.corpus import BUILTIN_NAMES
 from depthlab.devices import device_type
 from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
-from depthlab.locks import Busy, hold_dir, release
+from depthlab.locks import Busy, FileLock
 from depthlab.model import DepthLM
-from depthlab.paths import CONFIG_FILE
+from depthlab.paths import CONFIG_FILE, DATA_FILE, SUMMARY_FILE, TRAIN_LOCK
 from depthlab.progress import clock
 from depthlab.train import distributed as D
 from depthlab.train.checkpoint import (
@@ -60,8 +60,6 @@ from depthlab.train.loggers import MetricLogger, NullLogger, open_logger, read_m
 from depthlab.train.optim import build_optimizer
 from depthlab.train.schedule import lr_at
 
-DATA_FILE = "data.json"
-SUMMARY_FILE = "summary.json"
 
 def resolve_device(name: str) -> torch.device:
     return _resolve_device(name, what="train.device")
@@ -212,7 +210,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
         self.run_dir = cfg.run_dir
-        self._lock: int | None = None  # the run directory's lock while fit() runs (rank 0)
+        self._lock = FileLock(self.run_dir / TRAIN_LOCK)  # held by rank 0 while fit() runs
         self._seconds_before, self._started = 0.0, time.time()  # earlier sessions; this one
         # a run directory holding another config is refused before any data is prepared
         D.on_main_then_share(lambda: self._check_config(cfg.to_dict()))
@@ -316,7 +314,9 @@ class Trainer:
         holds a run, None when it is new; DepthlabError if its config differs."""
         path = self.run_dir / CONFIG_FILE
         if not path.is_file():
-            if self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+            others = [p for p in self.run_dir.iterdir() if p.name != TRAIN_LOCK] \
+                if self.run_dir.is_dir() else []
+            if others:
                 raise DepthlabError(
                     f"{self.run_dir} is not empty and is not a depthlab run (no {CONFIG_FILE}): "
                     "not writing into it; choose another name/out_dir")
@@ -451,20 +451,22 @@ class Trainer:
     def fit(self) -> TrainSummary:
         """Train to max_steps, resuming from the run's last checkpoint; one process (group)
         per run directory at a time."""
-        D.on_main_then_share(self._lock_run_dir)
         try:
+            D.on_main_then_share(self._lock_run_dir)
             return self._fit()
         finally:
-            release(self._lock)
-            self._lock = None
+            self._lock.release()
 
     def _lock_run_dir(self) -> None:
         try:
-            self._lock = hold_dir(self.run_dir)
+            self._lock.acquire()
         except Busy:
             raise DepthlabError(
                 f"{self.run_dir} is being trained by another process right now; wait for it "
                 "to finish (or stop it), then run the same command again to resume") from None
+        if self._lock.unsupported:
+            print(f"note: cannot lock {self._lock.path} ({self._lock.unsupported}): nothing "
+                  "stops a second train on this run directory", file=sys.stderr, flush=True)
 
     def _fit(self) -> TrainSummary:
         self._claim_run_dir()
