@@ -93,6 +93,8 @@ def test_recipe_cites_reproduce_results(tmp_path):
     text = render(make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path),
                   explain=True)
     assert "caveat: the tiny-scale re-check contradicts the paper here" in text
+    # --evidence: that file only; a claim it lacks is said to be missing from it
+    assert "paper only (claim 4 is in none of " in text and "--claims 4" in text
     with pytest.raises(DepthlabError, match="no reproduce results"):
         make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path / "nope")
     for bad in ("[1, 2]", '{"claims": 5}', '{"scale": "tiny", "claims": [{"id": 3}]}'):
@@ -205,8 +207,9 @@ def test_recipe_prefers_the_larger_scale_and_says_how_small_it_was(tmp_path, mon
     text = render(make_recipe(12, 135_000_000, vocab_size=49152, moe=False), explain=True)
     assert "reproduce --scale small (12 layers, d=128, 2000 steps, 2 seeds) claim 3" in text
     assert "does not hold" not in text and "reproduce/tiny" not in text
-    # a claim missing from the results found: said so, not "no results found"; a dense
-    # recipe does not claim the ladder's MoE rung
-    assert "paper only (claim 4 is not in runs/reproduce/small/reproduce.json" in text
-    assert "no reproduce results found" not in text
+    # a claim the user's own re-check lacks comes from the next one found (here the
+    # committed small-scale results), not "paper only"; a dense recipe does not claim the
+    # ladder's MoE rung
+    assert "claim 4 (Longer context" in text and "docs/reproduce/small/reproduce.json" in text
+    assert "paper only" not in text
     assert "-> +G (stops before the ladder's +MoE rung)" in text

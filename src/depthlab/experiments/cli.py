@@ -269,7 +269,7 @@ def ablate(
 
 def recipe(
     layers: Annotated[int, typer.Option("--layers", "-L", help="Number of blocks.")],
-    params: Annotated[str, typer.Option(help="Parameter budget, e.g. 1.2B, 350M: total "
+    params: Annotated[str, typer.Option(help="Parameter target, e.g. 1.2B, 350M: total "
                                         "parameters (per token with --active).")],
     context: Annotated[int | None, typer.Option(help="Context length T (default: the sweet "
                                                 "spot, 4096).")] = None,
@@ -290,7 +290,7 @@ def recipe(
     out: Annotated[Path | None, typer.Option(help="Write the config YAML here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
-    """A depth-effective config for L layers within a parameter budget, with reasons."""
+    """A depth-effective config for L layers near a parameter target, with reasons."""
     from rich.console import Console
 
     from depthlab.errors import DepthlabError

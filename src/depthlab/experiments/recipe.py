@@ -1,10 +1,10 @@
-"""`depthlab recipe`: a depth-effective config for L layers within a parameter budget.
+"""`depthlab recipe`: a depth-effective config for L layers near a parameter target.
 
 The rule of thumb (the paper's findings, docs/reproduce.md for our own re-checks):
 long context near the measured sweet spot, moderate weight decay, grouped-query attention,
 and an MoE with fine-grained experts. Width is then solved so that the TOTAL parameter
 count (or, with `active=True`, the parameters active per token) lands within 5 % of the
-budget (the MLP / expert hidden size absorbs the rest).
+target (the MLP / expert hidden size absorbs the rest).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Recipe:
     target: int
     choices: list[Choice]
     budget_kind: str = "total"
-    """Which count the budget constrains: "total" or "active" parameters."""
+    """Which count the target is: "total" or "active" parameters."""
     overall: Choice | None = None
     """The evidence for the recipe as a whole (the ablation ladder)."""
 
@@ -145,27 +145,34 @@ _REPO_DOCS = Path(__file__).resolve().parents[3] / "docs"
 """docs/ of a source checkout (the committed re-checks), wherever the CWD is."""
 
 
-def _find_evidence(evidence: str | Path | None) -> tuple[dict[str, Any] | None, str | None]:
-    """The given results, else the largest-scale re-check found: small before tiny, and at
-    each scale the user's own runs before the committed ones."""
+Evidence = list[tuple[dict[str, Any], str]]
+"""Reproduce results found, each with its source path, in the order they are consulted."""
+
+
+def _find_evidence(evidence: str | Path | None) -> Evidence:
+    """The given results, else every re-check found: small before tiny, and at each scale
+    the user's own runs before the committed ones. Each claim is cited from the first one
+    that holds it, so a user's partial re-check does not hide the committed claims."""
     candidates = ([Path(evidence)] if evidence is not None else
                   [root / scale for scale in ("small", "tiny")
                    for root in (Path("runs/reproduce"), Path("docs/reproduce"),
                                 _REPO_DOCS / "reproduce")])
+    found: Evidence = []
     for c in candidates:
         p = c / RESULTS_FILE if c.is_dir() else c
-        if p.is_file():
-            try:
-                results = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
-                raise DepthlabError(f"cannot read reproduce results {p}") from None
-            if not _looks_like_results(results):
-                raise DepthlabError(f"{p} is not a `depthlab reproduce` results file (expected "
-                                    "an object with scale and claims)")
-            return results, str(p)
-    if evidence is not None:
+        if not p.is_file() or any(Path(src).resolve() == p.resolve() for _, src in found):
+            continue
+        try:
+            results = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
+            raise DepthlabError(f"cannot read reproduce results {p}") from None
+        if not _looks_like_results(results):
+            raise DepthlabError(f"{p} is not a `depthlab reproduce` results file (expected "
+                                "an object with scale and claims)")
+        found.append((results, str(p)))
+    if evidence is not None and not found:
         raise DepthlabError(f"no reproduce results at {evidence} (run depthlab reproduce first)")
-    return None, None
+    return found
 
 
 def _looks_like_results(results: Any) -> bool:
@@ -192,11 +199,13 @@ def _scale_words(results: dict[str, Any]) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _cite(choice: Choice, results: dict[str, Any] | None, source: str | None,
-          claim_id: int) -> Choice:
-    """Attach the re-check of claim `claim_id` to `choice`, with a caveat unless it held."""
-    for c in (results or {}).get("claims", []):
-        if c["id"] == claim_id:
+def _cite(choice: Choice, found: Evidence, claim_id: int) -> Choice:
+    """Attach the first re-check of claim `claim_id` found to `choice`, with a caveat unless
+    it held."""
+    for results, source in found:
+        for c in results["claims"]:
+            if c["id"] != claim_id:
+                continue
             tests = "; ".join(f"{t['label']}: {t['status']} ({t['detail']})"
                               for t in c["tests"] if t.get("primary"))
             choice.evidence = [f"reproduce --scale {results['scale']}{_scale_words(results)} "
@@ -207,9 +216,10 @@ def _cite(choice: Choice, results: dict[str, Any] | None, source: str | None,
                 choice.caveat = (f"the {results['scale']}-scale re-check {seen} the paper here; "
                                  "this choice follows the paper's result")
             return choice
-    if results is not None:
-        choice.evidence = [f"paper only (claim {claim_id} is not in {source}; run `depthlab "
-                           f"reproduce --claims {claim_id}`)"]
+    if found:
+        choice.evidence = [f"paper only (claim {claim_id} is in none of "
+                           f"{', '.join(src for _, src in found)}; run `depthlab reproduce "
+                           f"--claims {claim_id}`)"]
     return choice
 
 
@@ -270,26 +280,26 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     if abs(matched - params) / params > TOLERANCE:  # the analytic count and the model disagree
         raise DepthlabError(f"recipe shape has {matched:,} {kind} parameters, not within "
                             f"{TOLERANCE:.0%} of {params:,}; please report this")
-    results, source = _find_evidence(evidence)
+    found = _find_evidence(evidence)
     choices = [
         _cite(Choice("context T", str(T),
                      "long context makes attention sparse (each query spreads over more keys), "
                      "which damps variance growth; the paper's sweet spot is T = 2048-4096"
-                     + ("" if context is None else " (you fixed T)")), results, source, 4),
+                     + ("" if context is None else " (you fixed T)")), found, 4),
         _cite(Choice("weight decay lambda", f"{wd:g}",
                      "weight decay sparsifies weights and lowers last-layer variance; lambda = 0.1 "
                      "gave the paper's best PPL at 16 layers, and its 32-layer ladder gained with "
-                     "0.3"), results, source, 3),
+                     "0.3"), found, 3),
         _cite(Choice("GQA group size G", f"{heads // kv} ({heads} query heads, {kv} KV heads)",
                      "sharing keys/values across heads raised usefulness at equal PPL in the "
                      "paper (G = 2 in its 32-layer ladder, G = 16 best at 1.2B)"),
-              results, source, 5),
+              found, 5),
         _cite(Choice("MoE" if moe else "MLP",
                      f"{experts} experts, top-{top_k}, expert hidden {hidden}" if moe
                      else f"dense SwiGLU, hidden {hidden}",
                      "fine-grained experts make each token's MLP sparse; the paper's MoE beat "
                      "dense by > 2 PPL with usefulness 0.94" if moe else "dense MLP (--dense)",
-                     cites=moe), results if moe else None, source, 6),
+                     cites=moe), found if moe else [], 6),
         Choice("width d", f"{d} (head dim {d // heads})",
                f"solved so that the {kind} count is {fmt_params(matched)} for a "
                f"{fmt_params(params)} target ({(matched - params) / params:+.1%}); "
@@ -302,7 +312,7 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     ]
     overall = _cite(Choice("the recipe as a whole", "baseline -> +T -> +lambda -> +G"
                            + (" -> +MoE" if moe else " (stops before the ladder's +MoE rung)"),
-                           "the paper's ablation ladder gained at every rung"), results, source, 7)
+                           "the paper's ablation ladder gained at every rung"), found, 7)
     return Recipe(raw, cfg, total, n_active, params, choices, budget_kind=kind, overall=overall)
 
 
