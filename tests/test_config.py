@@ -35,14 +35,17 @@ def test_presets_validate(path):
     ({"name": ""}, "name", "must name a directory inside out_dir"),
     ({"name": "."}, "name", "must name a directory inside out_dir"),
     # YAML's yes/no values are not numbers (max_steps: yes used to train one step) ...
-    ({"train.max_steps": True}, "train.max_steps", "true is a yes/no value, not a number"),
-    ({"train.lr": False}, "train.lr", "false is a yes/no value, not a number"),
+    ({"train.max_steps": True}, "train.max_steps", "a yes/no value (YAML reads yes/no/on/"),
+    ({"train.grad_clip": False}, "train.grad_clip", "is not a number: write the number (0 for"),
     ({"model.moe": {"shared_expert_hidden": True}}, "model.moe.shared_expert_hidden",
      "yes/no value"),
-    # ... nor text, and neither is ~
+    ({"model.moe": {"layers": [True, 1]}}, "model.moe.layers", "yes/no value"),
+    # ... nor text, and neither are numbers, dates or nothing
     ({"name": True}, "name", "YAML reads yes/no/on/off/true/false as a yes/no value"),
-    ({"out_dir": None}, "out_dir", "YAML reads ~ and null as no value, not text: quote it"),
+    ({"out_dir": None}, "out_dir", "no value given (YAML reads an empty value, ~ and null"),
     ({"name": 7}, "name", "YAML reads this as the number 7, not text: quote it"),  # name=007
+    ({"name": __import__("datetime").date(2024, 1, 1)}, "name",
+     "YAML reads this as the date 2024-01-01, not text: quote it"),
 ])
 def test_bad_values_name_field_and_rule(overrides, field, rule):
     with pytest.raises(ConfigError) as err:
@@ -98,7 +101,7 @@ def test_a_key_given_twice_is_refused(tmp_path):
     Merge keys (`<<: *base`) may still be overridden."""
     p = tmp_path / "c.yaml"
     p.write_text("name: a\nmodel:\n  n_layers: 2\n  d_model: 64\n  n_layers: 3\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: key 'n_layers' appears twice \(line 5\)"):
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'n_layers' appears twice at line 5, column 3"):
         load_config(p)
     p.write_text("base: &b {n_layers: 2, d_model: 64}\nmodel:\n  <<: *b\n  n_layers: 3\n")
     assert read_yaml(p)["model"] == {"n_layers": 3, "d_model": 64}

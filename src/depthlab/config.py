@@ -8,6 +8,7 @@ checked before any work starts; `ConfigError` messages name the field and the ru
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 from pathlib import Path, PurePath
 from typing import Any, Literal, get_args
@@ -46,10 +47,12 @@ class _Strict(BaseModel):
     def _no_yes_no_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as
         1 and 0 for a number (max_steps: yes trained one step): refused."""
-        if isinstance(value, bool) and info.field_name is not None:
+        items = value if isinstance(value, (list, tuple)) else [value]  # moe.layers: [on]
+        if any(isinstance(v, bool) for v in items) and info.field_name is not None:
             kinds = _kinds(cls.model_fields[info.field_name].annotation)
             if bool not in kinds and kinds & {int, float}:
-                raise ValueError(f"{str(value).lower()} is a yes/no value, not a number")
+                raise ValueError("a yes/no value (YAML reads yes/no/on/off/true/false so) is not "
+                                 "a number: write the number (0 for none)")
         return value
 
 
@@ -336,15 +339,24 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif e["type"] == "string_type" and isinstance(e["input"], (type(None), bool, int, float)):
-            # quoting keeps the text as typed (name: 007 would otherwise be the number 7)
-            msg = ("YAML reads ~ and null as no value" if e["input"] is None else
-                   "YAML reads yes/no/on/off/true/false as a yes/no value"
-                   if isinstance(e["input"], bool) else f"YAML reads this as the number {e['input']}"
-                   ) + ", not text: quote it"
+        elif e["type"] == "string_type":
+            msg = _not_text(e["input"]) or msg
         names_field = loc and (f"{loc}." in msg or msg.startswith(loc))
         parts.append(f"{loc}: {msg}" if loc and not names_field else msg)
     return "invalid config: " + "; ".join(parts)
+
+
+def _not_text(value: Any) -> str | None:
+    """What YAML made of a value meant as text, and what to do (quoting keeps the text as
+    typed: name: 007 would otherwise be the number 7)."""
+    if value is None:
+        return "no value given (YAML reads an empty value, ~ and null as none): give one"
+    if isinstance(value, bool):
+        return "YAML reads yes/no/on/off/true/false as a yes/no value, not text: quote it"
+    if isinstance(value, (int, float, datetime.date)):
+        kind = "date" if isinstance(value, datetime.date) else "number"
+        return f"YAML reads this as the {kind} {value}, not text: quote it"
+    return None
 
 
 def parse_value(text: str) -> Any:
@@ -421,13 +433,12 @@ def read_yaml(path: str | Path, *, allow_empty: bool = False) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}")
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
-    except yaml.constructor.ConstructorError as err:
-        where = f" (line {err.problem_mark.line + 1})" if err.problem_mark else ""
-        raise ConfigError(f"{p}: {err.problem}{where}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = getattr(err, "problem", None) or err.__class__.__name__
+        if isinstance(err, yaml.constructor.ConstructorError):  # e.g. a key given twice
+            raise ConfigError(f"{p}: {what}{where}") from None
         raise ConfigError(f"{p}: not valid YAML{where} ({what})") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{p}: not UTF-8 text (bad byte at offset {err.start})") from None
