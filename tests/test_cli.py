@@ -97,6 +97,8 @@ def test_paths_of_the_wrong_kind_get_guidance(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr()
     assert "note: runs/a/checkpoints/step_0000020 is inside run runs/a; showing the run" in out.err
     assert "runs/a ──" in out.out and "last metrics" in out.out  # the run itself
+    assert "runs/a/checkpoints/step_typo: no such run directory or config file" in \
+        _one_line_error(["info", "runs/a/checkpoints/step_typo"], capsys)  # not the run
     assert "is a run config: report reads the run's directory" in _one_line_error(
         ["report", str(repo / "configs" / "cpu" / "tiny.yaml"), "--out", "r"], capsys)
     (tmp_path / "notes.txt").write_text("hello")
@@ -167,3 +169,25 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run directory or config file"
+
+
+def test_ctrl_c_says_what_is_kept_and_whether_to_rerun(tmp_path, capsys, monkeypatch):
+    """Ctrl-C exits 130 with one line; only commands that resume say to run them again."""
+    import depthlab.train as train_pkg
+    import depthlab.train.trainer as trainer_mod
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_pkg, "train", interrupt)
+    monkeypatch.setattr(trainer_mod, "read_run_config", interrupt)
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "cpu" / "tiny.yaml")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", tiny])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted; finished work is kept; run the same command again to go on from it")
+    with pytest.raises(SystemExit) as exc:
+        main(["info", str(tmp_path)])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted; finished work is kept"

@@ -153,6 +153,8 @@ def info(
     from depthlab.train.loggers import read_metrics
     from depthlab.train.trainer import read_run_config
 
+    if not target.exists():
+        raise DepthlabError(f"{target}: no such run directory or config file")
     # a checkpoint, its weights or the checkpoints folder: show its run (a YAML file, the
     # run's own config.yaml included, is read as a config)
     run = None if (target / CONFIG_FILE).exists() or target.suffix in (".yaml", ".yml") \
@@ -161,8 +163,6 @@ def info(
         Console(stderr=True, soft_wrap=True).print(
             f"note: {target} is inside run {run}; showing the run", markup=False, highlight=False)
         target = run
-    if not target.exists():
-        raise DepthlabError(f"{target}: no such run directory or config file")
     is_run = target.is_dir()
     if is_run and set_:
         raise DepthlabError("--set applies to a config file, not to a run directory "
@@ -277,8 +277,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         raise
     if code == 130:
-        Console(stderr=True, soft_wrap=True).print(
-            "interrupted; finished work is kept: run the same command again to go on from it")
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        again = ("; run the same command again to go on from it"
+                 if words[:1] in (["train"], ["sweep"], ["reproduce"], ["ablate"]) else "")
+        Console(stderr=True, soft_wrap=True).print(f"interrupted; finished work is kept{again}")
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 

@@ -47,11 +47,14 @@ def resolve_device(name: str | torch.device | None, what: str = "--device") -> t
 
 
 def _available(kind: str) -> bool:
-    """Whether torch can use devices of this type here (torch.cuda, torch.mps, torch.xpu ...
-    each answer is_available(); a type with no such module, or one this build was not
-    compiled for, is not available)."""
-    backend = getattr(torch, kind, None)
-    try:
-        return bool(backend.is_available())  # type: ignore[union-attr]
-    except (AttributeError, RuntimeError, AssertionError):
-        return False
+    """Whether torch can use devices of this type here: torch.backends.<type> answers where
+    it has is_available() (mps on every torch version), else torch.<type> (cuda, xpu, and
+    the modules accelerator plug-ins add); a type with neither is not available."""
+    for module in (getattr(torch.backends, kind, None), getattr(torch, kind, None)):
+        probe = getattr(module, "is_available", None)
+        if callable(probe):
+            try:
+                return bool(probe())
+            except (RuntimeError, AssertionError):  # a build without that backend
+                return False
+    return False
