@@ -183,7 +183,8 @@ def test_gguf_model_with_a_token_directory(corpus_file: Path, tmp_path: Path) ->
     tokens, data = evaluation_tokens(str(own), tok, info, "smollm2", len(tok))
     assert data["source"] == str(own) and len(tokens) > 0
     with pytest.raises(DepthlabError, match="was tokenized with byte, which encodes text "
-                                            "differently from the model's own tokenizer"):
+                                            "differently from the model's own tokenizer: give "
+                                            "the text itself as --data"):
         evaluation_tokens(str(other), tok, info, "smollm2", len(tok))
 
 

@@ -266,8 +266,8 @@ def evaluation_tokens(data: str, tokenizer: Any, info: dict[str, Any], spec: str
             if model_enc is not None and not _encode_alike(splits.tokenizer, model_enc):
                 raise DepthlabError(
                     f"{path} was tokenized with {made_with.get('name')}, which encodes text "
-                    "differently from the model's own tokenizer: prepare it with that tokenizer "
-                    "(its tokenizer.json)")
+                    "differently from the model's own tokenizer: give the text itself as "
+                    "--data (it is then tokenized with the model's tokenizer)")
         tokens = np.asarray(splits.val)
         tok_name = (splits.manifest.get("tokenizer") or {}).get("name") or "(token directory)"
         source = str(path)
