@@ -145,6 +145,7 @@ def test_one_process_trains_a_run_directory_at_a_time(tmp_path, corpus):
     first.fit()
     assert refusals == [1]
     assert sorted(losses(cfg.run_dir)) == [1, 2, 3, 4]  # each step logged once
+    assert not (cfg.run_dir / ".train.lock").exists()  # removed when training ends
     assert Trainer(cfg, progress=False).fit().status == "already complete"
 
 

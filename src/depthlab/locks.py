@@ -4,6 +4,7 @@ has none, nothing is locked and callers are told so)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -44,8 +45,9 @@ def exclusive(lock_path: Path,
 
 class FileLock:
     """A lock held across a long piece of work (a training run), taken without waiting.
-    It is a regular file opened for appending: network file systems (NFS) emulate flock
-    with a write lock, which a directory cannot take."""
+    It is a regular file opened for appending (network file systems such as NFS emulate
+    flock with a write lock, which a directory cannot take), and it is removed on release,
+    so a finished or refused command leaves nothing behind."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -56,18 +58,32 @@ class FileLock:
     def acquire(self) -> None:
         """Hold the lock; Busy at once when another process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a")  # noqa: SIM115 (held until release)
+        for _ in range(10):
+            handle = open(self.path, "a")  # noqa: SIM115 (held until release)
+            try:
+                self.unsupported = _flock(handle.fileno(), wait=False)
+            except Busy:
+                handle.close()
+                raise
+            if self.unsupported is not None:
+                handle.close()
+                return
+            if self._still_named(handle):
+                self._handle = handle
+                return
+            handle.close()  # its holder removed it between our open and lock: again
+        raise Busy
+
+    def _still_named(self, handle: IO[str]) -> bool:
+        """Whether the locked file is still the one at `path` (not removed by a holder)."""
         try:
-            self.unsupported = _flock(handle.fileno(), wait=False)
-        except Busy:
-            handle.close()
-            raise
-        if self.unsupported is None:
-            self._handle = handle
-        else:
-            handle.close()
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         if self._handle is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # while still held: a waiting opener then sees it gone
             self._handle.close()  # closing the file releases the lock
             self._handle = None

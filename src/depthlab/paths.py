@@ -25,6 +25,14 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and any((path / m).exists() for m in _RUN_MARKS)
 
 
+def holds_other_files(path: Path) -> bool:
+    """A non-empty directory with no run config: someone else's files, which a command that
+    creates a run must not write among (a left-over train lock does not count)."""
+    path = Path(path)
+    return (path.is_dir() and not (path / CONFIG_FILE).exists()
+            and any(p.name != TRAIN_LOCK for p in path.iterdir()))
+
+
 def checkpoint_step(path: Path) -> int | None:
     """N for a directory named step_N (digits only), else None."""
     name = Path(path).name

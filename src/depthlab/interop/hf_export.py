@@ -30,7 +30,7 @@ from depthlab.interop.arch import (
     depthlab_to_hf,
     hf_config_kwargs,
 )
-from depthlab.paths import checkpoint_step
+from depthlab.paths import CONFIG_FILE, checkpoint_step, run_of_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -59,10 +59,8 @@ class ExportResult:
 
 def is_depthlab_source(path: Path) -> bool:
     """A run dir (config.yaml) or a checkpoint dir inside one."""
-    from depthlab.paths import run_of_checkpoint
-
     path = Path(path)
-    return (path / "config.yaml").is_file() or run_of_checkpoint(path) is not None
+    return (path / CONFIG_FILE).is_file() or run_of_checkpoint(path) is not None
 
 
 def load_source(source: str | Path) -> tuple[DepthLM, RunConfig, Path, Path]:

@@ -27,6 +27,14 @@ from pydantic import ValidationError
 from depthlab.config import DataConfig, ModelConfig, RunConfig
 from depthlab.errors import ConfigError, DepthlabError
 from depthlab.interop.arch import hf_to_depthlab
+from depthlab.paths import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    checkpoint_dirs,
+    holds_other_files,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -283,11 +291,11 @@ def write_run(
                             data=DataConfig(seq_len=seq_len, **data))
         except Exception as err:
             raise ConfigError(f"imported config is invalid: {err}") from None
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        ckpt = tmp / "checkpoints" / "step_0000000"
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        ckpt = tmp / CKPT_DIR / "step_0000000"
         ckpt.mkdir(parents=True)
         meta = {"step": "0", "source": str(hf_source) if hf_source is not None else "in-memory"}
-        save_file(model_state(model), str(ckpt / "model.safetensors"), metadata=meta)
+        save_file(model_state(model), str(ckpt / WEIGHTS_FILE), metadata=meta)
         out.mkdir(parents=True, exist_ok=True)
         for name in IMPORT_ENTRIES:  # an earlier import's files: replaced whole
             if (out / name).is_dir():
@@ -299,7 +307,7 @@ def write_run(
     return out
 
 
-IMPORT_ENTRIES = ("tokenizer", "checkpoints", "config.yaml")  # config last: marks it complete
+IMPORT_ENTRIES = ("tokenizer", CKPT_DIR, CONFIG_FILE)  # config last: marks it complete
 
 
 def _check_run_dir(out: Path, overwrite: bool) -> None:
@@ -308,13 +316,13 @@ def _check_run_dir(out: Path, overwrite: bool) -> None:
     and never another non-empty directory."""
     if out.exists() and not out.is_dir():
         raise DepthlabError(f"{out} exists and is not a directory")
-    if not (out / "config.yaml").exists():
-        if out.is_dir() and any(out.iterdir()):
-            raise DepthlabError(f"{out} is not empty and is not a depthlab run; choose a new "
-                                "or empty directory")
+    if holds_other_files(out):
+        raise DepthlabError(f"{out} is not empty and is not a depthlab run; choose a new "
+                            "or empty directory")
+    if not (out / CONFIG_FILE).exists():
         return
-    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
-    if (out / "metrics.jsonl").exists() or any(c != "step_0000000" for c in ckpts):
+    ckpts = [p.name for p in checkpoint_dirs(out)]
+    if (out / METRICS_FILE).exists() or any(c != "step_0000000" for c in ckpts):
         raise DepthlabError(f"{out} holds a trained run ({', '.join(ckpts[-1:]) or 'metrics'}); "
                             "not overwriting it, choose another directory")
     if not overwrite:
@@ -364,7 +372,7 @@ def import_hf_to_run(
 ) -> tuple[Path, ModelConfig]:
     """`depthlab import-hf`: HF dir -> depthlab run dir (step 0)."""
     src = Path(str(hf_dir)).expanduser()
-    if (src / "config.yaml").is_file() and not (src / "config.json").is_file():
+    if (src / CONFIG_FILE).is_file() and not (src / "config.json").is_file():
         raise DepthlabError(f"{src} is a depthlab run already: train from it with --set "
                             f"train.init_from={src}, or export it with `depthlab export`")
     model, mcfg = import_hf(hf_dir, keep_layers=keep_layers, max_seq_len=max_seq_len)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from depthlab.devices import resolve_device
 from depthlab.errors import DepthlabError
+from depthlab.paths import CONFIG_FILE, WEIGHTS_FILE, run_of_checkpoint
 from depthlab.text import fmt_params
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
@@ -185,7 +186,7 @@ class _HFEncoder:
 def _run_config(info: dict[str, Any]):
     from depthlab.config import load_config
 
-    return load_config(Path(info["run_dir"]) / "config.yaml")
+    return load_config(Path(info["run_dir"]) / CONFIG_FILE)
 
 
 def _encoder(tokenizer: Any, info: dict[str, Any], spec: str) -> Any:
@@ -670,12 +671,10 @@ def _transformers_version() -> str | None:
 def default_out_dir(model: str) -> Path:
     """RUN/diagnose for a depthlab run directory, else runs/diagnose/<name>."""
     p = Path(model).expanduser()
-    if p.is_dir() and (p / "config.yaml").is_file():
+    if p.is_dir() and (p / CONFIG_FILE).is_file():
         return p / "diagnose"
-    if p.is_file() and p.name == "model.safetensors":
+    if p.is_file() and p.name == WEIGHTS_FILE:
         p = p.parent
-    from depthlab.paths import run_of_checkpoint
-
     run_dir = run_of_checkpoint(p)
     if run_dir is not None:
         return run_dir / "diagnose" / p.name

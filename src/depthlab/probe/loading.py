@@ -28,6 +28,13 @@ import torch
 from torch import nn
 
 from depthlab.errors import DepthlabError
+from depthlab.paths import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    checkpoint_dirs,
+    run_of_checkpoint,
+)
 
 NOT_A_MODEL = (
     "expected a depthlab run/checkpoint, a Hugging Face model directory, a .gguf file or a hub id"
@@ -75,26 +82,23 @@ def _model_dtype(model: nn.Module) -> str:
 
 def _depthlab_paths(path: Path) -> tuple[Path, Path] | None:
     """(config.yaml, checkpoint dir) if `path` is a depthlab run or checkpoint."""
-    from depthlab.paths import run_of_checkpoint
-
-    if (path / "model.safetensors").is_file():
-        cfg_dir = path if (path / "config.yaml").is_file() else run_of_checkpoint(path)
-        return (cfg_dir / "config.yaml", path) if cfg_dir is not None else None
-    if (path / "config.yaml").is_file() and (
-        (path / "checkpoints").is_dir() or not (path / "config.json").is_file()
+    if (path / WEIGHTS_FILE).is_file():
+        cfg_dir = path if (path / CONFIG_FILE).is_file() else run_of_checkpoint(path)
+        return (cfg_dir / CONFIG_FILE, path) if cfg_dir is not None else None
+    if (path / CONFIG_FILE).is_file() and (
+        (path / CKPT_DIR).is_dir() or not (path / "config.json").is_file()
     ):
-        return path / "config.yaml", path / "checkpoints"
+        return path / CONFIG_FILE, path / CKPT_DIR
     return None
 
 
 def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: Any) -> tuple:
     from depthlab.config import load_config
     from depthlab.model.transformer import DepthLM
-    from depthlab.paths import checkpoint_dirs
     from depthlab.train.checkpoint import load_weights_file
 
     run_dir = cfg_path.parent
-    if ckpt.name == "checkpoints":
+    if ckpt.name == CKPT_DIR:
         found = checkpoint_dirs(ckpt.parent)
         latest = found[-1] if found else None
         if latest is None:
@@ -104,7 +108,7 @@ def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: A
     if cfg.model.vocab_size is None:
         raise DepthlabError(f"{cfg_path} has no model.vocab_size: cannot rebuild the model")
     model = DepthLM(cfg.model)
-    load_weights_file(model, ckpt / "model.safetensors")
+    load_weights_file(model, ckpt / WEIGHTS_FILE)
     if isinstance(dtype, torch.dtype):
         model.to(dtype)
     model.to(device).eval()
@@ -374,7 +378,7 @@ def load_model(
         if path.is_file():
             if gguf is not None:
                 out = _load_gguf(gguf, dtype, device)
-            elif path.name == "model.safetensors" and _depthlab_paths(path.parent):
+            elif path.name == WEIGHTS_FILE and _depthlab_paths(path.parent):
                 cfg_path, ckpt = _depthlab_paths(path.parent)  # type: ignore[misc]
                 out = _load_depthlab(path, cfg_path, ckpt, dtype, device)
             else:

@@ -44,7 +44,13 @@ from depthlab.devices import resolve_device as _resolve_device
 from depthlab.errors import DepthlabError
 from depthlab.locks import Busy, FileLock
 from depthlab.model import DepthLM
-from depthlab.paths import CONFIG_FILE, DATA_FILE, SUMMARY_FILE, TRAIN_LOCK
+from depthlab.paths import (
+    CONFIG_FILE,
+    DATA_FILE,
+    SUMMARY_FILE,
+    TRAIN_LOCK,
+    holds_other_files,
+)
 from depthlab.progress import clock
 from depthlab.train import distributed as D
 from depthlab.train.checkpoint import (
@@ -314,9 +320,7 @@ class Trainer:
         holds a run, None when it is new; DepthlabError if its config differs."""
         path = self.run_dir / CONFIG_FILE
         if not path.is_file():
-            others = [p for p in self.run_dir.iterdir() if p.name != TRAIN_LOCK] \
-                if self.run_dir.is_dir() else []
-            if others:
+            if holds_other_files(self.run_dir):
                 raise DepthlabError(
                     f"{self.run_dir} is not empty and is not a depthlab run (no {CONFIG_FILE}): "
                     "not writing into it; choose another name/out_dir")
