@@ -221,9 +221,9 @@ class Trainer:
         # a run directory holding another config is refused before any data is prepared
         D.on_main_then_share(lambda: self._check_config(cfg.to_dict()))
         if self.dist.enabled:
-            self.splits = D.main_first(lambda: open_splits(cfg.data, progress=D.is_main()))
+            self.splits = D.main_first(lambda: open_splits(cfg.data, progress=self.progress))
         else:
-            self.splits = open_splits(cfg.data)
+            self.splits = open_splits(cfg.data, progress=self.progress)
         if self.dist.is_main:
             for note in [cfg.model.placement_note(),
                          _token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
