@@ -114,6 +114,20 @@ def test_eval_falls_back_to_native_adapter_for_post_ln(tmp_path):
     assert len(report.files) == 2
 
 
+@needs_data
+def test_auto_backend_falls_back_to_native_when_the_context_is_too_short(tmp_path):
+    """The README's eval example on the demo run (context 256): piqa's long answers do not
+    fit HFLM's window, so auto scores them with the native adapter, with a note."""
+    from depthlab.interop.evaluate import run_lm_eval
+
+    run = write_run(tmp_path, **{"model.max_seq_len": 64})
+    report = run_lm_eval(run, "piqa", limit=16, data_dir=DATA, out_dir=tmp_path / "out")
+    assert report.backend == "native"
+    assert any("longer than the model's context (64 tokens)" in n for n in report.notes)
+    with pytest.raises(DepthlabError, match="use --backend native"):
+        run_lm_eval(run, "piqa", limit=16, data_dir=DATA, backend="hf")
+
+
 def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     from depthlab.interop.evaluate import resolve_hub_tasks, run_lm_eval
 

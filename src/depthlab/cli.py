@@ -73,7 +73,8 @@ def data_prepare(
     bpe_vocab_size: Annotated[int | None, typer.Option(
         help="Vocabulary size for bpe (default 4096).")] = None,
     config: Annotated[Path | None, typer.Option(help="Take the data section of a run config.")] = None,
-    set_: SetOption = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a data key: --set data.seq_len=256")] = None,
 ) -> None:
     """Tokenize a corpus into train.bin/val.bin plus manifest.json."""
     from depthlab.config import build_config

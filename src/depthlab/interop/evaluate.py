@@ -504,7 +504,18 @@ def run_lm_eval(
             task_specs = list(task_names)
         em = open_eval_model(model, backend, device, batch_size)
         try:
-            results = _simple_evaluate(em.lm, task_specs, tm, limit, num_fewshot, offline)
+            try:
+                results = _simple_evaluate(em.lm, task_specs, tm, limit, num_fewshot, offline)
+            except ContextTooShort as err:
+                if backend != "auto" or em.run_dir is None:
+                    raise
+                # a depthlab run: the native adapter scores a long continuation's tail
+                em.close()
+                em = open_eval_model(model, "native", device, batch_size)
+                em.notes.append(f"a continuation is longer than the model's context "
+                                f"({err.context} tokens): scored with the native adapter, "
+                                "which scores its tail")
+                results = _simple_evaluate(em.lm, task_specs, tm, limit, num_fewshot, offline)
         finally:
             em.close()
     rows, averages = summarize(results, task_names)
@@ -558,6 +569,16 @@ def _git_probe_muted() -> Iterator[None]:
         evaluator.get_git_commit_hash = probe
 
 
+class ContextTooShort(DepthlabError):
+    """lm-eval's HFLM met a continuation longer than the model's context."""
+
+    def __init__(self, context: int) -> None:
+        self.context = context
+        super().__init__(f"lm-eval's HFLM cannot score a continuation longer than the model's "
+                         f"context ({context} tokens); use --backend native for depthlab runs "
+                         "(scores its tail)")
+
+
 def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot: int | None,
                      local_data: bool = False):
     from lm_eval import simple_evaluate
@@ -580,10 +601,7 @@ def _simple_evaluate(lm: Any, task_specs: list, tm: Any, limit: Any, num_fewshot
     except AssertionError:
         if type(lm).__name__ != "HFLM":
             raise
-        raise DepthlabError(
-            f"lm-eval's HFLM cannot score a continuation longer than the model's context "
-            f"({lm.max_length} tokens); use --backend native for depthlab runs (scores its tail)"
-        ) from None
+        raise ContextTooShort(lm.max_length) from None
     except (ConnectionError, OSError) as err:
         advice = ("check that each task folder under --data-dir is a datasets.save_to_disk "
                   "copy of its validation split" if local_data
