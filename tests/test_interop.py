@@ -223,6 +223,8 @@ def test_cli_export_and_import_hf_run_dirs(tmp_path, capsys):
     assert "LlamaForCausalLM" in capsys.readouterr().out
     files = {p.name for p in (tmp_path / "hf").iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    mode = (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777
+    assert mode == (tmp_path / "hf" / "config.json").stat().st_mode & 0o777  # not 0600
     tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # a name transformers 4 knows
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,11 @@ def test_completed_run_is_not_retrained(tmp_path, corpus):
     assert summary["status"] == "complete" and summary["step"] == 4
     again = Trainer(cfg, progress=False).fit()
     assert again.status == "already complete"
+    # the weights are readable as the umask allows (safetensors alone writes them 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    weights = checkpoint_dirs(cfg.run_dir)[-1] / "model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~mask
     assert [p.name for p in checkpoint_dirs(cfg.run_dir)] == ["step_0000004"]
     assert len(losses(cfg.run_dir)) == 4
     # a summary.json cut short (killed while writing it) is rewritten, not a traceback

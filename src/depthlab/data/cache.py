@@ -41,6 +41,14 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def umask_mode(path: Path) -> None:
+    """Give `path` the mode a plainly created file gets (0o666 less the umask): safetensors
+    writes its files 0600, which other users of a shared file system cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from depthlab.config import ModelConfig, RunConfig
+from depthlab.data.cache import umask_mode
 from depthlab.errors import DepthlabError
 from depthlab.interop.arch import (
     CLASS_NAMES,
@@ -270,6 +271,8 @@ def export_model(
             tokenizer.save_pretrained(tmp)
             if (tmp / "tokenizer_config.json").is_file():
                 _portable_tokenizer_class(tmp / "tokenizer_config.json")
+        for weights in tmp.glob("*.safetensors"):
+            umask_mode(weights)
         files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
         info = {"arch": arch, "hf_class": CLASS_NAMES[arch], "dtype": dtype,
                 "max_abs_logit_diff": diff, "notes": notes,

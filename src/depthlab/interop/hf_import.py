@@ -267,6 +267,7 @@ def write_run(
     """Write a depthlab run dir holding `model` as checkpoint step 0 (no optimizer)."""
     from safetensors.torch import save_file
 
+    from depthlab.data.cache import umask_mode
     from depthlab.data.tokenizer import ByteTokenizer
     from depthlab.train.checkpoint import model_state
 
@@ -296,6 +297,7 @@ def write_run(
         ckpt.mkdir(parents=True)
         meta = {"step": "0", "source": str(hf_source) if hf_source is not None else "in-memory"}
         save_file(model_state(model), str(ckpt / WEIGHTS_FILE), metadata=meta)
+        umask_mode(ckpt / WEIGHTS_FILE)
         out.mkdir(parents=True, exist_ok=True)
         for name in IMPORT_ENTRIES:  # an earlier import's files: replaced whole
             if (out / name).is_dir():

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from depthlab.data.cache import umask_mode
 from depthlab.errors import DepthlabError, first_line
 from depthlab.paths import CKPT_DIR, WEIGHTS_FILE, checkpoint_dirs, checkpoint_step
 from depthlab.train import distributed as D
@@ -197,6 +198,7 @@ def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,
     weights = full_model_state(model)
     if D.is_main():
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
+        umask_mode(tmp / WEIGHTS_FILE)
     del weights
     with _single_process_quiet(), _dcp_errors(f"cannot write checkpoint {tmp / DCP_DIR}"):
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR),
