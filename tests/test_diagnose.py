@@ -188,6 +188,34 @@ def test_gguf_model_with_a_token_directory(corpus_file: Path, tmp_path: Path) ->
         evaluation_tokens(str(other), tok, info, "smollm2", len(tok))
 
 
+def test_run_trained_on_bare_token_files_is_diagnosed(tmp_path: Path) -> None:
+    """A run trained on token files that kept no tokenizer (raw .npy ids, vocab 300) has no
+    tokenizer of its own: diagnose reads its token directory as ids, not through the byte
+    tokenizer of data.tokenizer's default (which refused ids >= 257)."""
+    import numpy as np
+
+    from depthlab.config import build_config
+    from depthlab.train import Trainer
+
+    ids = tmp_path / "ids"
+    ids.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(ids / "train.npy", rng.integers(0, 300, 4000).astype(np.uint16))
+    np.save(ids / "val.npy", rng.integers(0, 300, 600).astype(np.uint16))
+    cfg = build_config({}, {"name": "ids_run", "out_dir": str(tmp_path / "runs"),
+                            "data.corpus": str(ids), "model.vocab_size": 300,
+                            "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2,
+                            "model.max_seq_len": 32, "data.seq_len": 16,
+                            "train.max_steps": 4, "train.warmup_steps": 1,
+                            "train.batch_size": 4, "train.eval_interval": 4,
+                            "train.eval_batches": 1, "train.tensorboard": False})
+    Trainer(cfg, progress=False).fit()
+    main(["diagnose", str(cfg.run_dir), "--metrics", "variance", "--samples", "2",
+          "--seq-len", "8", "--no-progress", "--out", str(tmp_path / "d")])
+    res = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert res["data"]["source"] == str(ids)
+
+
 def test_hub_model_with_a_token_directory(tiny_hf: Path, corpus_file: Path,
                                           tmp_path: Path) -> None:
     """A hub id is checked against the tokenizer.json of its cached snapshot (in a

@@ -193,12 +193,16 @@ def _encoder(tokenizer: Any, info: dict[str, Any], spec: str) -> Any:
     """What tokenizes text for this model: the run's saved tokenizer (or its data config's)
     for depthlab runs, the model's own tokenizer otherwise."""
     if info.get("kind") == "depthlab":
+        from depthlab.data.corpus import is_token_dir
         from depthlab.data.tokenizer import load_tokenizer, load_tokenizer_path
 
         tok_dir = Path(info["run_dir"]) / "tokenizer"
         if tok_dir.is_dir():
             return load_tokenizer_path(tok_dir)
-        return load_tokenizer(_run_config(info).data)
+        data = _run_config(info).data
+        if data.corpus != "kjv" and is_token_dir(Path(data.corpus).expanduser()):
+            return None  # trained on token files that kept no tokenizer: ids only
+        return load_tokenizer(data)
     if tokenizer is None:
         return None
     if hasattr(tokenizer, "encode_documents"):
