@@ -214,6 +214,13 @@ def test_run_trained_on_bare_token_files_is_diagnosed(tmp_path: Path) -> None:
           "--seq-len", "8", "--no-progress", "--out", str(tmp_path / "d")])
     res = json.loads((tmp_path / "d" / "results.json").read_text())
     assert res["data"]["source"] == str(ids)
+    # export: the model without a tokenizer (it used to get a 257-id byte tokenizer for a
+    # 300-id model), said so
+    from depthlab.interop.hf_export import export_hf
+
+    result = export_hf(cfg.run_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert any("no tokenizer exported" in n for n in result.notes)
 
 
 def test_hub_model_with_a_token_directory(tiny_hf: Path, corpus_file: Path,

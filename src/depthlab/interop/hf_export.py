@@ -120,12 +120,25 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
+def trained_on_bare_ids(run_dir: Path | None, cfg: RunConfig) -> bool:
+    """Whether a run was trained on token files that kept no tokenizer (raw or .npy ids):
+    it has no text tokenizer at all."""
+    from depthlab.data.corpus import is_token_dir
+
+    return (not (run_dir is not None and (Path(run_dir) / "tokenizer").is_dir())
+            and cfg.data.corpus != "kjv" and is_token_dir(Path(cfg.data.corpus).expanduser()))
+
+
 def run_tokenizer(run_dir: Path | None, cfg: RunConfig):  # -> depthlab Tokenizer
     """The depthlab tokenizer a run was trained with (RUN/tokenizer, else data.tokenizer)."""
     from depthlab.data.tokenizer import ByteTokenizer, load_tokenizer_path
 
     if run_dir is not None and (Path(run_dir) / "tokenizer").is_dir():
         return load_tokenizer_path(Path(run_dir) / "tokenizer")
+    if trained_on_bare_ids(run_dir, cfg):
+        raise DepthlabError(
+            f"{run_dir} was trained on token files that kept no tokenizer ({cfg.data.corpus}): "
+            "it has no text tokenizer (eval --ppl scores its own token files)")
     spec = cfg.data.tokenizer
     if spec == "byte":
         return ByteTokenizer()
@@ -353,13 +366,17 @@ def export_hf(
     """Export a depthlab run dir (latest checkpoint) or checkpoint dir to `out_dir`."""
     model, cfg, run_dir, ckpt = load_source(source)
     choose = _choose_or_raise(model.cfg, arch)  # refuse before touching the tokenizer
-    tok = to_hf_tokenizer(run_tokenizer(run_dir, cfg), cfg.model.max_seq_len)
+    bare = trained_on_bare_ids(run_dir, cfg)
+    tok = None if bare else to_hf_tokenizer(run_tokenizer(run_dir, cfg), cfg.model.max_seq_len)
     step = checkpoint_step(ckpt)
     result = export_model(
         model, out_dir, tok, choose, dtype, verify, overwrite,
         provenance={"source_run": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()),
                     "step": step},
     )
+    if bare:
+        result.notes.append("no tokenizer exported: the run was trained on token files that "
+                            "kept none; add the tokenizer that made them")
     result.step = step
     return result
 
