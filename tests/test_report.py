@@ -147,6 +147,8 @@ def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
     assert "0.6667" in md  # L2/L3 usefulness from results.json
     csv = (tmp_path / "out" / "tables" / "runs.csv").read_text().splitlines()
     assert len(csv) == 4 and csv[0].startswith("run,L,")
+    # plain headers and empty cells where the table shows "–" (pandas reads numbers)
+    assert ",val PPL,usefulness," in csv[0] and "↓" not in csv[0] and "–" not in "".join(csv)
 
 
 def test_missing_data_is_skipped_with_notes_never_a_crash(tmp_path):

@@ -22,6 +22,9 @@ ABBREV = {
     "model.norm_placement": "norm",
 }
 
+MISSING = "–"
+"""A cell with no value."""
+
 # The knobs the runs table shows first when runs differ in more than fit: the paper's
 # depth and sparsity levers, then shape, then optimisation.
 KNOB_ORDER = ("model.n_layers", "train.weight_decay", "data.seq_len", "model.n_kv_heads",
@@ -58,10 +61,12 @@ class Table:
         return "\n".join(out) + "\n"
 
     def to_csv(self) -> str:
+        """The cells as shown, for spreadsheets and pandas: plain headers (no ↓/↑ marks)
+        and an empty cell where the table shows '–' (no value)."""
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(self.headers)
-        w.writerows(self.rows)
+        w.writerow([h.removesuffix(" ↓").removesuffix(" ↑") for h in self.headers])
+        w.writerows([["" if c == MISSING else c for c in r] for r in self.rows])
         return buf.getvalue()
 
     def to_html(self) -> str:
@@ -80,7 +85,7 @@ def fmt(x: Any, digits: int = 4) -> str:
     """A number for a table cell: `digits` significant digits, `–` when missing."""
     v = num(x)
     if v is None:
-        return "–"
+        return MISSING
     if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
         return f"{v:.{max(digits - 2, 1)}e}"
     if abs(v) >= 10 ** digits:
