@@ -140,6 +140,8 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (partial / "piqa").symlink_to(DATA / "piqa")
     with pytest.raises(DepthlabError, match="unknown task 'hellaswag' for --data-dir.*copa"):
         run_lm_eval(run, "piqa,hellaswag", data_dir=partial)
+    with pytest.raises(DepthlabError, match=r"unknown task 'arc_esy' \(did you mean arc_easy\?\)"):
+        run_lm_eval(run, "arc_esy", data_dir=partial)
     with pytest.raises(DepthlabError, match="has no copa/ for task 'copa'"):
         run_lm_eval(run, "copa", data_dir=partial)
     with pytest.raises(DepthlabError, match="no such directory"):

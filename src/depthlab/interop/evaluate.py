@@ -20,6 +20,7 @@ The average is the unweighted mean over the chosen tasks, reported twice:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -110,8 +111,11 @@ def resolve_local_tasks(names: list[str], data_dir: Path) -> list[tuple[LocalTas
     for name in names:
         spec = _local_spec(name)
         if spec is None:
+            close = difflib.get_close_matches(name, LOCAL_TASKS, n=3)
             raise DepthlabError(
-                f"unknown task {name!r} for --data-dir: local copies are read for "
+                f"unknown task {name!r}"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + " for --data-dir: local copies are read for "
                 f"{', '.join(LOCAL_TASKS)} (present in {data_dir}: {', '.join(present) or 'none'}); "
                 "drop --data-dir to read other lm-eval tasks from the hub"
             )
@@ -218,8 +222,6 @@ def local_task_configs(pairs: list[tuple[LocalTask, Path]]) -> tuple[list[dict],
 
 def resolve_hub_tasks(names: list[str]) -> tuple[list[str], Any]:
     """lm-eval task names for hub data (our folder names map to lm-eval's)."""
-    import difflib
-
     tm = _task_manager(None)
     out = []
     for name in names:
