@@ -51,6 +51,19 @@ class Interrupt(Exception):
     pass
 
 
+def train_until(cfg, step: int) -> None:
+    """Train `cfg` and stop it with an exception right after `step` (a killed process)."""
+    first = Trainer(cfg, progress=False)
+
+    def stop(trainer, at):
+        if at == step:
+            raise Interrupt
+
+    first.callbacks.append(stop)
+    with pytest.raises(Interrupt):
+        first.fit()
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path, corpus, capsys):
     full = Trainer(tiny_cfg(tmp_path, corpus, name="full"), progress=False)
     full.fit()
@@ -58,15 +71,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, corpus, capsys):
     assert sorted(ref) == list(range(1, 13))
 
     cfg = tiny_cfg(tmp_path, corpus, name="cut")
-    first = Trainer(cfg, progress=False)
-
-    def stop(trainer, step):
-        if step == 10:  # after the step-8 checkpoint; steps 9-10 must be redone
-            raise Interrupt
-
-    first.callbacks.append(stop)
-    with pytest.raises(Interrupt):
-        first.fit()
+    train_until(cfg, 10)  # after the step-8 checkpoint; steps 9-10 must be redone
     assert checkpoint_dirs(cfg.run_dir)[-1].name == "step_0000008"
     capsys.readouterr()
     before = torch.load(checkpoint_dirs(cfg.run_dir)[-1] / "state.pt", weights_only=False)
@@ -93,15 +98,7 @@ def test_users_copies_of_checkpoints_are_not_checkpoints(tmp_path, corpus, capsy
 
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 6, "train.ckpt_interval": 2,
                                         "train.keep_last": 1})
-    first = Trainer(cfg, progress=False)
-
-    def stop(trainer, step):
-        if step == 3:
-            raise Interrupt
-
-    first.callbacks.append(stop)
-    with pytest.raises(Interrupt):
-        first.fit()
+    train_until(cfg, 3)
     root = cfg.run_dir / "checkpoints"
     for copy in ("step_0000002_mine", "best", "step_9999999x"):
         shutil.copytree(root / "step_0000002", root / copy)
@@ -316,15 +313,7 @@ def test_ctrl_c_during_train_exits_130_and_keeps_checkpoints(tmp_path, corpus):
 def test_resume_after_a_cut_off_metrics_line(tmp_path, corpus, capsys):
     """A process killed mid-write leaves half a JSON line: info and resume drop it."""
     cfg = tiny_cfg(tmp_path, corpus, name="cut")
-    first = Trainer(cfg, progress=False)
-
-    def stop(trainer, step):
-        if step == 6:
-            raise Interrupt
-
-    first.callbacks.append(stop)
-    with pytest.raises(Interrupt):
-        first.fit()
+    train_until(cfg, 6)
     with (cfg.run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "loss": 2.5')
     assert max(r["step"] for r in read_metrics(cfg.run_dir)) == 5  # stopped before logging 6
