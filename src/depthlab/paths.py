@@ -19,6 +19,15 @@ _RUN_MARKS = (CKPT_DIR, METRICS_FILE, DATA_FILE)
 """Files a training run writes beside its config before (or without) a first checkpoint."""
 
 
+def trained_on_bare_ids(run_dir: Path | None, corpus: str) -> bool:
+    """Whether a run (RUN, its data.corpus) was trained on token files that kept no
+    tokenizer (raw or .npy ids): it has no text tokenizer at all."""
+    from depthlab.data.corpus import is_token_dir
+
+    return (not (run_dir is not None and (Path(run_dir) / "tokenizer").is_dir())
+            and corpus != "kjv" and is_token_dir(Path(corpus).expanduser()))
+
+
 def is_run_dir(path: Path) -> bool:
     """A training run directory: its config.yaml beside something only a run writes."""
     path = Path(path)

@@ -31,7 +31,7 @@ from depthlab.interop.arch import (
     depthlab_to_hf,
     hf_config_kwargs,
 )
-from depthlab.paths import CONFIG_FILE, checkpoint_step, run_of_checkpoint
+from depthlab.paths import CONFIG_FILE, checkpoint_step, run_of_checkpoint, trained_on_bare_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -120,22 +120,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
-def trained_on_bare_ids(run_dir: Path | None, cfg: RunConfig) -> bool:
-    """Whether a run was trained on token files that kept no tokenizer (raw or .npy ids):
-    it has no text tokenizer at all."""
-    from depthlab.data.corpus import is_token_dir
-
-    return (not (run_dir is not None and (Path(run_dir) / "tokenizer").is_dir())
-            and cfg.data.corpus != "kjv" and is_token_dir(Path(cfg.data.corpus).expanduser()))
-
-
 def run_tokenizer(run_dir: Path | None, cfg: RunConfig):  # -> depthlab Tokenizer
     """The depthlab tokenizer a run was trained with (RUN/tokenizer, else data.tokenizer)."""
     from depthlab.data.tokenizer import ByteTokenizer, load_tokenizer_path
 
     if run_dir is not None and (Path(run_dir) / "tokenizer").is_dir():
         return load_tokenizer_path(Path(run_dir) / "tokenizer")
-    if trained_on_bare_ids(run_dir, cfg):
+    if trained_on_bare_ids(run_dir, cfg.data.corpus):
         raise DepthlabError(
             f"{run_dir} was trained on token files that kept no tokenizer ({cfg.data.corpus}): "
             "it has no text tokenizer (eval --ppl scores its own token files)")
@@ -366,7 +357,7 @@ def export_hf(
     """Export a depthlab run dir (latest checkpoint) or checkpoint dir to `out_dir`."""
     model, cfg, run_dir, ckpt = load_source(source)
     choose = _choose_or_raise(model.cfg, arch)  # refuse before touching the tokenizer
-    bare = trained_on_bare_ids(run_dir, cfg)
+    bare = trained_on_bare_ids(run_dir, cfg.data.corpus)
     tok = None if bare else to_hf_tokenizer(run_tokenizer(run_dir, cfg), cfg.model.max_seq_len)
     step = checkpoint_step(ckpt)
     result = export_model(

@@ -265,11 +265,8 @@ def write_run(
     overwrite: bool = False,
 ) -> Path:
     """Write a depthlab run dir holding `model` as checkpoint step 0 (no optimizer)."""
-    from safetensors.torch import save_file
-
-    from depthlab.data.cache import umask_mode
     from depthlab.data.tokenizer import ByteTokenizer
-    from depthlab.train.checkpoint import model_state
+    from depthlab.train.checkpoint import model_state, save_weights
 
     out = Path(out_run_dir).expanduser()
     byte_vocab = ByteTokenizer.vocab_size
@@ -296,8 +293,7 @@ def write_run(
         ckpt = tmp / CKPT_DIR / "step_0000000"
         ckpt.mkdir(parents=True)
         meta = {"step": "0", "source": str(hf_source) if hf_source is not None else "in-memory"}
-        save_file(model_state(model), str(ckpt / WEIGHTS_FILE), metadata=meta)
-        umask_mode(ckpt / WEIGHTS_FILE)
+        save_weights(model_state(model), ckpt / WEIGHTS_FILE, meta)
         out.mkdir(parents=True, exist_ok=True)
         for name in IMPORT_ENTRIES:  # an earlier import's files: replaced whole
             if (out / name).is_dir():

@@ -193,15 +193,15 @@ def _encoder(tokenizer: Any, info: dict[str, Any], spec: str) -> Any:
     """What tokenizes text for this model: the run's saved tokenizer (or its data config's)
     for depthlab runs, the model's own tokenizer otherwise."""
     if info.get("kind") == "depthlab":
-        from depthlab.data.corpus import is_token_dir
         from depthlab.data.tokenizer import load_tokenizer, load_tokenizer_path
+        from depthlab.paths import trained_on_bare_ids
 
         tok_dir = Path(info["run_dir"]) / "tokenizer"
         if tok_dir.is_dir():
             return load_tokenizer_path(tok_dir)
         data = _run_config(info).data
-        if data.corpus != "kjv" and is_token_dir(Path(data.corpus).expanduser()):
-            return None  # trained on token files that kept no tokenizer: ids only
+        if trained_on_bare_ids(Path(info["run_dir"]), data.corpus):
+            return None  # ids only
         return load_tokenizer(data)
     if tokenizer is None:
         return None

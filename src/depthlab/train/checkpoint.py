@@ -46,6 +46,13 @@ from depthlab.train import distributed as D
 DCP_DIR = "dcp"
 
 
+def save_weights(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors weights file with the mode any other file gets (safetensors alone
+    writes 0600, unreadable to others on a shared file system)."""
+    save_file(weights, str(path), metadata=metadata)
+    umask_mode(path)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
@@ -197,8 +204,7 @@ def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,
     D.barrier()
     weights = full_model_state(model)
     if D.is_main():
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
-        umask_mode(tmp / WEIGHTS_FILE)
+        save_weights(weights, tmp / WEIGHTS_FILE, {"step": str(step)})
     del weights
     with _single_process_quiet(), _dcp_errors(f"cannot write checkpoint {tmp / DCP_DIR}"):
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR),
