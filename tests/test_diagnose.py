@@ -221,6 +221,8 @@ def test_run_trained_on_bare_token_files_is_diagnosed(tmp_path: Path) -> None:
     result = export_hf(cfg.run_dir, tmp_path / "hf")
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
     assert any("no tokenizer exported" in n for n in result.notes)
+    provenance = json.loads((tmp_path / "hf" / "depthlab_export.json").read_text())
+    assert any("no tokenizer exported" in n for n in provenance["notes"])
 
 
 def test_hub_model_with_a_token_directory(tiny_hf: Path, corpus_file: Path,

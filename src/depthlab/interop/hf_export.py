@@ -247,8 +247,12 @@ def export_model(
     verify: bool = True,
     overwrite: bool = False,
     provenance: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> ExportResult:
-    """Write `model` (+ tokenizer) as a stock transformers checkpoint in `out_dir`."""
+    """Write `model` (+ tokenizer) as a stock transformers checkpoint in `out_dir`.
+
+    `notes` are the caller's remarks on the export; they go to the provenance file with
+    the model's own."""
     if dtype not in DTYPES:
         raise DepthlabError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     out = Path(out_dir).expanduser()
@@ -257,7 +261,9 @@ def export_model(
     bos = tokenizer.bos_token_id if tokenizer is not None else None
     hf, arch = to_hf_model(model, arch, eos_token_id=eos, bos_token_id=bos)
     diff = check_equivalent(model, hf, arch) if verify else None
-    notes = [note] if (note := model.cfg.placement_note()) else []
+    notes = list(notes or [])
+    if note := model.cfg.placement_note():
+        notes.append(note)
     if model.cfg.norm_placement == "scaled":
         notes.append("LayerNorm Scaling folded into the RMSNorm gains (1/sqrt(l+1))")
     if arch == "qwen2_moe":
@@ -360,14 +366,14 @@ def export_hf(
     bare = trained_on_bare_ids(run_dir, cfg.data.corpus)
     tok = None if bare else to_hf_tokenizer(run_tokenizer(run_dir, cfg), cfg.model.max_seq_len)
     step = checkpoint_step(ckpt)
+    notes = ["no tokenizer exported: the run was trained on token files that kept none; "
+             "add the tokenizer that made them"] if bare else []
     result = export_model(
         model, out_dir, tok, choose, dtype, verify, overwrite,
         provenance={"source_run": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()),
                     "step": step},
+        notes=notes,
     )
-    if bare:
-        result.notes.append("no tokenizer exported: the run was trained on token files that "
-                            "kept none; add the tokenizer that made them")
     result.step = step
     return result
 
