@@ -127,18 +127,22 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, corpus):
 
 
 def test_one_process_trains_a_run_directory_at_a_time(tmp_path, corpus):
-    """A second train on a run directory in use is refused at once (it used to train along
-    and log every step twice); once the first is done the same command resumes."""
+    """A second train on a run directory in use is refused at once, before it prepares
+    data or builds a model (it used to train along and log every step twice); once the
+    first is done the same command resumes."""
     cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 4})
     refusals = []
 
     def second_process(tr, step):
         if step == 1:
             with pytest.raises(DepthlabError, match="is being trained by another process"):
-                Trainer(cfg, progress=False).fit()
+                Trainer(cfg, progress=False)
+            with pytest.raises(DepthlabError, match="is being trained by another process"):
+                made_earlier.fit()  # built before the first took the lock: fit refuses
             refusals.append(step)
 
     first = Trainer(cfg, progress=False)
+    made_earlier = Trainer(cfg, progress=False)
     first.callbacks.append(second_process)
     first.fit()
     assert refusals == [1]

@@ -218,8 +218,11 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self._lock = FileLock(self.run_dir / TRAIN_LOCK)  # held by rank 0 while fit() runs
         self._seconds_before, self._started = 0.0, time.time()  # earlier sessions; this one
-        # a run directory holding another config is refused before any data is prepared
+        # a run directory holding another config, or being trained by another process, is
+        # refused before any data is prepared or model built (on a GPU, a second model
+        # could take the memory the running one needs)
         D.on_main_then_share(lambda: self._check_config(cfg.to_dict()))
+        D.on_main_then_share(self._refuse_if_busy)
         if self.dist.enabled:
             self.splits = D.main_first(lambda: open_splits(cfg.data, progress=self.progress))
         else:
@@ -461,14 +464,21 @@ class Trainer:
         finally:
             self._lock.release()
 
-    def _lock_run_dir(self) -> None:
+    def _refuse_if_busy(self) -> None:
+        """Take and give back the run lock: an early refusal only (fit holds the lock);
+        a new run directory cannot be busy and is not created here."""
+        if self.run_dir.is_dir():
+            self._lock_run_dir(quiet=True)
+            self._lock.release()
+
+    def _lock_run_dir(self, quiet: bool = False) -> None:
         try:
             self._lock.acquire()
         except Busy:
             raise DepthlabError(
                 f"{self.run_dir} is being trained by another process right now; wait for it "
                 "to finish (or stop it), then run the same command again to resume") from None
-        if self._lock.unsupported:
+        if self._lock.unsupported and not quiet:
             print(f"note: cannot lock {self._lock.path} ({self._lock.unsupported}): nothing "
                   "stops a second train on this run directory", file=sys.stderr, flush=True)
 
