@@ -145,10 +145,21 @@ def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
     md = (tmp_path / "out" / "tables" / "runs.md").read_text()
     assert md.count("\n| L") == 3 and "val PPL" in md and "usefulness" in md
     assert "0.6667" in md  # L2/L3 usefulness from results.json
-    csv = (tmp_path / "out" / "tables" / "runs.csv").read_text().splitlines()
-    assert len(csv) == 4 and csv[0].startswith("run,L,")
-    # plain headers and empty cells where the table shows "–" (pandas reads numbers)
-    assert ",val PPL,usefulness," in csv[0] and "↓" not in csv[0] and "–" not in "".join(csv)
+    import csv
+
+    with (tmp_path / "out" / "tables" / "runs.csv").open() as f:
+        table = list(csv.DictReader(f))
+    # plain headers, config keys in full, unrounded numbers (pandas reads them as numbers)
+    # and empty cells where the page shows "–"
+    assert len(table) == 3 and list(table[0])[:2] == ["run", "model.n_layers"]
+    assert {"params", "steps", "complete", "val PPL", "usefulness"} <= set(table[0])
+    assert not any("↓" in k or "↑" in k for k in table[0])
+    by_run = {row["run"]: row for row in table}
+    for row in table:
+        for key in ("params", "steps", "val loss"):
+            float(row[key])  # a plain number, not "0.44M"
+        assert row["causal"] == "" or float(row["causal"]) >= 0
+    assert {float(r["usefulness"]) for r in by_run.values() if r["usefulness"]} == {2 / 3}
 
 
 def test_missing_data_is_skipped_with_notes_never_a_crash(tmp_path):
@@ -355,6 +366,12 @@ def test_scores_over_a_subset_are_labelled_and_drawn_at_their_layers(tmp_path):
     one_vs_rest = dict(res["metrics"]["permutation"], pair_set="one-vs-rest", anchor=2)
     data.diagnoses[0].metrics["permutation"] = one_vs_rest
     assert "0.0487 (pairs with block 2)" in diagnoses_table(data).rows[0]
+    # the CSV: the number in its column, what it was measured over in the next
+    import csv
+
+    [row] = list(csv.DictReader(diagnoses_table(data).to_csv().splitlines()))
+    assert float(row["permutation"]) == 0.0487 and row["permutation set"] == "pairs with block 2"
+    assert row["usefulness set"] == "disjoint split" and "causal set" not in row
 
     colors = {d.label: "red" for _, d in data.all_diagnoses} | {"a": "blue"}
     ax = fig_jacobian(data, colors).axes[0]

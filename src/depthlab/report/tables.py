@@ -46,6 +46,10 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     note: str = ""
+    csv_headers: list[str] | None = None
+    """The CSV's columns when they differ from the shown ones (None: `headers`)."""
+    csv_rows: list[list[Any]] | None = None
+    """The CSV's rows: unrounded numbers, None for no value (None: the shown cells)."""
 
     def to_markdown(self) -> str:
         cells = [self.headers] + self.rows
@@ -61,12 +65,14 @@ class Table:
         return "\n".join(out) + "\n"
 
     def to_csv(self) -> str:
-        """The cells as shown, for spreadsheets and pandas: plain headers (no ↓/↑ marks)
-        and an empty cell where the table shows '–' (no value)."""
+        """For spreadsheets and pandas: plain headers (no ↓/↑ marks), full-precision
+        numbers where the builder gave them, and an empty cell for no value."""
+        headers = self.csv_headers or self.headers
+        rows = self.csv_rows if self.csv_rows is not None else self.rows
         buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow([h.removesuffix(" ↓").removesuffix(" ↑") for h in self.headers])
-        w.writerows([["" if c == MISSING else c for c in r] for r in self.rows])
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([h.removesuffix(" ↓").removesuffix(" ↑") for h in headers])
+        w.writerows([["" if c is None or c == MISSING else c for c in r] for r in rows])
         return buf.getvalue()
 
     def to_html(self) -> str:
@@ -97,10 +103,30 @@ def fmt_score(d: Diagnosis | None, metric: str, key: str) -> str:
     """A diagnose score, with what it was measured over when that is not the default set
     (e.g. "0.0487 (adjacent pairs)")."""
     if d is None:
-        return "–"
+        return MISSING
     text = fmt(d.scalar(metric, key))
     on = d.measured_on(metric)
-    return f"{text} ({on})" if on and text != "–" else text
+    return f"{text} ({on})" if on and text != MISSING else text
+
+
+SCORES = (("usefulness", "usefulness"), ("causal", "causal_pairs"),
+          ("permutation", "permutation"))
+"""The diagnose scores the tables show: (metric, key in its results)."""
+
+
+def score_csv(diagnoses: list[Diagnosis | None]) -> tuple[list[str], list[list[Any]]]:
+    """The CSV columns of SCORES for these rows: each score's number, followed by a
+    "<score> set" column (what it was measured over) when any row used a non-default set."""
+    headers: list[str] = []
+    columns: list[list[Any]] = []
+    for metric, key in SCORES:
+        headers.append(metric)
+        columns.append([d.scalar(metric, key) if d else None for d in diagnoses])
+        sets = [d.measured_on(metric) if d else "" for d in diagnoses]
+        if any(sets):
+            headers.append(f"{metric} set")
+            columns.append([s or None for s in sets])
+    return headers, [list(row) for row in zip(*columns, strict=True)]
 
 
 def fmt_value(v: Any) -> str:
@@ -113,6 +139,13 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, dict):
         return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items())
     return str(v)
+
+
+def csv_value(v: Any) -> Any:
+    """A config value for the CSV: numbers and text as they are, the rest as shown."""
+    if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+        return v
+    return fmt_value(v)
 
 
 def fmt_params(n: int | None) -> str:
@@ -130,7 +163,7 @@ def runs_table(data: ReportData) -> Table | None:
     knobs = shown_knobs(data.knob_keys)
     headers = ["run", *(knob_name(k) for k in knobs), "params", "steps", "val loss",
                "val PPL ↓", "usefulness ↑", "causal", "permutation", "last-layer var"]
-    rows = []
+    rows, raw = [], []
     for r in data.runs:
         d = r.diagnosis
         st = r.stats[-1] if r.stats else None
@@ -141,11 +174,11 @@ def runs_table(data: ReportData) -> Table | None:
         rows.append([
             r.label, *(fmt_value(r.knobs.get(k)) for k in knobs), fmt_params(r.params()), steps,
             fmt(r.val_loss()), fmt(r.val_ppl()),
-            fmt_score(d, "usefulness", "usefulness"),
-            fmt_score(d, "causal", "causal_pairs"),
-            fmt_score(d, "permutation", "permutation"),
+            *(fmt_score(d, metric, key) for metric, key in SCORES),
             fmt(last_var),
         ])
+        raw.append([r.label, *(csv_value(r.knobs.get(k)) for k in knobs), r.params(),
+                    r.final_step, r.complete, r.val_loss(), r.val_ppl(), num(last_var)])
     note = ("val PPL: exp(validation loss) at the run's last evaluation. usefulness, causal "
             "(causal_pairs) and permutation come from `depthlab diagnose` (– when not run; "
             "permutation over all block pairs and usefulness evaluated on its fitting tokens "
@@ -155,8 +188,12 @@ def runs_table(data: ReportData) -> Table | None:
     rest = [k for k in data.knob_keys if k not in knobs]
     if rest:
         note += f" Further differing keys: {', '.join(rest)}."
+    score_headers, scores = score_csv([r.diagnosis for r in data.runs])
+    csv_headers = ["run", *knobs, "params", "steps", "complete", "val loss", "val PPL",
+                   *score_headers, "last-layer var"]
+    csv_rows = [[*a[:-1], *s, a[-1]] for a, s in zip(raw, scores, strict=True)]
     return Table("runs", "Validation perplexity and layer usefulness per run", headers, rows,
-                 note)
+                 note, csv_headers, csv_rows)
 
 
 def diagnoses_table(data: ReportData) -> Table | None:
@@ -165,23 +202,29 @@ def diagnoses_table(data: ReportData) -> Table | None:
         return None
     headers = ["model", "layers", "usefulness ↑", "causal", "permutation", "mean ||J-I||/d",
                "last-layer var"]
-    rows = []
+    rows, raw = [], []
     for d in data.diagnoses:
         jac = d.get("jacobian", "mean")
-        jac_mean = jac.get("jacobian_norm") if isinstance(jac, dict) else None
-        rows.append([d.label, str(d.n_layers or "–"), fmt_score(d, "usefulness", "usefulness"),
-                     fmt_score(d, "causal", "causal_pairs"),
-                     fmt_score(d, "permutation", "permutation"), fmt(jac_mean),
-                     fmt(d.scalar("variance", "last_layer_variance"))])
-    return Table("diagnoses", "Diagnosed models", headers, rows)
+        jac_mean = num(jac.get("jacobian_norm")) if isinstance(jac, dict) else None
+        last_var = d.scalar("variance", "last_layer_variance")
+        rows.append([d.label, str(d.n_layers or MISSING),
+                     *(fmt_score(d, metric, key) for metric, key in SCORES), fmt(jac_mean),
+                     fmt(last_var)])
+        raw.append([d.label, d.n_layers, jac_mean, last_var])
+    score_headers, scores = score_csv(list(data.diagnoses))
+    csv_headers = ["model", "layers", *score_headers, "mean ||J-I||/d", "last-layer var"]
+    csv_rows = [[*a[:2], *s, *a[2:]] for a, s in zip(raw, scores, strict=True)]
+    return Table("diagnoses", "Diagnosed models", headers, rows, "", csv_headers, csv_rows)
 
 
 def ladder_table(data: ReportData) -> Table | None:
     if not data.ladder:
         return None
     score_name, rows = ladder_scores(data.ladder)
-    return Table("ladder", "Ablation ladder", ["step", score_name, "usefulness ↑"],
-                 [[lab, fmt(s), fmt(u)] for lab, s, u in rows])
+    headers = ["step", score_name, "usefulness ↑"]
+    return Table("ladder", "Ablation ladder", headers,
+                 [[lab, fmt(s), fmt(u)] for lab, s, u in rows],
+                 csv_rows=[list(r) for r in rows])
 
 
 def make_tables(data: ReportData) -> list[Table]:
