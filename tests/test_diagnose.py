@@ -439,3 +439,35 @@ def test_figure_titles_name_the_metric_own_n() -> None:
                "data": {"n_samples": 16, "seq_len": 128, "source": "kjv"}}
     assert "N=2 x T=128" in _title(results, "Jacobian", {"n_samples": 2})  # jacobian.samples=2
     assert "N=16 x T=128" in _title(results, "Variance profile", {})
+
+
+def test_a_metric_on_fewer_sequences_says_so(tmp_path: Path) -> None:
+    """attention_sparsity runs on all N sequences by default; with max_sequences=K its
+    n_samples is K and the summary marks it (it used to say N)."""
+    from depthlab.probe import diagnose
+
+    torch.manual_seed(0)
+    model = DepthLM(RunConfig.model_validate({"model": {
+        "vocab_size": 64, "n_layers": 2, "d_model": 16, "n_heads": 2}}).model)
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    full = diagnose(model, ids=ids, metrics="attention_sparsity,variance", figures=False)
+    assert full["metrics"]["attention_sparsity"]["n_samples"] == 4
+    out = tmp_path / "d"
+    part = diagnose(model, ids=ids, metrics="attention_sparsity,variance", out=out, figures=False,
+                    options={"attention_sparsity": {"max_sequences": 2}})
+    assert part["metrics"]["attention_sparsity"]["n_samples"] == 2
+    assert part["metrics"]["variance"]["n_samples"] == 4
+    assert "(N=2)" in (out / "summary.md").read_text()
+
+
+def test_jacobian_headlines_over_a_subset_name_it() -> None:
+    """identity_preservation over some blocks counts only those: its label says which."""
+    from depthlab.probe.results import headline
+
+    m = {"layers": [0, 2], "mean": {"jacobian_norm": 0.3, "diagonal_mean": 0.7},
+         "identity_preservation": 0.5}
+    labels = [label for label, _ in headline("jacobian", m, n_layers=3)]
+    assert labels == ["mean jacobian_norm over layers 0,2", "identity_preservation over layers 0,2",
+                      "mean diagonal_mean over layers 0,2"]
+    assert "identity_preservation" in [label for label, _ in
+                                       headline("jacobian", dict(m, layers=[0, 1, 2]), 3)]

@@ -408,41 +408,68 @@ def test_weight_sparsity_fraction_and_pooling():
     assert res.to_dict()["tau"] == 1e-3
 
 
+def _attention_maps(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's attention map, from the q and k the model hands to SDPA in a plain
+    forward: softmax(q k^T / sqrt(head_dim)) under the causal mask, each kv head shared by
+    its group of query heads (independent of the metric's own attention_probs)."""
+    captured = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        captured.append((q.detach().double(), k.detach().double()))
+        return real(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        F.scaled_dot_product_attention = real
+    maps = []
+    for q, k in captured:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        t = q.shape[2]
+        scores = scores.masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
+        maps.append(scores.softmax(-1))
+    return maps
+
+
 def _attention_oracle(P: torch.Tensor, mass: float = 0.9):
-    """Per head: mean over queries t >= 1 of normalised entropy and top-mass fraction."""
+    """Per head: mean normalised entropy over queries t >= 1 (position 0 has log 1 = 0 in
+    the denominator) and mean top-mass fraction over all queries (position 0: 1)."""
     Nn, H, Tt, _ = P.shape
     ent = torch.zeros(H, dtype=torch.float64)
     frac = torch.zeros(H, dtype=torch.float64)
     for n in range(Nn):
         for h in range(H):
-            for t in range(1, Tt):
+            for t in range(Tt):
                 p = P[n, h, t, : t + 1].double()
-                e = -(p[p > 0] * p[p > 0].log()).sum()
-                ent[h] += e / math.log(t + 1)
                 srt = p.sort(descending=True).values.cumsum(0)
                 k = int((srt < mass).sum()) + 1
                 frac[h] += min(k, t + 1) / (t + 1)
-    cnt = Nn * (Tt - 1)
-    return ent / cnt, frac / cnt
+                if t >= 1:
+                    e = -(p[p > 0] * p[p > 0].log()).sum()
+                    ent[h] += e / math.log(t + 1)
+    return ent / (Nn * (Tt - 1)), frac / (Nn * Tt)
 
 
 def test_attention_sparsity_loops_and_uniform_attention(model, ids):
     stack = build_stack(model)
     res = compute_attention_sparsity(stack, ids, batch_size=BS, max_sequences=3)
     assert res.sample_sequences == 3 and res.queries_per_sequence == T - 1
-    hs = _states(model, ids[:3])
-    for l, blk in enumerate(model.blocks):
-        P = blk.attn.attention_probs(blk.attn_norm(hs[l]))
+    for l, P in enumerate(_attention_maps(model, ids[:3])):
         e, f = _attention_oracle(P)
         assert res.normalized_entropy[l] == _approx(e.tolist())
         assert res.top_mass_fraction[l] == _approx(f.tolist())
+    assert compute_attention_sparsity(stack, ids, batch_size=BS).sample_sequences == len(ids)
     # q = 0 -> uniform attention over the visible keys: entropy 1, top-90% = ceil(0.9 n)/n
     uni = _model()
     with torch.no_grad():
         for blk in uni.blocks:
             blk.attn.q_proj.weight.zero_()
     r = compute_attention_sparsity(build_stack(uni), ids, batch_size=BS)
-    expect = sum(math.ceil(0.9 * (t + 1) - 1e-9) / (t + 1) for t in range(1, T)) / (T - 1)
+    expect = sum(math.ceil(0.9 * (t + 1) - 1e-9) / (t + 1) for t in range(T)) / T
     for l in range(L):
         assert r.normalized_entropy[l] == _approx([1.0] * 4)
         assert r.top_mass_fraction[l] == _approx([expect] * 4, rel=1e-5, abs=1e-5)
@@ -458,9 +485,8 @@ def test_attention_sparsity_in_memory_bounded_pieces(model, ids, monkeypatch):
     monkeypatch.setattr(sparsity, "ATTENTION_MAP_BYTES", 1)
     pieces = compute_attention_sparsity(stack, ids, batch_size=BS, max_sequences=3)
     assert pieces.cost["attention_prob_calls"] == 3 * L  # one call per sequence and layer
-    hs = _states(model, ids[:3])
-    for l, blk in enumerate(model.blocks):
-        e, f = _attention_oracle(blk.attn.attention_probs(blk.attn_norm(hs[l])))
+    for l, P in enumerate(_attention_maps(model, ids[:3])):
+        e, f = _attention_oracle(P)
         assert pieces.normalized_entropy[l] == _approx(e.tolist())
         assert pieces.top_mass_fraction[l] == _approx(f.tolist())
 

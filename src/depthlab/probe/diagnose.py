@@ -455,7 +455,7 @@ def _run_groups(stack: Any, ids: Tensor, names: list[str], options: dict[str, di
             d = res["metrics"][m]
             d["options"] = {**metric_defaults(m), **opts.get(m, {}),
                             **({"samples": k} if k != N else {})}
-            d["n_samples"] = k
+            d["n_samples"] = d.get("sample_sequences", k)  # a metric may take fewer
             out[m] = d
     return out
 

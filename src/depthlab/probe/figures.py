@@ -106,7 +106,9 @@ def fig_jacobian(results: dict[str, Any], m: dict[str, Any], path: Path) -> Path
         ax2.set_xlabel("block l")
         ax2.set_ylabel(r"mean of diag$(J_l)$")
         ip = m.get("identity_preservation")
-        ax2.set_title(f"identity_preservation = {ip:.3f}" if isinstance(ip, float)
+        of = (f" ({sum(x > 0.5 for x in diag)} of the {len(diag)} blocks shown)"
+              if len(diag) != results["model"]["n_layers"] else "")
+        ax2.set_title(f"identity_preservation = {ip:.3f}{of}" if isinstance(ip, float)
                       else "diagonal mean", fontsize=9)
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)

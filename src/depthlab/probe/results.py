@@ -23,7 +23,8 @@ results.json (schema_version 1; field-by-field documentation in docs/diagnose.md
 
 The per-metric dicts are exactly the metric results' `to_dict()` (definitions in
 metrics.md) plus `wall_s`, `options` (every keyword option with its value, defaults
-included) and `n_samples` (the sequences the metric saw: N unless `samples` was set).
+included) and `n_samples` (the sequences the metric saw: N unless `samples` was set, or
+`attention_sparsity.max_sequences`).
 
 CSVs (one per metric, `csv/<metric>.csv`): one row per layer, a column per per-layer
 list of the metric (nested dicts flattened as `parent.key`); matrices as their own
@@ -293,7 +294,7 @@ def headline(name: str, m: dict[str, Any], n_layers: int) -> list[tuple[str, str
                 if n_layers and len(layers) != n_layers else "")
         if mean:
             rows += [(f"mean jacobian_norm{over}", _f(mean.get("jacobian_norm"))),
-                     ("identity_preservation", _f(m.get("identity_preservation"))),
+                     (f"identity_preservation{over}", _f(m.get("identity_preservation"))),
                      (f"mean diagonal_mean{over}", _f(mean.get("diagonal_mean")))]
         h = m.get("hutchinson")
         if isinstance(h, dict):

@@ -12,10 +12,12 @@ Attention sparsity per layer and head, for each query t: the entropy of its
 attention distribution divided by `log(visible keys)`, and the smallest fraction
 of visible keys holding `mass` (0.9) of the attention. Visible keys are the
 causal prefix (t + 1 keys), limited to the sliding window on sliding-window
-layers. Queries with a single visible key (the first position) have neither a
-defined normalised entropy nor a non-trivial top-mass fraction: they are
-EXCLUDED from both averages. Averages run over the remaining queries of a sample
-of `max_sequences` sequences (the first ones of `ids`).
+layers. A query with a single visible key (the first position) has no defined
+normalised entropy (0 / log 1): it is EXCLUDED from the entropy average; its
+top-mass fraction is 1 (its one key holds all the mass) and it counts in that
+average like every other query. Averages run over the queries of every
+sequence of `ids` (or of its first `max_sequences`, an option that shortens the run:
+the maps are computed a piece at a time, so all of them always fit).
 """
 
 # ruff: noqa: E741  (l is the layer index, as in metrics.md)
@@ -168,7 +170,8 @@ def visible_keys(T: int, window: int | None, device: torch.device | str = "cpu")
 
 def attention_query_stats(P: Tensor, visible: Tensor, mass: float = 0.9) -> tuple[Tensor, Tensor]:
     """Per query of P [..., T, T]: (entropy / log(visible), smallest fraction of visible keys
-    holding `mass`). Values for queries with one visible key are meaningless (callers drop them)."""
+    holding `mass`). The entropy of a query with one visible key is meaningless (callers drop
+    it); its fraction is 1."""
     P = P.float()
     plogp = torch.where(P > 0, P * torch.log(P.clamp_min(1e-45)), torch.zeros_like(P))
     ent = -plogp.sum(-1)
@@ -190,10 +193,11 @@ model, whole), against 16 GiB plus 5x that in temporaries for a batch of 8 in on
 
 def _attention_sums(stack, l: int, h: Tensor, window: int | None, mass: float,  # noqa: E741
                     counter: BlockCounter) -> tuple[Tensor, Tensor] | None:
-    """Per head of block l, the sums over sequences of h and over queries with >= 2 visible
-    keys of (normalised entropy, top-mass fraction); None if the model gives no maps."""
+    """Per head of block l, the sums over sequences of h and over queries of (normalised
+    entropy: queries with >= 2 visible keys, top-mass fraction: all queries); None if the
+    model gives no maps."""
     vis = visible_keys(h.shape[1], window, h.device)
-    kept = (vis >= 2).nonzero().squeeze(1)  # queries the statistics average over
+    kept = (vis >= 2).nonzero().squeeze(1)  # queries the entropy averages over
     ent = frac = None
     start, per_call, heads_per_chunk = 0, 1, 1  # the first call tells the size of a map
     while start < h.shape[0]:
@@ -212,7 +216,7 @@ def _attention_sums(stack, l: int, h: Tensor, window: int | None, mass: float,  
         for a in range(0, P.shape[1], heads_per_chunk):
             e, f = attention_query_stats(P[:, a:a + heads_per_chunk], vis, mass)
             ent[a:a + heads_per_chunk] += e.index_select(-1, kept).sum(dim=(0, 2)).double()
-            frac[a:a + heads_per_chunk] += f.index_select(-1, kept).sum(dim=(0, 2)).double()
+            frac[a:a + heads_per_chunk] += f.sum(dim=(0, 2)).double()
         del P
     return ent.cpu(), frac.cpu()
 
@@ -222,7 +226,8 @@ class AttentionSparsityResult(MetricResult):
     mass: float
     sample_sequences: int
     queries_per_sequence: int
-    """Queries averaged per sequence and head (those with >= 2 visible keys)."""
+    """Queries per sequence and head in the entropy average (those with >= 2 visible keys;
+    the top-mass average takes all T)."""
     normalized_entropy: list[list[float] | None]
     """[layer][head]: mean over queries of entropy / log(visible keys); 1 uniform, 0 one key."""
     top_mass_fraction: list[list[float] | None]
@@ -233,7 +238,8 @@ class AttentionSparsityResult(MetricResult):
     mean_top_mass_fraction: float | None
     group_size: int | None
     """KV sharing G = n_heads / n_kv_heads when the model says (None otherwise)."""
-    excluded: str = "queries with a single visible key (position 0) are excluded"
+    excluded: str = ("the query with a single visible key (position 0) is excluded from the "
+                     "entropy average (0/log 1); its top-mass fraction, 1, is averaged")
 
 
 def kv_group_size(stack) -> int | None:
@@ -252,9 +258,10 @@ def kv_group_size(stack) -> int | None:
 def compute_attention_sparsity(
     stack, ids: Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: ProgressFn | None = None,
     counter: BlockCounter | None = None, cache: HiddenStateCache | None = None,
-    max_sequences: int = 8, mass: float = 0.9,
+    max_sequences: int = 0, mass: float = 0.9,
 ) -> AttentionSparsityResult:
-    """Attention entropy and top-mass fraction per layer and head on a sample of sequences.
+    """Attention entropy and top-mass fraction per layer and head, over all sequences of
+    `ids` or the first `max_sequences` (0: all).
 
     Cost: `L*n` block forwards for the sample's hidden states (0 with a warm cache)
     plus one `attention_probs` call per layer and chunk.
@@ -297,7 +304,7 @@ def compute_attention_sparsity(
             continue
         n_keep = sample.shape[0] * int((visible_keys(T, sliding_window(stack, l)) >= 2).sum())
         ent.append((ent_sum[l] / max(n_keep, 1)).tolist())
-        frac.append((frac_sum[l] / max(n_keep, 1)).tolist())
+        frac.append((frac_sum[l] / (sample.shape[0] * T)).tolist())
     layer_ent = [mean_or_none(x) if x is not None else None for x in ent]
     layer_frac = [mean_or_none(x) if x is not None else None for x in frac]
     return AttentionSparsityResult(
