@@ -421,3 +421,24 @@ def test_runs_table_shows_the_depth_and_sparsity_knobs_first():
     assert shown_knobs(keys) == ["model.n_layers", "train.weight_decay", "model.n_kv_heads",
                                  "model.norm_placement", "model.moe.num_experts",
                                  "model.moe.top_k"]
+
+
+def test_markdown_tables_escape_pipes_in_cells():
+    """'||J-I||' or '|w| < tau' in a cell used to split it into extra columns."""
+    import re
+
+    from depthlab.probe.results import summary_markdown
+    from depthlab.report.tables import Table
+
+    def columns(line: str) -> int:
+        return len(re.findall(r"(?<!\\)\|", line))
+
+    md = Table("t", "t", ["model", "mean ||J-I||/d"], [["m", "fraction |w| < 0.001"]]).to_markdown()
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(rows) == 3 and {columns(r) for r in rows} == {3}
+    results = {"model_name": "m", "model": {"arch": "a", "n_layers": 2, "d_model": 8, "params": 1},
+               "data": {"n_samples": 2, "seq_len": 4}, "skipped": {"moe": "no |MoE| layer"},
+               "metrics": {"weight_sparsity": {"fraction_below_tau": 0.5, "tau": 1e-3,
+                                               "hoyer": 0.1, "per_block": []}}}
+    rows = [line for line in summary_markdown(results).splitlines() if line.startswith("|")]
+    assert len(rows) >= 3 and {columns(r) for r in rows} == {6}

@@ -1,4 +1,5 @@
-"""How numbers read in what the CLI prints: counts with their noun, parameter counts."""
+"""How numbers and text read in what the CLI prints and writes: counts with their noun,
+parameter counts, Markdown table cells."""
 
 from __future__ import annotations
 
@@ -21,3 +22,9 @@ def fmt_params(n: int | float | None, missing: str = "?") -> str:
         if value >= least:
             return f"{value:.2f}".rstrip("0").rstrip(".") + unit
     return f"{int(n):,}"
+
+
+def md_cell(text: object) -> str:
+    """Text for a Markdown table cell: a '|' in it (`||J-I||`, `|w| < tau`) would end the
+    cell early, so it is escaped."""
+    return str(text).replace("|", "\\|")

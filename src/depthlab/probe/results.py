@@ -42,6 +42,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from depthlab.text import md_cell
+
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 CSV_DIR = "csv"
@@ -373,6 +375,14 @@ def result_warnings(results: dict[str, Any]) -> list[str]:
         out.append(f"usefulness: the affine fit saw {use.get('fit_tokens'):,} tokens, fewer than "
                    f"the d+1 = {d + 1 if d else 'd+1'} unknowns per output, so {effect}; "
                    "use more tokens (--samples x --seq-len)")
+    elif use and use.get("split") == "same" and d and use.get("fit_tokens", 0) < 10 * (d + 1):
+        ratios = [r for r in use.get("loss_ratio") or [] if isinstance(r, (int, float))]
+        below = sum(r < 1 for r in ratios)
+        seen = f" ({below} of {len(ratios)} loss ratios are below 1)" if below else ""
+        out.append(f"usefulness: the affine fit saw {use.get('fit_tokens'):,} tokens for d+1 = "
+                   f"{d + 1} unknowns per output, and is scored on those same tokens, so it "
+                   f"partly memorises them and the ratios read low{seen}; use more tokens "
+                   "(10x d or more) or --opt usefulness.holdout=0.25")
     return out
 
 
@@ -400,10 +410,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
         secs = f"{r['seconds']:.1f}" if isinstance(r["seconds"], (int, float)) else "–"
         for i, (label, value) in enumerate(r["values"] or [("–", "–")]):
             first = i == 0
-            lines.append(f"| {r['metric'] + note if first else ''} | {label} | {value} | "
+            lines.append(f"| {r['metric'] + note if first else ''} | {md_cell(label)} | "
+                         f"{md_cell(value)} | "
                          f"{secs if first else ''} | {bf_s if first else ''} |")
     for name, why in (results.get("skipped") or {}).items():
-        lines.append(f"| {name} | skipped | {why} | | |")
+        lines.append(f"| {name} | skipped | {md_cell(why)} | | |")
     warnings = result_warnings(results)
     if warnings:
         lines += [""] + [f"**Warning**: {w}" for w in warnings]

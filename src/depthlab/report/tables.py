@@ -13,6 +13,7 @@ from typing import Any
 
 from depthlab.report.data import Diagnosis, ReportData, ladder_scores, num
 from depthlab.text import fmt_params as _fmt_params
+from depthlab.text import md_cell
 
 ABBREV = {
     "model.n_layers": "L", "model.d_model": "d", "model.n_heads": "heads",
@@ -52,14 +53,14 @@ class Table:
     """The CSV's rows: unrounded numbers, None for no value (None: the shown cells)."""
 
     def to_markdown(self) -> str:
-        cells = [self.headers] + self.rows
+        cells = [[md_cell(c) for c in r] for r in [self.headers, *self.rows]]
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.headers))]
 
         def line(r: list[str]) -> str:
             return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
 
         sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-        out = [f"**{self.title}**", "", line(self.headers), sep, *(line(r) for r in self.rows)]
+        out = [f"**{self.title}**", "", line(cells[0]), sep, *(line(r) for r in cells[1:])]
         if self.note:
             out += ["", self.note]
         return "\n".join(out) + "\n"
