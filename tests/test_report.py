@@ -129,7 +129,8 @@ def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
     assert rep.data.knob_keys == ["model.n_layers"]
     names = {f.name for f in rep.drawn}
     assert names == {"loss_curves", "last_layer_variance", "variance_profile", "layer_stats",
-                     "jacobian", "diagnostic_bars", "causal_heatmaps", "permutation_heatmaps"}
+                     "jacobian", "diagnostic_bars", "layer_scores", "causal_heatmaps",
+                     "permutation_heatmaps"}
     for f in rep.drawn:
         assert f.png.is_file() and f.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f.svg.is_file() and b"<svg" in f.svg.read_bytes()[:500]
@@ -375,9 +376,15 @@ def test_scores_over_a_subset_are_labelled_and_drawn_at_their_layers(tmp_path):
 
     colors = {d.label: "red" for _, d in data.all_diagnoses} | {"a": "blue"}
     ax = fig_jacobian(data, colors).axes[0]
-    xs = sorted(tuple(line.get_xdata()) for line in ax.get_lines())
-    assert xs == [(0, 1, 2), (3, 5)]
+    # a 3-block run and a 6-block model: the relative depth l / (L-1); the model's two
+    # measured blocks at 3/5 and 5/5, its legend naming the subset
+    xs = sorted(tuple(float(x) for x in line.get_xdata()) for line in ax.get_lines())
+    assert xs == [(0.0, 0.5, 1.0), (0.6, 1.0)]
+    assert ax.get_xlabel().startswith("relative depth")
+    assert any("2 of 6 layers" in t.get_text() for t in ax.get_legend().get_texts())
     axes = fig_diagnostic_bars(data, colors).axes
+    hatched = {a.get_title(): [p.get_hatch() for p in a.patches] for a in axes}
+    assert hatched["permutation score"] == [None, "///"]  # the run: all pairs; the model: a subset
     texts = [t.get_text() for a in axes for t in a.texts]
     assert "0.0487*" in texts and "0.667*" in texts and "0.013" in texts
     xlabels = {a.get_title(): a.get_xlabel() for a in axes}
@@ -399,15 +406,38 @@ def test_heatmaps_mark_unmeasured_pairs(tmp_path):
     res["metrics"]["permutation"]["pair_set"] = "adjacent"
     (hf / "results.json").write_text(json.dumps(res))
     fig = fig_permutation_heatmaps(collect([hf]), {})
-    heat, bar = fig.axes
+    heat, _bar = fig.axes
     assert heat.get_title() == "model (adjacent pairs)"
-    assert bar.get_ylabel().endswith("(grey: not measured)")
+    assert fig.get_suptitle().endswith("grey: not measured)")
     image = heat.get_images()[0]
     assert image.cmap.get_bad().tolist() == pytest.approx([0.85, 0.85, 0.85, 1.0])
     full = [[0.0 if a == b else 0.5 for b in range(4)] for a in range(4)]
     res["metrics"]["permutation"].update(matrix=full, pair_set="all")
     (hf / "results.json").write_text(json.dumps(res))
-    assert "grey" not in fig_permutation_heatmaps(collect([hf]), {}).axes[1].get_ylabel()
+    assert "grey" not in fig_permutation_heatmaps(collect([hf]), {}).get_suptitle()
+
+
+def test_heatmaps_scale_each_panel_and_grey_the_causal_lower_triangle(tmp_path):
+    """A model whose scores are 100x another's used to set one colour scale that painted
+    the other flat; C[s, l] for s >= l is undefined, not 'no effect'."""
+    import math
+
+    from depthlab.report.figures import fig_causal_heatmaps
+
+    dirs = []
+    for name, scale in (("big", 3.0), ("small", 0.03)):
+        res = fake_results(4)
+        res["metrics"]["causal"]["matrix"] = [[scale * (l > s) * (1 + l) for l in range(4)]
+                                              for s in range(4)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+        dirs.append(tmp_path / name)
+    fig = fig_causal_heatmaps(collect(dirs), {})
+    images = [ax.get_images()[0] for ax in fig.axes if ax.get_images()]
+    assert sorted(round(im.get_clim()[1], 6) for im in images) == [0.12, 12.0]
+    grid = images[0].get_array()
+    assert all(grid.mask[s][j] or math.isnan(grid[s][j]) for s in range(4) for j in range(s + 1))
+    assert "grey: s >= l, no later block" in fig.get_suptitle()
 
 
 def test_runs_table_shows_the_depth_and_sparsity_knobs_first():
@@ -442,3 +472,25 @@ def test_markdown_tables_escape_pipes_in_cells():
                                                "hoyer": 0.1, "per_block": []}}}
     rows = [line for line in summary_markdown(results).splitlines() if line.startswith("|")]
     assert len(rows) >= 3 and {columns(r) for r in rows} == {6}
+
+
+def test_runs_table_shows_active_parameters_when_a_run_is_moe(tmp_path):
+    """MoE and dense runs are compared at equal active parameters: the table shows them
+    next to the total when any run routes, and says it does not estimate seed noise."""
+    import csv
+
+    from depthlab.report.tables import runs_table
+
+    fake_run(tmp_path / "runs", "dense")
+    moe = fake_run(tmp_path / "runs", "moe")
+    summary = json.loads((moe / "summary.json").read_text())
+    summary.update(params=4_008_320, active_params=1_649_024)
+    (moe / "summary.json").write_text(json.dumps(summary))
+    table = runs_table(collect([tmp_path / "runs"]))
+    assert "active params" in table.headers and "seed-to-seed noise" in table.note
+    rows = {r["run"]: r for r in csv.DictReader(table.to_csv().splitlines())}
+    assert rows["moe"]["active params"] == "1649024" and rows["moe"]["params"] == "4008320"
+    assert rows["dense"]["active params"] == rows["dense"]["params"]
+    summary.update(active_params=4_008_320)
+    (moe / "summary.json").write_text(json.dumps(summary))
+    assert "active params" not in runs_table(collect([tmp_path / "runs"])).headers

@@ -98,7 +98,11 @@ class Diagnosis:
     raw: dict[str, Any]
 
     def get(self, metric: str, key: str) -> Any:
-        return self.metrics.get(metric, {}).get(key)
+        """A metric's value; a dotted key reads inside it ("mean.jacobian_norm")."""
+        value: Any = self.metrics.get(metric, {})
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
 
     def layer_list(self, metric: str, key: str) -> list[float | None] | None:
         v = self.get(metric, key)
@@ -118,16 +122,33 @@ class Diagnosis:
     def measured_on(self, metric: str) -> str:
         """What a score was measured over when it is not the default set (metrics.md says
         the output must name it): "adjacent pairs", "pairs with block 3", "disjoint
-        split"; "" for all pairs, fits evaluated on their own tokens, or no result."""
+        split", "4 of 30 layers", and "N=2" when the metric saw fewer sequences than the
+        diagnosis; "" for the default set or no result."""
+        parts = []
         if metric == "permutation":
             pairs = self.get("permutation", "pair_set")
             if pairs == "one-vs-rest":
-                return f"pairs with block {self.get('permutation', 'anchor')}"
-            return f"{pairs} pairs" if isinstance(pairs, str) and pairs != "all" else ""
-        if metric == "usefulness":
+                parts.append(f"pairs with block {self.get('permutation', 'anchor')}")
+            elif isinstance(pairs, str) and pairs != "all":
+                parts.append(f"{pairs} pairs")
+        elif metric == "usefulness":
             split = self.get("usefulness", "split")
-            return f"{split} split" if isinstance(split, str) and split != "same" else ""
-        return ""
+            if isinstance(split, str) and split != "same":
+                parts.append(f"{split} split")
+        elif metric == "jacobian":
+            layers, L = self.get("jacobian", "layers"), self.n_layers
+            if isinstance(layers, list) and L and len(layers) != L:
+                parts.append(f"{len(layers)} of {L} layers")
+        n, data_n = self.get(metric, "n_samples"), self.data.get("n_samples")
+        if metric in self.metrics and isinstance(n, int) and isinstance(data_n, int) and n != data_n:
+            parts.append(f"N={n}")
+        return ", ".join(parts)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The diagnosis's data section (n_samples, seq_len, source ...); {} if absent."""
+        d = self.raw.get("data")
+        return d if isinstance(d, dict) else {}
 
     @property
     def n_layers(self) -> int | None:
@@ -205,10 +226,12 @@ class RunData:
         v = self.val_loss()
         return math.exp(min(v, 50.0)) if v is not None else None
 
-    def params(self) -> int | None:
-        if self.summary and isinstance(self.summary.get("params"), int):
-            return self.summary["params"]
-        return None
+    def params(self, active: bool = False) -> int | None:
+        """Total parameters, or (active) those one token uses: MoE runs differ."""
+        key = "active_params" if active else "params"
+        if self.summary and isinstance(self.summary.get(key), int):
+            return self.summary[key]
+        return self.params() if active else None
 
 
 @dataclass

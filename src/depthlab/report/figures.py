@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from depthlab.plotstyle import heatmap_cmap
 from depthlab.report.data import Diagnosis, ReportData, RunData, ladder_scores, num
@@ -73,6 +73,36 @@ def _layer_axis(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _depth_axis(depths: list[int]) -> tuple[Callable[[float, int], float], str]:
+    """(x of block l in a model of L blocks, axis label): the block index when every model
+    has the same depth; the relative depth l / (L-1) when they differ, so an 8-block run
+    and a 30-block model span the same axis."""
+    if len(set(depths)) <= 1:
+        return (lambda i, L: i), "block l"
+    return (lambda i, L: i / max(L - 1, 1)), "relative depth l / (L-1) (models differ in depth)"
+
+
+def _set_depth_axis(ax: Any, depths: list[int]) -> Callable[[float, int], float]:
+    x, label = _depth_axis(depths)
+    ax.set_xlabel(label)
+    if len(set(depths)) <= 1:
+        _layer_axis(ax)
+    return x
+
+
+def _log_if_wide(ax: Any, series: list[list[float]], decades: float = 1.3) -> bool:
+    """A log y-axis only when the positive values span more than `decades` decades: a log
+    axis over a narrow range shows one or two tick labels and no readable scale."""
+    pos = [x for ys in series for x in ys if not math.isnan(x) and x > 0]
+    if pos and math.log10(max(pos) / min(pos)) > decades:
+        ax.set_yscale("log")
+        if math.log10(max(pos) / min(pos)) < 3:  # labels at 1, 2, 5 x 10^k, not at 10^k only
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        return True
+    return False
+
+
 def _legend(ax: Any, n: int) -> None:
     if n and ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", ncols=1 if n <= 8 else 2, frameon=False)
@@ -118,7 +148,7 @@ def fig_last_layer_variance(data: ReportData, colors: dict[str, str]) -> Figure 
         ax.plot(steps, _positive(_vals(vals)), color=colors[r.label], label=r.label, lw=1.4,
                 marker="o", ms=2.5)
     ax.set_yscale("log")
-    ax.set(title="last-layer variance over training (pre-final-norm, var_{L-1})",
+    ax.set(title=r"last-layer variance over training (pre-final-norm, $\mathrm{var}_{L-1}$)",
            xlabel="training step", ylabel=VAR_LABEL + ", log scale")
     _legend(ax, len(runs))
     return fig
@@ -142,13 +172,17 @@ def fig_variance_profile(data: ReportData, colors: dict[str, str]) -> Figure | s
         return "no variance profile: no stats records and no diagnose results"
     fig, axes = _fig(6.4, 4.0)
     ax = axes[0][0]
+    x = _set_depth_axis(ax, [len(vals) for *_, vals, _, _ in lines])
     for text, label, vals, ls, marker in lines:
-        ax.plot(range(len(vals)), _positive(_vals(vals)), ls=ls, marker=marker, ms=3,
-                color=colors.get(label, "black"), label=text, lw=1.3)
+        # the stats line drawn wide and pale under the diagnose line: where they agree,
+        # both stay visible
+        solid = ls == "-"
+        ax.plot([x(i, len(vals)) for i in range(len(vals))], _positive(_vals(vals)), ls=ls,
+                marker=marker, ms=4 if solid else 3, color=colors.get(label, "black"),
+                label=text, lw=3.0 if solid else 1.2, alpha=0.45 if solid else 1.0)
     ax.set_yscale("log")
-    ax.set(title="per-layer variance profile var_l (output of block l, pre-final-norm)",
-           xlabel="layer index l", ylabel=VAR_LABEL + ", log scale")
-    _layer_axis(ax)
+    ax.set(title=r"per-layer variance profile $\mathrm{var}_l$ (output of block l, "
+                 "pre-final-norm)", ylabel=VAR_LABEL + ", log scale")
     _legend(ax, len(lines))
     return fig
 
@@ -158,25 +192,25 @@ def fig_layer_stats(data: ReportData, colors: dict[str, str]) -> Figure | str:
     if not runs:
         return "no layer statistics in the runs (train with train.stats_interval > 0)"
     panels = [
-        ("update_ratio", "residual update ||h_{l+1}-h_l|| / ||h_l||", "ratio (token mean)", True),
+        ("update_ratio", r"residual update $\|h_{l+1}-h_l\| / \|h_l\|$", "ratio (token mean)",
+         True),
         ("grad_norm", "gradient norm per block", "L2 norm (after clipping)", True),
-        ("weight_sparsity", "weight sparsity (|w| < tau) per block", "fraction of entries", False),
+        ("weight_sparsity", r"weight sparsity ($|w| < 10^{-3}$) per block",
+         "fraction of entries", False),
         ("attn_entropy", "attention entropy per layer", "entropy / log(visible keys)", False),
     ]
     fig, axes = _fig(10, 6.4, ncols=2, nrows=2)
     for ax, (key, title, ylabel, log) in zip(axes.flat, panels, strict=True):
-        drawn = 0
-        for r in runs:
-            v = _final_stats(r).get(key)
-            if isinstance(v, list) and any(num(x) is not None for x in v):
-                y = _vals(v)
-                ax.plot(range(len(y)), _positive(y) if log else y, marker="o", ms=3,
-                        color=colors[r.label], label=r.label, lw=1.3)
-                drawn += 1
-        if log and drawn:
-            ax.set_yscale("log")
-        ax.set(title=title, xlabel="layer index l", ylabel=ylabel)
-        _layer_axis(ax)
+        series = [(r, _vals(v)) for r in runs if isinstance(v := _final_stats(r).get(key), list)
+                  and any(num(x) is not None for x in v)]
+        x = _set_depth_axis(ax, [len(y) for _, y in series])
+        if log:
+            log = _log_if_wide(ax, [_positive(y) for _, y in series])
+        for r, y in series:
+            ax.plot([x(i, len(y)) for i in range(len(y))], _positive(y) if log else y,
+                    marker="o", ms=3, color=colors[r.label], label=r.label, lw=1.3)
+        ax.set(title=title, ylabel=ylabel + (", log scale" if log else ""))
+        drawn = len(series)
         if not drawn:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
     _legend(axes[0][0], len(runs))
@@ -214,16 +248,51 @@ def fig_jacobian(data: ReportData, colors: dict[str, str]) -> Figure | str:
         return "no Jacobian results (run `depthlab diagnose RUN --out RUN/diagnose`)"
     fig, axes = _fig(6.4, 4.0)
     ax = axes[0][0]
+    depth = {label: d.n_layers or len(v[0]) for label, d in data.all_diagnoses
+             if (v := _jacobian(d))}
+    x = _set_depth_axis(ax, list(depth.values()))
+    on = {label: d.measured_on("jacobian") for label, d in data.all_diagnoses}
     for label, (layers, vals, estimated) in lines:
         # a line only through consecutive measured blocks (jacobian.layers may skip some)
         joined = layers == list(range(layers[0], layers[0] + len(layers)))
-        ax.plot(layers, _vals(vals), marker="o", ms=3, color=colors.get(label, "black"),
-                label=f"{label} (Hutchinson)" if estimated else label, lw=1.3,
-                ls="-" if joined else "none")
+        what = ", ".join(q for q in ("Hutchinson" if estimated else "", on.get(label)) if q)
+        ax.plot([x(i, depth[label]) for i in layers], _vals(vals), marker="o", ms=3,
+                color=colors.get(label, "black"), label=f"{label} ({what})" if what else label,
+                lw=1.3, ls="-" if joined else "none")
     ax.set(title="Jacobian deviation from identity per layer",
-           xlabel="layer index l", ylabel="||J_l - I||_F / d (dimensionless)")
-    _layer_axis(ax)
+           ylabel=r"$\|J_l - I\|_F / d$ (dimensionless)")
     _legend(ax, len(lines))
+    return fig
+
+
+def fig_layer_scores(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    """Per block: the usefulness loss ratio (what the 0/1 'useful' count hides: a block at
+    1.03 and one at 1.0 both count as not useful) and the loss increase when it is skipped."""
+    panels = [("usefulness", "loss_ratio", "usefulness: loss with block l replaced by its "
+               "affine fit", "L_lin / L_base"),
+              ("layer_drop", "loss_increase", "layer drop: loss increase with block l skipped",
+               "L_skip - L_base (nats/token)")]
+    found = [[(label, d, v) for label, d in data.all_diagnoses if (v := d.layer_list(m, key))]
+             for m, key, _, _ in panels]
+    if not any(found):
+        return "no usefulness or layer_drop results from `depthlab diagnose`"
+    fig, axes = _fig(10, 3.8, ncols=2)
+    for ax, (metric, _, title, ylabel), lines in zip(axes[0], panels, found, strict=True):
+        x = _set_depth_axis(ax, [len(v) for _, _, v in lines])
+        for label, d, vals in lines:
+            on = d.measured_on(metric)
+            ax.plot([x(i, len(vals)) for i in range(len(vals))], _vals(vals), marker="o", ms=3,
+                    lw=1.3, color=colors.get(label, "black"),
+                    label=f"{label} ({on})" if on else label)
+        if metric == "usefulness" and lines:
+            threshold = num(lines[0][1].get("usefulness", "threshold")) or 1.1
+            ax.axhline(threshold, color="k", ls=":", lw=1,
+                       label=f"{threshold:g} (useful above)")
+            ax.axhline(1.0, color="grey", ls="-", lw=0.6)
+        if not lines:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title=title, ylabel=ylabel)
+        _legend(ax, len(lines))
     return fig
 
 
@@ -260,8 +329,12 @@ def fig_diagnostic_bars(data: ReportData, colors: dict[str, str]) -> Figure | st
     for ax, (key, title, ylabel) in zip(axes[0], panels, strict=True):
         vals = [v[key] for _, v, _ in rows]
         xs = list(range(len(rows)))
-        ax.bar(xs, [NAN if x is None else x for x in vals],
-               color=[colors.get(lab, "grey") for lab in labels])
+        bars = ax.bar(xs, [NAN if x is None else x for x in vals],
+                      color=[colors.get(lab, "grey") for lab in labels])
+        for bar, (_, _, on) in zip(bars, rows, strict=True):
+            if on[key]:  # another quantity than its neighbours': hatched, not only marked
+                bar.set_hatch("///")
+                bar.set_edgecolor("white")
         # a score measured over another set than the default gets a mark, explained below
         # the panel, rather than a second text line that collides with its neighbours'
         marks = _footnotes([on[key] for _, _, on in rows])
@@ -282,8 +355,11 @@ def fig_diagnostic_bars(data: ReportData, colors: dict[str, str]) -> Figure | st
 
 
 def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: str,
-              colors: dict[str, str]) -> Figure | str:
-
+              colors: dict[str, str], undefined: str = "") -> Figure | str:
+    """One panel per model, each with its own colour scale: models differ in scale by
+    orders of magnitude (a pretrained 30-block model against a 120-step toy), and a shared
+    scale would flatten all but the largest. Cells with no value (a pair outside a measured
+    subset; `undefined` names what else) are grey."""
     mats = [(label, m, d.measured_on(metric)) for label, d in data.all_diagnoses
             if (m := d.matrix(metric))]
     if not mats:
@@ -291,19 +367,17 @@ def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: st
     n = len(mats)
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
-    fig, axes = _fig(3.3 * ncols + 0.6, 3.1 * nrows, ncols=ncols, nrows=nrows)
-    vmax = max((x for _, m, _ in mats for row in m for x in row if x is not None),
-               default=1.0) or 1.0
-    # pairs outside a measured subset (None) are grey, not background
+    fig, axes = _fig(3.7 * ncols, 3.1 * nrows, ncols=ncols, nrows=nrows)
     cmap = heatmap_cmap()
-    image = None
     for ax, (label, m, on) in zip(axes.flat, mats, strict=False):
-        grid = [[NAN if x is None else x for x in row] for row in m]
+        L = len(m)
+        grid = [[NAN if x is None or (undefined and s >= j) else x for j, x in enumerate(row)]
+                for s, row in enumerate(m)]
+        vmax = max((x for row in grid for x in row if not math.isnan(x)), default=1.0) or 1.0
         image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=vmax, origin="upper",
                           interpolation="nearest")
         ax.set_title(label + (f" ({on})" if on else ""), color=colors.get(label, "black"))
         ax.set(xlabel=xlabel, ylabel=ylabel)
-        L = len(grid)
         if L <= 16:
             ax.set_xticks(range(L))
             ax.set_yticks(range(L))
@@ -311,18 +385,18 @@ def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: st
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(False)
+        fig.colorbar(image, ax=ax, shrink=0.8)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    if image is not None:
-        gaps = any(x is None for _, m, _ in mats for row in m for x in row)
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8,
-                     label=title + ("\n(grey: not measured)" if gaps else ""))
+    gaps = any(x is None for _, m, _ in mats for row in m for x in row)
+    grey = "; ".join(g for g in (undefined, "not measured" if gaps else "") if g)
+    fig.suptitle(title + " (colour scale per panel" + (f"; grey: {grey})" if grey else ")"))
     return fig
 
 
 def fig_causal_heatmaps(data: ReportData, colors: dict[str, str]) -> Figure | str:
     return _heatmaps(data, "causal", "causal score C[s, l]", "later block l",
-                     "skipped block s", colors)
+                     "skipped block s", colors, undefined="s >= l, no later block")
 
 
 def fig_permutation_heatmaps(data: ReportData, colors: dict[str, str]) -> Figure | str:
@@ -395,11 +469,17 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportData, dict[str, str]], Figure
      "over all block pairs. A bar measured over another set (adjacent pairs, a disjoint "
      "split) carries a mark that the panel's axis label explains.",
      fig_diagnostic_bars),
+    ("layer_scores", "Usefulness loss ratio and layer-drop loss per block",
+     "Left: L_lin / L_base when block l is replaced by its least-squares affine map "
+     "(metrics.md section 3; a block counts as useful above the dotted line). Right: the "
+     "loss increase when block l is skipped (layer drop, section 6).", fig_layer_scores),
     ("causal_heatmaps", "Causal score matrices",
-     "C[s, l]: relative change of block l's update when block s is skipped (zero on and below "
-     "the diagonal).", fig_causal_heatmaps),
+     "C[s, l]: relative change of block l's update when block s is skipped (defined for "
+     "l > s only: grey on and below the diagonal). Each panel has its own colour scale.",
+     fig_causal_heatmaps),
     ("permutation_heatmaps", "Permutation score matrices",
-     "P(l1, l2) = |L_base - L_swap| / L_base for swapping blocks l1 < l2.",
+     "P(l1, l2) = |L_base - L_swap| / L_base for swapping blocks l1 < l2. Each panel has "
+     "its own colour scale.",
      fig_permutation_heatmaps),
     ("ladder", "Ablation ladder",
      "Bars: the score of each cumulative recipe step; markers: usefulness.", fig_ladder),

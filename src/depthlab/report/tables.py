@@ -115,17 +115,21 @@ SCORES = (("usefulness", "usefulness"), ("causal", "causal_pairs"),
 """The diagnose scores the tables show: (metric, key in its results)."""
 
 
-def score_csv(diagnoses: list[Diagnosis | None]) -> tuple[list[str], list[list[Any]]]:
-    """The CSV columns of SCORES for these rows: each score's number, followed by a
+CSV_SCORE_NAMES = {"mean.jacobian_norm": "mean jacobian_norm"}
+
+
+def score_csv(diagnoses: list[Diagnosis | None], scores: tuple[tuple[str, str], ...] = SCORES
+              ) -> tuple[list[str], list[list[Any]]]:
+    """The CSV columns of `scores` for these rows: each score's number, followed by a
     "<score> set" column (what it was measured over) when any row used a non-default set."""
     headers: list[str] = []
     columns: list[list[Any]] = []
-    for metric, key in SCORES:
-        headers.append(metric)
+    for metric, key in scores:
+        headers.append(CSV_SCORE_NAMES.get(key, metric))
         columns.append([d.scalar(metric, key) if d else None for d in diagnoses])
         sets = [d.measured_on(metric) if d else "" for d in diagnoses]
         if any(sets):
-            headers.append(f"{metric} set")
+            headers.append(f"{headers[-1]} set")
             columns.append([s or None for s in sets])
     return headers, [list(row) for row in zip(*columns, strict=True)]
 
@@ -162,7 +166,10 @@ def runs_table(data: ReportData) -> Table | None:
     if not data.runs:
         return None
     knobs = shown_knobs(data.knob_keys)
-    headers = ["run", *(knob_name(k) for k in knobs), "params", "steps", "val loss",
+    # MoE and dense runs are compared at matched ACTIVE parameters (the paper's axis)
+    sparse = any(r.params(active=True) != r.params() for r in data.runs)
+    params = ["params", "active params"] if sparse else ["params"]
+    headers = ["run", *(knob_name(k) for k in knobs), *params, "steps", "val loss",
                "val PPL ↓", "usefulness ↑", "causal", "permutation", "last-layer var"]
     rows, raw = [], []
     for r in data.runs:
@@ -173,14 +180,21 @@ def runs_table(data: ReportData) -> Table | None:
             last_var = d.scalar("variance", "last_layer_variance")
         steps = str(r.final_step) + ("" if r.complete else " (incomplete)")
         rows.append([
-            r.label, *(fmt_value(r.knobs.get(k)) for k in knobs), fmt_params(r.params()), steps,
+            r.label, *(fmt_value(r.knobs.get(k)) for k in knobs),
+            *(fmt_params(r.params(active=a)) for a in (False, True)[:len(params)]), steps,
             fmt(r.val_loss()), fmt(r.val_ppl()),
             *(fmt_score(d, metric, key) for metric, key in SCORES),
             fmt(last_var),
         ])
-        raw.append([r.label, *(csv_value(r.knobs.get(k)) for k in knobs), r.params(),
+        raw.append([r.label, *(csv_value(r.knobs.get(k)) for k in knobs),
+                    *(r.params(active=a) for a in (False, True)[:len(params)]),
                     r.final_step, r.complete, r.val_loss(), r.val_ppl(), num(last_var)])
-    note = ("val PPL: exp(validation loss) at the run's last evaluation. usefulness, causal "
+    note = ("One row per training run, one seed each: the "
+            "report does not estimate seed-to-seed noise, so repeat a comparison over seeds "
+            "(a sweep grid over train.seed) before reading a small difference. "
+            + ("active params: those one token uses (MoE: the routed top-k experts); compare "
+               "MoE and dense runs at equal active params. " if sparse else "")
+            + "val PPL: exp(validation loss) at the run's last evaluation. usefulness, causal "
             "(causal_pairs) and permutation come from `depthlab diagnose` (– when not run; "
             "permutation over all block pairs and usefulness evaluated on its fitting tokens "
             "unless the cell names another set). "
@@ -190,7 +204,7 @@ def runs_table(data: ReportData) -> Table | None:
     if rest:
         note += f" Further differing keys: {', '.join(rest)}."
     score_headers, scores = score_csv([r.diagnosis for r in data.runs])
-    csv_headers = ["run", *knobs, "params", "steps", "complete", "val loss", "val PPL",
+    csv_headers = ["run", *knobs, *params, "steps", "complete", "val loss", "val PPL",
                    *score_headers, "last-layer var"]
     csv_rows = [[*a[:-1], *s, a[-1]] for a, s in zip(raw, scores, strict=True)]
     return Table("runs", "Validation perplexity and layer usefulness per run", headers, rows,
@@ -201,21 +215,22 @@ def diagnoses_table(data: ReportData) -> Table | None:
     """Models diagnosed outside any run (e.g. Hugging Face checkpoints)."""
     if not data.diagnoses:
         return None
-    headers = ["model", "layers", "usefulness ↑", "causal", "permutation", "mean ||J-I||/d",
-               "last-layer var"]
+    headers = ["model", "layers", "N x T", "usefulness ↑", "causal", "permutation",
+               "mean ||J-I||/d", "last-layer var"]
+    scores = [*SCORES, ("jacobian", "mean.jacobian_norm")]
     rows, raw = [], []
     for d in data.diagnoses:
-        jac = d.get("jacobian", "mean")
-        jac_mean = num(jac.get("jacobian_norm")) if isinstance(jac, dict) else None
+        n, t = d.data.get("n_samples"), d.data.get("seq_len")
         last_var = d.scalar("variance", "last_layer_variance")
-        rows.append([d.label, str(d.n_layers or MISSING),
-                     *(fmt_score(d, metric, key) for metric, key in SCORES), fmt(jac_mean),
-                     fmt(last_var)])
-        raw.append([d.label, d.n_layers, jac_mean, last_var])
-    score_headers, scores = score_csv(list(data.diagnoses))
-    csv_headers = ["model", "layers", *score_headers, "mean ||J-I||/d", "last-layer var"]
-    csv_rows = [[*a[:2], *s, *a[2:]] for a, s in zip(raw, scores, strict=True)]
-    return Table("diagnoses", "Diagnosed models", headers, rows, "", csv_headers, csv_rows)
+        rows.append([d.label, str(d.n_layers or MISSING), f"{n} x {t}" if n and t else MISSING,
+                     *(fmt_score(d, metric, key) for metric, key in scores), fmt(last_var)])
+        raw.append([d.label, d.n_layers, n, t, last_var])
+    score_headers, values = score_csv(list(data.diagnoses), scores)
+    csv_headers = ["model", "layers", "N", "T", *score_headers, "last-layer var"]
+    csv_rows = [[*a[:4], *v, a[4]] for a, v in zip(raw, values, strict=True)]
+    note = ("Each model's evaluation set is N sequences of T tokens; a score measured over "
+            "fewer sequences, a subset of layers or pairs, or a held-out split names it.")
+    return Table("diagnoses", "Diagnosed models", headers, rows, note, csv_headers, csv_rows)
 
 
 def ladder_table(data: ReportData) -> Table | None:
