@@ -143,6 +143,8 @@ def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
     assert not page.external and page.scripts == 0
     text = rep.html.read_text()
     assert "<style>" in text and "Skipped <b>Ablation ladder</b>" in text
+    # captions' `code` spans render as code, not as backticks
+    assert "<code>depthlab diagnose</code>" in text and "`" not in text.split("</style>")[1]
     md = (tmp_path / "out" / "tables" / "runs.md").read_text()
     assert md.count("\n| L") == 3 and "val PPL" in md and "usefulness" in md
     assert "0.6667" in md  # L2/L3 usefulness from results.json

@@ -1,7 +1,10 @@
 """How numbers and text read in what the CLI prints and writes: counts with their noun,
-parameter counts, Markdown table cells."""
+parameter counts, Markdown table cells, HTML text."""
 
 from __future__ import annotations
+
+import html
+import re
 
 _SCALES = ((1e12, "T", 1.0), (1e9, "B", 1.0), (1e6, "M", 0.1))
 """(divisor, unit, smallest rounded value shown in that unit)."""
@@ -28,3 +31,9 @@ def md_cell(text: object) -> str:
     """Text for a Markdown table cell: a '|' in it (`||J-I||`, `|w| < tau`) would end the
     cell early, so it is escaped."""
     return str(text).replace("|", "\\|")
+
+
+def html_text(text: object) -> str:
+    """Escaped text for an HTML page, with Markdown's `code` spans (as captions and notes
+    are written) rendered as <code> instead of showing their backticks."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(text)))

@@ -35,11 +35,15 @@ def _nums(xs: list[Any] | None) -> list[float]:
 
 def _title(results: dict[str, Any], what: str, metric: dict[str, Any]) -> str:
     """Model, data and the N the metric itself ran on (`METRIC.samples=K` may lower it)."""
+    import textwrap
+
     m, d = results["model"], results["data"]
     n = metric.get("n_samples") or d.get("n_samples")
-    return (f"{what}: {results.get('model_name')}\n"
-            f"L={m.get('n_layers')}, d={m.get('d_model')}; N={n} x "
-            f"T={d.get('seq_len')} tokens of {d.get('source')}")
+    lines = [f"{what}: {results.get('model_name')}",
+             f"L={m.get('n_layers')}, d={m.get('d_model')}; N={n} x "
+             f"T={d.get('seq_len')} tokens of {d.get('source')}"]
+    # wrapped to the narrowest figure's width: a long model name or path is not cut off
+    return "\n".join(part for line in lines for part in textwrap.wrap(line, 64))
 
 
 def _save(fig, path: Path) -> Path:
@@ -89,8 +93,10 @@ def fig_jacobian(results: dict[str, Any], m: dict[str, Any], path: Path) -> Path
     h = m.get("hutchinson") if isinstance(m.get("hutchinson"), dict) else None
     fig, axes = plt.subplots(1, 2 if diag else 1, figsize=(10 if diag else 6, 4.2), squeeze=False)
     ax = axes[0][0]
+    # blocks that jacobian.layers skipped are not interpolated: a dotted guide only
+    line = "o-" if layers == list(range(layers[0], layers[0] + len(layers))) else "o:"
     if exact:
-        ax.plot(layers, exact, "o-", label="exact")
+        ax.plot(layers, exact, line, label="exact")
     if h is not None:
         ax.errorbar(layers, _nums(h.get("jacobian_norm")), yerr=_nums(h.get("jacobian_norm_se")),
                     fmt="s--", ms=4, capsize=2, label=f"Hutchinson ({h.get('probes')} probes)")
@@ -101,8 +107,11 @@ def fig_jacobian(results: dict[str, Any], m: dict[str, Any], path: Path) -> Path
     ax.grid(alpha=0.3)
     if diag:
         ax2 = axes[0][1]
-        ax2.plot(layers, diag, "o-", color="C2", label="diagonal mean")
+        ax2.plot(layers, diag, line, color="C2", label="diagonal mean")
         ax2.axhline(0.5, color="k", ls=":", lw=1, label="0.5 (identity-preserving above)")
+        finite = [x for x in diag if not math.isnan(x)] + [0.5]
+        pad = 0.1 * (max(finite) - min(finite)) or 0.05
+        ax2.set_ylim(min(finite) - pad, max(finite) + pad)  # the threshold line off the edge
         ax2.set_xlabel("block l")
         ax2.set_ylabel(r"mean of diag$(J_l)$")
         ip = m.get("identity_preservation")

@@ -14,6 +14,7 @@ from depthlab.errors import DepthlabError
 from depthlab.report.data import ReportData, collect
 from depthlab.report.figures import FigureOut, make_figures, palette
 from depthlab.report.tables import Table, make_tables
+from depthlab.text import html_text
 
 REPORT_FILE = "report.html"
 FILES_LIST = ".report_files.json"  # what this report wrote (stale files are removed next time)
@@ -101,12 +102,12 @@ def render_html(data: ReportData, figures: list[FigureOut], tables: list[Table],
     for f in figures:
         if f.note is not None:
             parts.append(f'<p class="note" id="skipped-{e(f.name)}">Skipped '
-                         f"<b>{e(f.title)}</b>: {e(f.note)}.</p>")
+                         f"<b>{e(f.title)}</b>: {html_text(f.note)}.</p>")
             continue
         src = _data_uri(f.png if f.png is not None else f.svg)  # type: ignore[arg-type]
         parts.append(
             f'<figure id="fig-{e(f.name)}"><img src="{src}" alt="{e(f.title)}">'
-            f"<figcaption><b>{e(f.title)}.</b> {e(f.caption)}</figcaption></figure>")
+            f"<figcaption><b>{e(f.title)}.</b> {html_text(f.caption)}</figcaption></figure>")
     parts += ["</main>", "</body>", "</html>"]
     return "\n".join(parts) + "\n"
 

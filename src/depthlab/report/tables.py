@@ -13,7 +13,7 @@ from typing import Any
 
 from depthlab.report.data import Diagnosis, ReportData, ladder_scores, num
 from depthlab.text import fmt_params as _fmt_params
-from depthlab.text import md_cell
+from depthlab.text import html_text, md_cell
 
 ABBREV = {
     "model.n_layers": "L", "model.d_model": "d", "model.n_heads": "heads",
@@ -83,7 +83,7 @@ class Table:
             "<tr>" + "".join(
                 f'<td class="{"num" if i else "name"}">{e(c)}</td>' for i, c in enumerate(r)
             ) + "</tr>" for r in self.rows)
-        note = f'<p class="caption">{e(self.note)}</p>' if self.note else ""
+        note = f'<p class="caption">{html_text(self.note)}</p>' if self.note else ""
         return (f'<table id="table-{e(self.name)}"><caption>{e(self.title)}</caption>'
                 f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}")
 
