@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -250,6 +251,8 @@ def test_cli_train_and_info(tmp_path, corpus, capsys):
     main(["train", str(path), "--set", "name=cli", "--no-progress"])
     run = tmp_path / "runs" / "cli"
     assert (run / "summary.json").is_file() and (run / "tokenizer").is_dir()
+    val = json.loads((run / "summary.json").read_text())["val_loss"]
+    assert f"val loss {val:.4f} (PPL {math.exp(val):.2f})" in " ".join(capsys.readouterr().out.split())
     main(["info", str(run)])
     out = capsys.readouterr().out
     assert "active per token" in out and "val loss" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def train(
         return
     if summary.status == "already complete":
         console.print(f"[yellow]{summary.run_dir} is already complete[/] (step {summary.step}).")
-    val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "n/a"
+    val = (f"{summary.val_loss:.4f} (PPL {math.exp(min(summary.val_loss, 50.0)):.2f})"
+           if summary.val_loss is not None else "n/a")
     tensorboard = (f"  tensorboard: {summary.run_dir / 'tensorboard'}"
                    if cfg.train.tensorboard else "")
     console.print(
