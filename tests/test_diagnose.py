@@ -13,6 +13,7 @@ import yaml
 
 from depthlab.cli import main
 from depthlab.config import RunConfig
+from depthlab.errors import DepthlabError
 from depthlab.model.transformer import DepthLM
 from depthlab.probe.results import SCHEMA_VERSION, validate_results
 from depthlab.train.checkpoint import save_checkpoint
@@ -304,7 +305,6 @@ def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
     # values that would run but measure nothing meaningful
     for opt, needle in [("usefulness.threshold=0.1", "must be >= 1: it is a loss ratio"),
                         ("weight_sparsity.tau=-1", "must be > 0"),
-                        ("attention_sparsity.max_sequences=-1", "must be >= 0 (0: all"),
                         ("permutation.anchor=1", "applies to permutation.pairs=one-vs-rest")]:
         err = _error(["diagnose", str(tiny_run), "--opt", opt, "--metrics",
                       opt.split(".")[0], *base], capsys)
@@ -448,8 +448,8 @@ def test_figure_titles_name_the_metric_own_n() -> None:
 
 
 def test_a_metric_on_fewer_sequences_says_so(tmp_path: Path) -> None:
-    """attention_sparsity runs on all N sequences by default; with max_sequences=K its
-    n_samples is K and the summary marks it (it used to say N)."""
+    """attention_sparsity runs on all N sequences (it took the first 8 and said N); with
+    samples=K its n_samples is K and the summary marks it."""
     from depthlab.probe import diagnose
 
     torch.manual_seed(0)
@@ -460,10 +460,13 @@ def test_a_metric_on_fewer_sequences_says_so(tmp_path: Path) -> None:
     assert full["metrics"]["attention_sparsity"]["n_samples"] == 4
     out = tmp_path / "d"
     part = diagnose(model, ids=ids, metrics="attention_sparsity,variance", out=out, figures=False,
-                    options={"attention_sparsity": {"max_sequences": 2}})
+                    options={"attention_sparsity": {"samples": 2}})
     assert part["metrics"]["attention_sparsity"]["n_samples"] == 2
     assert part["metrics"]["variance"]["n_samples"] == 4
     assert "(N=2)" in (out / "summary.md").read_text()
+    with pytest.raises(DepthlabError, match=r"attention_sparsity.samples must be an integer in 1..4"):
+        diagnose(model, ids=ids, metrics="attention_sparsity", figures=False,
+                 options={"attention_sparsity": {"samples": 5}})
 
 
 def test_jacobian_headlines_over_a_subset_name_it() -> None:

@@ -83,7 +83,7 @@ def test_stats_match_probe_metrics_on_the_same_batch(tmp_path):
     ws = compute_weight_sparsity(stack)
     _close(st["weight_sparsity"], ws.fraction_below_tau)
     _close(st["weight_hoyer"], ws.hoyer)
-    att = compute_attention_sparsity(stack, ids[:1], max_sequences=1)
+    att = compute_attention_sparsity(stack, ids[:1])
     _close(st["attn_entropy"], att.layer_normalized_entropy)
     _close(st["attn_top90"], att.layer_top_mass_fraction)
     hs = stack.hidden_states(ids)

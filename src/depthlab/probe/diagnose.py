@@ -360,7 +360,6 @@ OPTION_RANGES: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
                                                     "1.1 = 10 % worse; below 1 every layer counts"),
     ("weight_sparsity", "tau"): (lambda x: x > 0, "> 0: the magnitude below which a weight counts "
                                                   "as zero"),
-    ("attention_sparsity", "max_sequences"): (lambda x: x >= 0, ">= 0 (0: all sequences)"),
     ("attention_sparsity", "mass"): (lambda x: 0 < x <= 1, "in (0, 1]"),
     ("jacobian", "probes"): (lambda x: x >= 1, ">= 1"),
 }
@@ -455,7 +454,7 @@ def _run_groups(stack: Any, ids: Tensor, names: list[str], options: dict[str, di
             d = res["metrics"][m]
             d["options"] = {**metric_defaults(m), **opts.get(m, {}),
                             **({"samples": k} if k != N else {})}
-            d["n_samples"] = d.get("sample_sequences", k)  # a metric may take fewer
+            d["n_samples"] = k
             out[m] = d
     return out
 

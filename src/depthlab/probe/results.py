@@ -23,8 +23,7 @@ results.json (schema_version 1; field-by-field documentation in docs/diagnose.md
 
 The per-metric dicts are exactly the metric results' `to_dict()` (definitions in
 metrics.md) plus `wall_s`, `options` (every keyword option with its value, defaults
-included) and `n_samples` (the sequences the metric saw: N unless `samples` was set, or
-`attention_sparsity.max_sequences`).
+included) and `n_samples` (the sequences the metric saw: N unless `samples` was set).
 
 CSVs (one per metric, `csv/<metric>.csv`): one row per layer, a column per per-layer
 list of the metric (nested dicts flattened as `parent.key`); matrices as their own

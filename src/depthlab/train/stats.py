@@ -140,8 +140,7 @@ def layer_stats(stack, ids: Tensor, *, attn_sequences: int = DEFAULT_ATTN_SEQUEN
         k = min(attn_sequences, n)
         sample = ids[:k]
         cache.put(sample, [h[:k] for h in states])  # the sample's states: no second pass
-        att = compute_attention_sparsity(stack, sample, batch_size=k, cache=cache,
-                                         max_sequences=k)
+        att = compute_attention_sparsity(stack, sample, batch_size=k, cache=cache)
         out["attn_entropy"] = att.layer_normalized_entropy
         out["attn_top90"] = att.layer_top_mass_fraction
     if any(stack.moe_router(l) is not None for l in range(L)):  # noqa: E741

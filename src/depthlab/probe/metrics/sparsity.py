@@ -16,8 +16,8 @@ layers. A query with a single visible key (the first position) has no defined
 normalised entropy (0 / log 1): it is EXCLUDED from the entropy average; its
 top-mass fraction is 1 (its one key holds all the mass) and it counts in that
 average like every other query. Averages run over the queries of every
-sequence of `ids` (or of its first `max_sequences`, an option that shortens the run:
-the maps are computed a piece at a time, so all of them always fit).
+sequence of `ids` (diagnose's `attention_sparsity.samples=K` takes fewer to shorten
+the run: the maps are computed a piece at a time, so all of them always fit).
 """
 
 # ruff: noqa: E741  (l is the layer index, as in metrics.md)
@@ -258,10 +258,10 @@ def kv_group_size(stack) -> int | None:
 def compute_attention_sparsity(
     stack, ids: Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: ProgressFn | None = None,
     counter: BlockCounter | None = None, cache: HiddenStateCache | None = None,
-    max_sequences: int = 0, mass: float = 0.9,
+    mass: float = 0.9,
 ) -> AttentionSparsityResult:
     """Attention entropy and top-mass fraction per layer and head, over all sequences of
-    `ids` or the first `max_sequences` (0: all).
+    `ids`.
 
     Cost: `L*n` block forwards for the sample's hidden states (0 with a warm cache)
     plus one `attention_probs` call per layer and chunk.
@@ -269,7 +269,7 @@ def compute_attention_sparsity(
     ids = check_ids(stack, ids)
     if not 0 < mass <= 1:
         raise DepthlabError(f"mass must be in (0, 1], got {mass}")
-    sample = ids[:max_sequences] if max_sequences else ids
+    sample = ids
     L = stack.n_layers
     T = sample.shape[1]
     counter = counter if counter is not None else BlockCounter()
