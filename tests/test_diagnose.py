@@ -418,11 +418,12 @@ def test_option_values_read_as_documented() -> None:
 def test_underdetermined_usefulness_fit_is_flagged(tiny_run: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     """d=32: 2 x 16 tokens < d+1 = 33 unknowns is flagged in the table and summary.md;
-    3 x 16 = 48 tokens (under 10 per unknown) gets the milder in-sample warning, which a
-    holdout split or 21 x 16 = 336 tokens does not."""
+    3 x 16 = 48 tokens (under 10 per unknown) gets a milder warning, in-sample or held out;
+    21 x 16 = 336 tokens none."""
     cases = ((2, [], "fewer than the d+1 = 33 unknowns"),
-             (3, [], "for d+1 = 33 unknowns per output, and is scored on those same tokens"),
-             (6, ["--opt", "usefulness.holdout=0.25"], None), (21, [], None))
+             (3, [], "under 10 per unknown: it is scored on those same tokens"),
+             (6, ["--opt", "usefulness.holdout=0.25"], "under 10 per unknown: the fit is loose"),
+             (21, [], None))
     for samples, opts, warning in cases:
         out = tmp_path / f"n{samples}{len(opts)}"
         main(["diagnose", str(tiny_run), "--metrics", "usefulness", "--samples", str(samples),

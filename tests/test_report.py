@@ -496,3 +496,17 @@ def test_runs_table_shows_active_parameters_when_a_run_is_moe(tmp_path):
     summary.update(active_params=4_008_320)
     (moe / "summary.json").write_text(json.dumps(summary))
     assert "active params" not in runs_table(collect([tmp_path / "runs"])).headers
+
+
+def test_diagnose_caveats_reach_the_report_page(tmp_path):
+    """A usefulness fit on too few tokens per unknown was flagged by diagnose but shown
+    in the report as a plain number."""
+    res = fake_results(3)
+    res["metrics"]["usefulness"].update(split="same", fit_tokens=100, underdetermined=False)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "results.json").write_text(json.dumps(res))
+    data = collect([tmp_path / "m"])
+    assert any("under 10 per unknown" in w for w in data.warnings)
+    res["metrics"]["usefulness"]["fit_tokens"] = 400  # > 10 x (32 + 1)
+    (tmp_path / "m" / "results.json").write_text(json.dumps(res))
+    assert not any("usefulness" in w for w in collect([tmp_path / "m"]).warnings)

@@ -374,14 +374,19 @@ def result_warnings(results: dict[str, Any]) -> list[str]:
         out.append(f"usefulness: the affine fit saw {use.get('fit_tokens'):,} tokens, fewer than "
                    f"the d+1 = {d + 1 if d else 'd+1'} unknowns per output, so {effect}; "
                    "use more tokens (--samples x --seq-len)")
-    elif use and use.get("split") == "same" and d and use.get("fit_tokens", 0) < 10 * (d + 1):
-        ratios = [r for r in use.get("loss_ratio") or [] if isinstance(r, (int, float))]
-        below = sum(r < 1 for r in ratios)
-        seen = f" ({below} of {len(ratios)} loss ratios are below 1)" if below else ""
+    elif use and d and use.get("fit_tokens", 0) < 10 * (d + 1):
+        if use.get("split") == "same":
+            ratios = [r for r in use.get("loss_ratio") or [] if isinstance(r, (int, float))]
+            below = sum(r < 1 for r in ratios)
+            seen = f" ({below} of {len(ratios)} loss ratios are below 1)" if below else ""
+            effect = (f"it is scored on those same tokens, so it partly memorises them and "
+                      f"the ratios read low{seen}")
+        else:
+            effect = ("the fit is loose, so on held-out tokens the ratios read high and blocks "
+                      "can look useful that are not")
         out.append(f"usefulness: the affine fit saw {use.get('fit_tokens'):,} tokens for d+1 = "
-                   f"{d + 1} unknowns per output, and is scored on those same tokens, so it "
-                   f"partly memorises them and the ratios read low{seen}; use more tokens "
-                   "(10x d or more) or --opt usefulness.holdout=0.25")
+                   f"{d + 1} unknowns per output, under 10 per unknown: {effect}; use more "
+                   "tokens (--samples x --seq-len)")
     return out
 
 

@@ -489,4 +489,11 @@ def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportD
                 target = f" of {r.max_steps}" if r.max_steps else ""
                 warnings.append(f"{r.label}: incomplete (no summary.json), last logged step "
                                 f"{r.final_step}{target}")
-    return ReportData(runs, diagnoses, ladder_steps, ladder_path, knob_keys, warnings, roots)
+    data = ReportData(runs, diagnoses, ladder_steps, ladder_path, knob_keys, warnings, roots)
+    for label, d in data.all_diagnoses:  # the caveats diagnose printed under its table
+        from depthlab.probe.results import result_warnings  # (imports torch: only if needed)
+
+        if isinstance(d.raw.get("model"), dict):
+            warnings += [f"{label}: {w}" for w in result_warnings(
+                {"model": d.raw["model"], "metrics": d.metrics})]
+    return data
