@@ -304,7 +304,8 @@ def test_report_on_real_training_runs(tmp_path):
     page = parse(rep.html)
     assert page.tables == {"table-runs": 2}
     assert len(page.images) == len(rep.drawn)
-    assert not rep.data.warnings
+    # nothing wrong with the runs; the one caveat is diagnose's on its 32-token usefulness fit
+    assert [w.split(": ")[:2] for w in rep.data.warnings] == [["L3", "usefulness"]]
 
 
 def test_bookkeeping_keys_are_not_knobs(tmp_path):

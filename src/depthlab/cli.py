@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from depthlab.errors import DepthlabError
+from depthlab.text import perplexity
 
 app = typer.Typer(
     add_completion=False,
@@ -53,8 +53,9 @@ def train(
         return
     if summary.status == "already complete":
         console.print(f"[yellow]{summary.run_dir} is already complete[/] (step {summary.step}).")
-    val = (f"{summary.val_loss:.4f} (PPL {math.exp(min(summary.val_loss, 50.0)):.2f})"
-           if summary.val_loss is not None else "n/a")
+    ppl = perplexity(summary.val_loss)
+    val = (f"{summary.val_loss:.4f} (PPL {ppl:.2f})" if ppl is not None
+           else "n/a" if summary.val_loss is None else f"{summary.val_loss}")
     tensorboard = (f"  tensorboard: {summary.run_dir / 'tensorboard'}"
                    if cfg.train.tensorboard else "")
     console.print(

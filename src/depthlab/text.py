@@ -4,6 +4,7 @@ parameter counts, Markdown table cells, HTML text."""
 from __future__ import annotations
 
 import html
+import math
 import re
 
 _SCALES = ((1e12, "T", 1.0), (1e9, "B", 1.0), (1e6, "M", 0.1))
@@ -37,3 +38,11 @@ def html_text(text: object) -> str:
     """Escaped text for an HTML page, with Markdown's `code` spans (as captions and notes
     are written) rendered as <code> instead of showing their backticks."""
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(text)))
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean token cross-entropy in nats); None for no or a non-finite loss, and capped
+    at exp(50) so that an early, huge loss does not overflow."""
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(min(loss, 50.0))

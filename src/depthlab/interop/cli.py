@@ -176,7 +176,8 @@ def eval_cmd(
         r = run_perplexity(model, data, batch_size=bs if isinstance(bs, int) else None,
                            seq_len=seq_len, limit=int(limit) if limit else None, device=device)
         bpb = f", ~{r.bits_per_byte:.3f} bits/byte" if r.bits_per_byte is not None else ""
-        console.print(f"perplexity on {r.data}: loss {r.loss:.4f}, ppl {r.ppl:.3f}{bpb} "
+        ppl = f"{r.ppl:.3f}" if r.ppl is not None else "n/a"
+        console.print(f"perplexity on {r.data}: loss {r.loss:.4f}, ppl {ppl}{bpb} "
                       f"({counted(r.tokens, 'token')}, {counted(r.windows, 'window')} of {r.seq_len})")
         target = out if out is not None else (r.run_dir / "eval" if r.run_dir else None)
         if target is not None:

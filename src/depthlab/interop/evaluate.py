@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from depthlab.devices import resolve_device
 from depthlab.errors import DepthlabError
 from depthlab.probe.loading import check_hub_id, hub_reachable
+from depthlab.text import perplexity
 
 
 @dataclass(frozen=True)
@@ -644,7 +645,7 @@ class PplReport:
     model: str
     data: str
     loss: float
-    ppl: float
+    ppl: float | None  # None for a non-finite loss
     tokens: int
     seq_len: int
     windows: int
@@ -763,7 +764,7 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
             total, count, n = _nll_over_windows(forward, val, T, bs, limit, device)
             loss = total / count
             return PplReport(str(model), f"run validation split ({cfg.data.corpus})", loss,
-                             math.exp(min(loss, 50.0)), count, T, n,
+                             perplexity(loss), count, T, n,
                              run_dir=run_dir, seconds=time.time() - start)
         tok = run_tokenizer(run_dir, cfg)
         texts = _held_out_texts(data)
@@ -789,5 +790,5 @@ def run_perplexity(model: str | Path, data: str | None = None, batch_size: int |
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     covered = count / max(1, len(tokens) - 1)
     bpb = (total / math.log(2)) / (n_bytes * covered) if n_bytes else None
-    return PplReport(str(model), data or "kjv", loss, math.exp(min(loss, 50.0)), count, T, n, bpb,
+    return PplReport(str(model), data or "kjv", loss, perplexity(loss), count, T, n, bpb,
                      run_dir=run_dir, seconds=time.time() - start)

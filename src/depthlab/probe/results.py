@@ -374,7 +374,7 @@ def result_warnings(results: dict[str, Any]) -> list[str]:
         out.append(f"usefulness: the affine fit saw {use.get('fit_tokens'):,} tokens, fewer than "
                    f"the d+1 = {d + 1 if d else 'd+1'} unknowns per output, so {effect}; "
                    "use more tokens (--samples x --seq-len)")
-    elif use and d and use.get("fit_tokens", 0) < 10 * (d + 1):
+    elif use and d and isinstance(use.get("fit_tokens"), int) and use["fit_tokens"] < 10 * (d + 1):
         if use.get("split") == "same":
             ratios = [r for r in use.get("loss_ratio") or [] if isinstance(r, (int, float))]
             below = sum(r < 1 for r in ratios)

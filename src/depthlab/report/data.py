@@ -19,6 +19,7 @@ import yaml
 from depthlab.config import RUNTIME_KEYS
 from depthlab.errors import DepthlabError
 from depthlab.paths import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, enclosing_run, is_sweep_spec
+from depthlab.text import perplexity
 
 RESULTS_FILE = "results.json"
 LADDER_FILE = "ladder.json"
@@ -224,7 +225,7 @@ class RunData:
         if self.summary and num(self.summary.get("val_ppl")) is not None:
             return num(self.summary.get("val_ppl"))
         v = self.val_loss()
-        return math.exp(min(v, 50.0)) if v is not None else None
+        return perplexity(v)
 
     def params(self, active: bool = False) -> int | None:
         """Total parameters, or (active) those one token uses: MoE runs differ."""

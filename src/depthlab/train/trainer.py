@@ -52,6 +52,7 @@ from depthlab.paths import (
     holds_other_files,
 )
 from depthlab.progress import clock
+from depthlab.text import perplexity
 from depthlab.train import distributed as D
 from depthlab.train.checkpoint import (
     latest_checkpoint,
@@ -538,7 +539,7 @@ class Trainer:
                     if self.step % tc.eval_interval == 0 or last:
                         val_loss = self.evaluate()
                         logger.log({"step": self.step, "val_loss": val_loss,
-                                    "val_ppl": math.exp(min(val_loss, 50.0))})
+                                    "val_ppl": perplexity(val_loss)})
                     if self.step % tc.ckpt_interval == 0 or last:
                         self._save()
                     bar.update(self.step, loss, None)
@@ -565,7 +566,7 @@ class Trainer:
             atomic_write_text(summary_path, json.dumps({
                 "status": "complete", "step": self.step, "train_loss": train_loss,
                 "val_loss": val_loss,
-                "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss else None,
+                "val_ppl": perplexity(val_loss),
                 "tokens": summary.tokens, "seconds": seconds,
                 "params": self.n_params, "active_params": self.n_active_params,
                 "world_size": self.dist.world_size, "distributed": self.dist.strategy,
