@@ -165,6 +165,26 @@ def test_a_file_system_without_locks_trains_with_a_note(tmp_path, corpus, capsys
     err = " ".join(capsys.readouterr().err.split())
     assert "cannot lock" in err and "No locks available" in err
     assert "nothing stops a second train on this run directory" in err
+    assert not (cfg.run_dir / ".train.lock").exists()  # a lock file that locked nothing
+    # resumed (the early busy-check runs on the existing directory): still nothing left
+    Trainer(cfg, progress=False).fit()
+    assert not (cfg.run_dir / ".train.lock").exists()
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path, corpus, monkeypatch):
+    """The lock file cannot be created (a read-only directory; simulated, as root may write
+    anywhere): one line, raised as a DepthlabError so that every torchrun rank gets it."""
+    from depthlab import locks
+
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 3})
+    Trainer(cfg, progress=False).fit()
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(locks, "open", read_only, raising=False)
+    with pytest.raises(DepthlabError, match="cannot write in .* training needs a writable"):
+        Trainer(cfg, progress=False)
 
 
 def test_completed_run_is_not_retrained(tmp_path, corpus):

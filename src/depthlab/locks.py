@@ -56,9 +56,11 @@ class FileLock:
         self._handle: IO[str] | None = None
 
     def acquire(self) -> None:
-        """Hold the lock; Busy at once when another process holds it."""
+        """Hold the lock; Busy at once when another process holds it; OSError when the lock
+        file cannot be created (a read-only directory)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
+            created = not self.path.exists()
             handle = open(self.path, "a")  # noqa: SIM115 (held until release)
             try:
                 self.unsupported = _flock(handle.fileno(), wait=False)
@@ -67,6 +69,9 @@ class FileLock:
                 raise
             if self.unsupported is not None:
                 handle.close()
+                if created:  # a lock file that locks nothing is not left behind
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
                 return
             if self._still_named(handle):
                 self._handle = handle
