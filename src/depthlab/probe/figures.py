@@ -43,7 +43,8 @@ def _title(results: dict[str, Any], what: str, metric: dict[str, Any]) -> str:
              f"L={m.get('n_layers')}, d={m.get('d_model')}; N={n} x "
              f"T={d.get('seq_len')} tokens of {d.get('source')}"]
     # wrapped to the narrowest figure's width: a long model name or path is not cut off
-    return "\n".join(part for line in lines for part in textwrap.wrap(line, 64))
+    return "\n".join(part for line in lines
+                     for part in textwrap.wrap(line, 64, break_long_words=False))
 
 
 def _save(fig, path: Path) -> Path:
@@ -93,8 +94,8 @@ def fig_jacobian(results: dict[str, Any], m: dict[str, Any], path: Path) -> Path
     h = m.get("hutchinson") if isinstance(m.get("hutchinson"), dict) else None
     fig, axes = plt.subplots(1, 2 if diag else 1, figsize=(10 if diag else 6, 4.2), squeeze=False)
     ax = axes[0][0]
-    # blocks that jacobian.layers skipped are not interpolated: a dotted guide only
-    line = "o-" if layers == list(range(layers[0], layers[0] + len(layers))) else "o:"
+    # blocks that jacobian.layers skipped are not interpolated: markers only
+    line = "o-" if layers == list(range(layers[0], layers[0] + len(layers))) else "o"
     if exact:
         ax.plot(layers, exact, line, label="exact")
     if h is not None:
@@ -115,8 +116,8 @@ def fig_jacobian(results: dict[str, Any], m: dict[str, Any], path: Path) -> Path
         ax2.set_xlabel("block l")
         ax2.set_ylabel(r"mean of diag$(J_l)$")
         ip = m.get("identity_preservation")
-        of = (f" ({sum(x > 0.5 for x in diag)} of the {len(diag)} blocks shown)"
-              if len(diag) != results["model"]["n_layers"] else "")
+        L = results["model"]["n_layers"]
+        of = (f"\nover blocks {','.join(map(str, layers))} of {L}" if len(diag) != L else "")
         ax2.set_title(f"identity_preservation = {ip:.3f}{of}" if isinstance(ip, float)
                       else "diagonal mean", fontsize=9)
         ax2.legend(fontsize=8)
