@@ -155,7 +155,9 @@ def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
     # plain headers, config keys in full, unrounded numbers (pandas reads them as numbers)
     # and empty cells where the page shows "–"
     assert len(table) == 3 and list(table[0])[:2] == ["run", "model.n_layers"]
-    assert {"params", "steps", "complete", "val PPL", "usefulness"} <= set(table[0])
+    assert {"params", "steps", "complete", "val PPL", "usefulness", "usefulness set",
+            "active params"} <= set(table[0])  # the same columns in every report
+    assert {row["complete"] for row in table} <= {"true", "false"}
     assert not any("↓" in k or "↑" in k for k in table[0])
     by_run = {row["run"]: row for row in table}
     for row in table:
@@ -375,7 +377,7 @@ def test_scores_over_a_subset_are_labelled_and_drawn_at_their_layers(tmp_path):
 
     [row] = list(csv.DictReader(diagnoses_table(data).to_csv().splitlines()))
     assert float(row["permutation"]) == 0.0487 and row["permutation set"] == "pairs with block 2"
-    assert row["usefulness set"] == "disjoint split" and "causal set" not in row
+    assert row["usefulness set"] == "disjoint split" and row["causal set"] == ""
 
     colors = {d.label: "red" for _, d in data.all_diagnoses} | {"a": "blue"}
     ax = fig_jacobian(data, colors).axes[0]

@@ -89,6 +89,11 @@ def num(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+SCORES = (("usefulness", "usefulness"), ("causal", "causal_pairs"),
+          ("permutation", "permutation"))
+"""The diagnose scores the report's tables and bar charts show: (metric, key in its results)."""
+
+
 @dataclass
 class Diagnosis:
     """One `depthlab diagnose` results.json."""

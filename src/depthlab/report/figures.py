@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from depthlab.plotstyle import heatmap_cmap
-from depthlab.report.data import Diagnosis, ReportData, RunData, ladder_scores, num
+from depthlab.report.data import SCORES, Diagnosis, ReportData, RunData, ladder_scores, num
 
 NAN = float("nan")
 STYLE = {
@@ -296,13 +296,10 @@ def fig_layer_scores(data: ReportData, colors: dict[str, str]) -> Figure | str:
     return fig
 
 
-_BARS = {"usefulness": "usefulness", "causal": "causal_pairs", "permutation": "permutation"}
-
-
 def _bar_values(data: ReportData) -> list[tuple[str, dict[str, float | None], dict[str, str]]]:
     """(label, score per panel, what each score was measured over when not the default)."""
-    return [(label, {m: d.scalar(m, k) for m, k in _BARS.items()},
-             {m: d.measured_on(m) for m in _BARS}) for label, d in data.all_diagnoses]
+    return [(label, {m: d.scalar(m, k) for m, k in SCORES},
+             {m: d.measured_on(m) for m, _ in SCORES}) for label, d in data.all_diagnoses]
 
 
 _MARKS = ("*", "†", "‡", "§", "¶")

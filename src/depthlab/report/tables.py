@@ -8,10 +8,11 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from depthlab.report.data import Diagnosis, ReportData, ladder_scores, num
+from depthlab.report.data import SCORES, Diagnosis, ReportData, ladder_scores, num
 from depthlab.text import fmt_params as _fmt_params
 from depthlab.text import html_text, md_cell
 
@@ -47,10 +48,9 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     note: str = ""
-    csv_headers: list[str] | None = None
-    """The CSV's columns when they differ from the shown ones (None: `headers`)."""
-    csv_rows: list[list[Any]] | None = None
-    """The CSV's rows: unrounded numbers, None for no value (None: the shown cells)."""
+    csv_records: list[dict[str, Any]] | None = None
+    """The CSV's rows, one dict per row with the same keys (the columns): unrounded numbers,
+    None for no value. None: the shown cells."""
 
     def to_markdown(self) -> str:
         cells = [[md_cell(c) for c in r] for r in [self.headers, *self.rows]]
@@ -67,13 +67,16 @@ class Table:
 
     def to_csv(self) -> str:
         """For spreadsheets and pandas: plain headers (no ↓/↑ marks), full-precision
-        numbers where the builder gave them, and an empty cell for no value."""
-        headers = self.csv_headers or self.headers
-        rows = self.csv_rows if self.csv_rows is not None else self.rows
+        numbers where the builder gave them, true/false, and an empty cell for no value."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow([h.removesuffix(" ↓").removesuffix(" ↑") for h in headers])
-        w.writerows([["" if c is None or c == MISSING else c for c in r] for r in rows])
+        if self.csv_records is None:
+            w.writerow([h.removesuffix(" ↓").removesuffix(" ↑") for h in self.headers])
+            w.writerows([["" if c == MISSING else c for c in r] for r in self.rows])
+        else:
+            columns = list(self.csv_records[0]) if self.csv_records else []
+            w.writerow(columns)
+            w.writerows([[_csv_cell(r[c]) for c in columns] for r in self.csv_records])
         return buf.getvalue()
 
     def to_html(self) -> str:
@@ -110,28 +113,29 @@ def fmt_score(d: Diagnosis | None, metric: str, key: str) -> str:
     return f"{text} ({on})" if on and text != MISSING else text
 
 
-SCORES = (("usefulness", "usefulness"), ("causal", "causal_pairs"),
-          ("permutation", "permutation"))
-"""The diagnose scores the tables show: (metric, key in its results)."""
+def score_fields(d: Diagnosis | None, scores: tuple[tuple[str, str], ...] = SCORES
+                 ) -> dict[str, Any]:
+    """A row's CSV fields for `scores`: each score's number and, in "<score> set", what it
+    was measured over when not the default set (empty otherwise)."""
+    out: dict[str, Any] = {}
+    for metric, key in scores:
+        name = CSV_SCORE_NAMES.get(key, metric)
+        out[name] = d.scalar(metric, key) if d else None
+        out[f"{name} set"] = (d.measured_on(metric) or None) if d else None
+    return out
 
 
 CSV_SCORE_NAMES = {"mean.jacobian_norm": "mean jacobian_norm"}
 
 
-def score_csv(diagnoses: list[Diagnosis | None], scores: tuple[tuple[str, str], ...] = SCORES
-              ) -> tuple[list[str], list[list[Any]]]:
-    """The CSV columns of `scores` for these rows: each score's number, followed by a
-    "<score> set" column (what it was measured over) when any row used a non-default set."""
-    headers: list[str] = []
-    columns: list[list[Any]] = []
-    for metric, key in scores:
-        headers.append(CSV_SCORE_NAMES.get(key, metric))
-        columns.append([d.scalar(metric, key) if d else None for d in diagnoses])
-        sets = [d.measured_on(metric) if d else "" for d in diagnoses]
-        if any(sets):
-            headers.append(f"{headers[-1]} set")
-            columns.append([s or None for s in sets])
-    return headers, [list(row) for row in zip(*columns, strict=True)]
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return v
 
 
 def fmt_value(v: Any) -> str:
@@ -144,13 +148,6 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, dict):
         return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items())
     return str(v)
-
-
-def csv_value(v: Any) -> Any:
-    """A config value for the CSV: numbers and text as they are, the rest as shown."""
-    if isinstance(v, (int, float, str)) and not isinstance(v, bool):
-        return v
-    return fmt_value(v)
 
 
 def fmt_params(n: int | None) -> str:
@@ -171,7 +168,8 @@ def runs_table(data: ReportData) -> Table | None:
     params = ["params", "active params"] if sparse else ["params"]
     headers = ["run", *(knob_name(k) for k in knobs), *params, "steps", "val loss",
                "val PPL ↓", "usefulness ↑", "causal", "permutation", "last-layer var"]
-    rows, raw = [], []
+    rows: list[list[str]] = []
+    records: list[dict[str, Any]] = []
     for r in data.runs:
         d = r.diagnosis
         st = r.stats[-1] if r.stats else None
@@ -186,9 +184,12 @@ def runs_table(data: ReportData) -> Table | None:
             *(fmt_score(d, metric, key) for metric, key in SCORES),
             fmt(last_var),
         ])
-        raw.append([r.label, *(csv_value(r.knobs.get(k)) for k in knobs),
-                    *(r.params(active=a) for a in (False, True)[:len(params)]),
-                    r.final_step, r.complete, r.val_loss(), r.val_ppl(), num(last_var)])
+        every_knob = shown_knobs(data.knob_keys, limit=len(data.knob_keys))
+        records.append({"run": r.label, **{k: r.knobs.get(k) for k in every_knob},
+                        "params": r.params(), "active params": r.params(active=True),
+                        "steps": r.final_step, "complete": r.complete,
+                        "val loss": r.val_loss(), "val PPL": r.val_ppl(), **score_fields(d),
+                        "last-layer var": num(last_var)})
     note = ("One row per training run, one seed each: the "
             "report does not estimate seed-to-seed noise, so repeat a comparison over seeds "
             "(a sweep grid over train.seed) before reading a small difference. "
@@ -203,12 +204,8 @@ def runs_table(data: ReportData) -> Table | None:
     rest = [k for k in data.knob_keys if k not in knobs]
     if rest:
         note += f" Further differing keys: {', '.join(rest)}."
-    score_headers, scores = score_csv([r.diagnosis for r in data.runs])
-    csv_headers = ["run", *knobs, *params, "steps", "complete", "val loss", "val PPL",
-                   *score_headers, "last-layer var"]
-    csv_rows = [[*a[:-1], *s, a[-1]] for a, s in zip(raw, scores, strict=True)]
     return Table("runs", "Validation perplexity and layer usefulness per run", headers, rows,
-                 note, csv_headers, csv_rows)
+                 note, records)
 
 
 def diagnoses_table(data: ReportData) -> Table | None:
@@ -218,19 +215,18 @@ def diagnoses_table(data: ReportData) -> Table | None:
     headers = ["model", "layers", "N x T", "usefulness ↑", "causal", "permutation",
                "mean ||J-I||/d", "last-layer var"]
     scores = [*SCORES, ("jacobian", "mean.jacobian_norm")]
-    rows, raw = [], []
+    rows: list[list[str]] = []
+    records: list[dict[str, Any]] = []
     for d in data.diagnoses:
         n, t = d.data.get("n_samples"), d.data.get("seq_len")
         last_var = d.scalar("variance", "last_layer_variance")
         rows.append([d.label, str(d.n_layers or MISSING), f"{n} x {t}" if n and t else MISSING,
                      *(fmt_score(d, metric, key) for metric, key in scores), fmt(last_var)])
-        raw.append([d.label, d.n_layers, n, t, last_var])
-    score_headers, values = score_csv(list(data.diagnoses), scores)
-    csv_headers = ["model", "layers", "N", "T", *score_headers, "last-layer var"]
-    csv_rows = [[*a[:4], *v, a[4]] for a, v in zip(raw, values, strict=True)]
+        records.append({"model": d.label, "layers": d.n_layers, "N": n, "T": t,
+                        **score_fields(d, scores), "last-layer var": last_var})
     note = ("Each model's evaluation set is N sequences of T tokens; a score measured over "
             "fewer sequences, a subset of layers or pairs, or a held-out split names it.")
-    return Table("diagnoses", "Diagnosed models", headers, rows, note, csv_headers, csv_rows)
+    return Table("diagnoses", "Diagnosed models", headers, rows, note, records)
 
 
 def ladder_table(data: ReportData) -> Table | None:
@@ -240,7 +236,8 @@ def ladder_table(data: ReportData) -> Table | None:
     headers = ["step", score_name, "usefulness ↑"]
     return Table("ladder", "Ablation ladder", headers,
                  [[lab, fmt(s), fmt(u)] for lab, s, u in rows],
-                 csv_rows=[list(r) for r in rows])
+                 csv_records=[{"step": lab, score_name: s, "usefulness": u}
+                              for lab, s, u in rows])
 
 
 def make_tables(data: ReportData) -> list[Table]:
