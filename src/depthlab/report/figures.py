@@ -277,18 +277,27 @@ def fig_layer_scores(data: ReportData, colors: dict[str, str]) -> Figure | str:
     if not any(found):
         return "no usefulness or layer_drop results from `depthlab diagnose`"
     fig, axes = _fig(10, 3.8, ncols=2)
+    depths = [len(v) for lines in found for _, _, v in lines]  # one depth axis for both
     for ax, (metric, _, title, ylabel), lines in zip(axes[0], panels, found, strict=True):
-        x = _set_depth_axis(ax, [len(v) for _, _, v in lines])
+        x = _set_depth_axis(ax, depths)
         for label, d, vals in lines:
             on = d.measured_on(metric)
             ax.plot([x(i, len(vals)) for i in range(len(vals))], _vals(vals), marker="o", ms=3,
                     lw=1.3, color=colors.get(label, "black"),
                     label=f"{label} ({on})" if on else label)
         if metric == "usefulness" and lines:
-            threshold = num(lines[0][1].get("usefulness", "threshold")) or 1.1
-            ax.axhline(threshold, color="k", ls=":", lw=1,
-                       label=f"{threshold:g} (useful above)")
             ax.axhline(1.0, color="grey", ls="-", lw=0.6)
+            thresholds = {num(d.get("usefulness", "threshold")) or 1.1 for _, d, _ in lines}
+            for t in sorted(thresholds):
+                ax.axhline(t, color="k", ls=":", lw=1, label=f"{t:g} (useful above)")
+        if metric == "layer_drop":
+            # one skipped first block can cost 8 nats and the rest 0.05: a linear axis near
+            # 0, logarithmic beyond (increases may be negative, so not a plain log axis)
+            sizes = sorted(abs(v) for _, _, vals in lines for v in _vals(vals)
+                           if not math.isnan(v) and v != 0)
+            if sizes and sizes[-1] > 20 * sizes[len(sizes) // 2]:
+                ax.set_yscale("symlog", linthresh=sizes[len(sizes) // 2])
+                ylabel += ", symlog"
         if not lines:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set(title=title, ylabel=ylabel)
@@ -352,11 +361,15 @@ def fig_diagnostic_bars(data: ReportData, colors: dict[str, str]) -> Figure | st
 
 
 def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: str,
-              colors: dict[str, str], undefined: str = "") -> Figure | str:
+              colors: dict[str, str],
+              undefined: tuple[Callable[[int, int], bool], str]) -> Figure | str:
     """One panel per model, each with its own colour scale: models differ in scale by
     orders of magnitude (a pretrained 30-block model against a 120-step toy), and a shared
-    scale would flatten all but the largest. Cells with no value (a pair outside a measured
-    subset; `undefined` names what else) are grey."""
+    scale would flatten all but the largest. Grey: cells with no value (a pair outside a
+    measured subset) and those where (row, column) is `undefined` (its text says which)."""
+    import textwrap
+
+    is_undefined, undefined_text = undefined
     mats = [(label, m, d.measured_on(metric)) for label, d in data.all_diagnoses
             if (m := d.matrix(metric))]
     if not mats:
@@ -364,41 +377,45 @@ def _heatmaps(data: ReportData, metric: str, title: str, xlabel: str, ylabel: st
     n = len(mats)
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
-    fig, axes = _fig(3.7 * ncols, 3.1 * nrows, ncols=ncols, nrows=nrows)
+    width = max(3.7 * ncols, 5.2)  # one panel: room for its title and colour bar
+    fig, axes = _fig(width, 3.6 * nrows + 0.5, ncols=ncols, nrows=nrows)
     cmap = heatmap_cmap()
     for ax, (label, m, on) in zip(axes.flat, mats, strict=False):
         L = len(m)
-        grid = [[NAN if x is None or (undefined and s >= j) else x for j, x in enumerate(row)]
+        grid = [[NAN if x is None or is_undefined(s, j) else x for j, x in enumerate(row)]
                 for s, row in enumerate(m)]
         vmax = max((x for row in grid for x in row if not math.isnan(x)), default=1.0) or 1.0
         image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=vmax, origin="upper",
                           interpolation="nearest")
-        ax.set_title(label + (f" ({on})" if on else ""), color=colors.get(label, "black"))
+        ax.set_title("\n".join(textwrap.wrap(label + (f" ({on})" if on else ""), 34)),
+                     color=colors.get(label, "black"))
         ax.set(xlabel=xlabel, ylabel=ylabel)
         if L <= 16:
             ax.set_xticks(range(L))
             ax.set_yticks(range(L))
         else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
         ax.grid(False)
         fig.colorbar(image, ax=ax, shrink=0.8)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    gaps = any(x is None for _, m, _ in mats for row in m for x in row)
-    grey = "; ".join(g for g in (undefined, "not measured" if gaps else "") if g)
-    fig.suptitle(title + " (colour scale per panel" + (f"; grey: {grey})" if grey else ")"))
+    gaps = any(x is None and not is_undefined(s, j) for _, m, _ in mats
+               for s, row in enumerate(m) for j, x in enumerate(row))
+    grey = "; ".join(g for g in (undefined_text, "not measured" if gaps else "") if g)
+    text = f"{title} (colour scale per panel; grey: {grey})"
+    fig.suptitle("\n".join(textwrap.wrap(text, int(11 * width))))
     return fig
 
 
 def fig_causal_heatmaps(data: ReportData, colors: dict[str, str]) -> Figure | str:
     return _heatmaps(data, "causal", "causal score C[s, l]", "later block l",
-                     "skipped block s", colors, undefined="s >= l, no later block")
+                     "skipped block s", colors, (lambda s, j: s >= j, "s >= l, no later block"))
 
 
 def fig_permutation_heatmaps(data: ReportData, colors: dict[str, str]) -> Figure | str:
     return _heatmaps(data, "permutation", "permutation score P(l1, l2)", "block l2",
-                     "block l1", colors)
+                     "block l1", colors, (lambda a, b: a == b, "l1 = l2, no swap"))
 
 
 # ----------------------------------------------------------------------------- ladder
