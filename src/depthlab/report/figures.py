@@ -465,8 +465,9 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportData, dict[str, str]], Figure
      "Token-mean next-token cross-entropy; validation on the run's fixed validation batches.",
      fig_loss_curves),
     ("last_layer_variance", "Last-layer variance over training",
-     "var_{L-1}: mean over probe tokens of the variance across the hidden dimension of the "
-     "last block's output, before the final norm (metrics.md section 1), log scale.",
+     "var of block L-1 (the last block): the mean over probe tokens of the variance across "
+     "the hidden dimension of its output, before the final norm (metrics.md section 1), "
+     "log scale.",
      fig_last_layer_variance),
     ("variance_profile", "Per-layer variance profile",
      "Solid: the last training-time stats step (fixed probe batch). Dashed: `depthlab diagnose` "
