@@ -216,6 +216,12 @@ def test_perplexity_run_split_kjv_and_hf_export_agree(tmp_path, kjv_run):
     one = run_perplexity(run, limit=12, batch_size=12)
     assert batches.windows == one.windows == 12 and batches.tokens == 12 * 32
     assert batches.loss == pytest.approx(one.loss, abs=1e-6)
+    # a file that is not UTF-8 is refused, as train and diagnose refuse it (its bytes were
+    # replaced and scored)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 au lait ".encode("latin-1") * 200)
+    with pytest.raises(DepthlabError, match="latin1.txt: not UTF-8 text"):
+        run_perplexity(run, data=str(latin), limit=2)
 
 
 def test_cli_perplexity_writes_its_numbers(tmp_path, kjv_run, capsys):

@@ -177,7 +177,8 @@ def kjv_corpus() -> Corpus:
 # --------------------------------------------------------------------------- user text
 
 
-def _read_text(path: Path) -> str:
+def read_user_text(path: Path) -> str:
+    """A user's text file, or one line saying it is not UTF-8 (never replaced bytes)."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -195,7 +196,7 @@ def _text_units(text: str, every: int) -> list[str]:
 
 
 def _text_corpus(path: Path, every: int) -> Corpus:
-    docs = _text_units(_read_text(path), every)
+    docs = _text_units(read_user_text(path), every)
     _need(len(docs), every, path, "paragraphs or lines")
     fp = _hash("text", SPLIT_VERSION, every, _file_sha(path))
     return Corpus(str(path.resolve()), "text", every, len(docs), fp, lambda: iter(docs))
@@ -215,9 +216,9 @@ def _folder_corpus(path: Path, every: int) -> Corpus:
     name = str(path.resolve())
     if len(files) >= every:
         fp = _hash(*parts)
-        return Corpus(name, "folder", every, len(files), fp, lambda: (_read_text(p) for p in files))
+        return Corpus(name, "folder", every, len(files), fp, lambda: (read_user_text(p) for p in files))
     # Too few files for a per-file split: treat the folder as one text.
-    text = "\n\n".join(_read_text(p) for p in files)
+    text = "\n\n".join(read_user_text(p) for p in files)
     docs = _text_units(text, every)
     _need(len(docs), every, path, "files, paragraphs or lines")
     fp = _hash(*parts, "as-text")

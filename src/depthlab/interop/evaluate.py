@@ -690,6 +690,7 @@ def _nll_over_windows(forward: Callable[[torch.Tensor], torch.Tensor], tokens: n
 def _held_out_texts(data: str) -> list[str]:
     from depthlab.config import DataConfig
     from depthlab.data import load_corpus
+    from depthlab.data.corpus import read_user_text
 
     if data == "kjv":
         return load_corpus(DataConfig(corpus="kjv")).texts("val")
@@ -697,7 +698,7 @@ def _held_out_texts(data: str) -> list[str]:
     if not path.exists():
         raise DepthlabError(f"--data {data}: not 'kjv' nor an existing text/JSONL file or folder")
     if path.is_file() and path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        return [read_user_text(path)]  # refused when not UTF-8, as train and diagnose do
     corpus = load_corpus(DataConfig(corpus=str(path)))
     return corpus.texts("train") + corpus.texts("val")
 
