@@ -538,8 +538,14 @@ def test_resume_accepts_another_spelling_of_the_same_corpus(tmp_path, corpus, mo
     with pytest.raises(DepthlabError, match=r"trained on other data"):
         Trainer(cfg(corpus.name), progress=False).fit()
     corpus.write_text(text)
-    # a run from before data.json: the paths must name the same file (and it gets one)
+    # a damaged data.json is refused (read as "no record" it switched the check off)
     run_dir = first.run_dir
+    kept = (run_dir / DATA_FILE).read_text()
+    (run_dir / DATA_FILE).write_text("{")
+    with pytest.raises(DepthlabError, match=r"data.json is damaged .* delete it to resume"):
+        Trainer(cfg(corpus.name), progress=False)
+    (run_dir / DATA_FILE).write_text(kept)
+    # a run from before data.json: the paths must name the same file (and it gets one)
     (run_dir / DATA_FILE).unlink()
     with pytest.raises(DepthlabError, match=r"different config \(data.corpus"):
         Trainer(cfg(copy.name), progress=False).fit()

@@ -383,7 +383,10 @@ def run_state(run: SweepRun) -> str:
     saved = run.run_dir / CONFIG_FILE
     if not saved.is_file():
         return "new"
-    kept = "data" in read_data_record(run.run_dir)
+    try:
+        kept = "data" in read_data_record(run.run_dir)
+    except DepthlabError:  # a damaged data.json: training that run says so
+        kept = True
     if resume_conflicts(read_yaml(saved), run.cfg.to_dict(), identity_kept=kept):
         return "conflict"
     done = read_summary(run.run_dir / SUMMARY_FILE) or {}

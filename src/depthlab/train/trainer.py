@@ -115,12 +115,20 @@ def _same_path(a: Any, b: Any) -> bool:
 
 
 def read_data_record(run_dir: Path) -> dict[str, Any]:
-    """RUN_DIR/data.json ({} for runs made before it existed)."""
+    """RUN_DIR/data.json ({} for runs made before it existed). A damaged one is refused:
+    read as {} it would silently switch off the check that a resume trains on the same data."""
     path = run_dir / DATA_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
+    if not path.is_file():
         return {}
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise DepthlabError(
+            f"{path} is damaged (not a JSON record of the data this run trained on): restore "
+            "it, or delete it to resume without checking that the data is the same")
+    return record
 
 
 def data_identity(splits: Any) -> dict[str, Any]:
