@@ -305,6 +305,10 @@ def test_bad_input_errors(tiny_run: Path, tiny_hf: Path, tmp_path: Path,
     # values that would run but measure nothing meaningful
     for opt, needle in [("usefulness.threshold=0.1", "must be >= 1: it is a loss ratio"),
                         ("weight_sparsity.tau=-1", "must be > 0"),
+                        ("weight_sparsity.tau=.inf", "must be > 0"),
+                        ("usefulness.threshold=.inf", "must be >= 1"),
+                        ("jacobian.tangent_chunk=-1", "must be >= 1 (tangents"),
+                        ("jacobian.layers=[]", "names no block"),
                         ("permutation.anchor=1", "applies to permutation.pairs=one-vs-rest")]:
         err = _error(["diagnose", str(tiny_run), "--opt", opt, "--metrics",
                       opt.split(".")[0], *base], capsys)

@@ -29,6 +29,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import sys
 import time
 import types
@@ -362,6 +363,8 @@ OPTION_RANGES: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
                                                   "as zero"),
     ("attention_sparsity", "mass"): (lambda x: 0 < x <= 1, "in (0, 1]"),
     ("jacobian", "probes"): (lambda x: x >= 1, ">= 1"),
+    ("jacobian", "tangent_chunk"): (lambda x: x >= 1, ">= 1 (tangents per batched JVP)"),
+    ("jacobian", "memory_budget"): (lambda x: x >= 1, ">= 1 (bytes)"),
 }
 
 
@@ -369,8 +372,12 @@ def _check_option_values(metric: str, opts: dict[str, Any]) -> None:
     """Option values that would run but measure nothing meaningful fail before any work."""
     for key, value in opts.items():
         rule = OPTION_RANGES.get((metric, key))
-        if rule is not None and isinstance(value, (int, float)) and not rule[0](value):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if rule is not None and number and not (math.isfinite(value) and rule[0](value)):
             raise DepthlabError(f"--opt {metric}.{key}={value!r}: must be {rule[1]}")
+        if key == "layers" and value == []:
+            raise DepthlabError(f"--opt {metric}.layers=[]: names no block; leave it out to "
+                                "measure every block")
     if metric == "permutation" and opts.get("anchor") is not None \
             and opts.get("pairs", "all") != "one-vs-rest":
         raise DepthlabError("--opt permutation.anchor applies to permutation.pairs=one-vs-rest "
