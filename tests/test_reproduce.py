@@ -48,10 +48,14 @@ def test_reproduce_tiny_end_to_end(tmp_path, capsys):
     assert (out / "claim1.png").is_file() and (out / "claim8_theory.png").is_file()
     assert results["wall"]["seconds"] > 0 and results["wall"]["jobs"] == 2
     assert "Wall time of this invocation:" in report
-    # a second call reuses every trained and diagnosed run
+    # a second call reuses every trained and diagnosed run; a damaged diagnosis cache
+    # is measured again (it ended in a JSONDecodeError traceback)
+    cache = next((out / "runs").glob("*/study_diagnose.json"))
+    cache.write_text('{"settings":')
     main(["reproduce", "--scale", "tiny", "--steps", "3", "--seeds", "1", "--claims", "1",
           "--eval-tokens", "256", "--out", str(out)])
     assert "complete, skipped" in capsys.readouterr().out
+    assert json.loads(cache.read_text())["results"]["metrics"]
 
 
 def test_reproduce_paper_scale_writes_commands(tmp_path, capsys):

@@ -96,8 +96,12 @@ def diagnose_run(run: SweepRun, settings: DiagnoseSettings) -> dict[str, Any]:
     key = {"metrics": list(settings.metrics), "samples": settings.samples(seq_len),
            "seq_len": seq_len, "seed": settings.seed}
     if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("settings") == key:
+        try:
+            cached = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cached = None  # a damaged cache (an interrupted copy, an edit): measured again
+        if isinstance(cached, dict) and cached.get("settings") == key \
+                and isinstance(cached.get("results"), dict):
             return cached["results"]
     results = diagnose(str(run.run_dir), metrics=list(settings.metrics), samples=key["samples"],
                        seq_len=seq_len, seed=settings.seed, figures=False, progress=False,

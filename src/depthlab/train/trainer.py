@@ -487,9 +487,11 @@ class Trainer:
             raise DepthlabError(
                 f"{self.run_dir} is being trained by another process right now; wait for it "
                 "to finish (or stop it), then run the same command again to resume") from None
-        except OSError as exc:  # a DepthlabError reaches every rank; an OSError would hang them
-            raise DepthlabError(f"cannot write in {self.run_dir} ({exc.strerror or exc}): "
-                                "training needs a writable run directory") from None
+        except OSError as exc:  # a DepthlabError reaches every rank; an OSError on rank 0
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # alone would leave
+                raise  # the others waiting
+            raise DepthlabError(f"cannot write in {self.run_dir} ({exc.strerror}): training "
+                                "needs a writable run directory") from None
         if self._lock.unsupported and not quiet:
             print(f"note: cannot lock {self._lock.path} ({self._lock.unsupported}): nothing "
                   "stops a second train on this run directory", file=sys.stderr, flush=True)
