@@ -3,6 +3,7 @@ help) and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,25 @@ def test_ctrl_c_says_what_is_kept_and_whether_to_rerun(tmp_path, capsys, monkeyp
         main(["info", str(tmp_path)])
     assert exc.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted; finished work is kept"
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM runs the Ctrl-C clean-up path and exits 143 with one line (it
+    killed train mid-write, leaving temporary checkpoints and a 'running' sweep status)."""
+    import signal
+
+    import depthlab.train.trainer as trainer_mod
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the main thread
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(trainer_mod, "read_run_config", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main(["info", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.strip() == "terminated (SIGTERM); finished work is kept"

@@ -6,8 +6,9 @@ import errno
 import json
 import os
 import sys
+import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -249,10 +250,30 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(usage), tuple(aborts)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit, `docker stop`, `kill`), raised where Ctrl-C
+    would be, so that the same clean-up runs (temporary checkpoints removed, a sweep's
+    status written) instead of the process dying mid-write."""
+
+
+_TERMINATED: list[int] = []
+"""The SIGTERM received, if any (typer reports it as the Ctrl-C exit code 130)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _TERMINATED.append(signum)
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
-    _register_optional_commands()
+    import signal
+
+    _TERMINATED.clear()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        _register_optional_commands()  # (imports: a Ctrl-C here is an interruption too)
         # Outside standalone mode typer turns Ctrl-C (and any typer.Exit) into a returned
         # exit code instead of raising it.
         code = app(args=argv, standalone_mode=False)
@@ -264,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {err.filename}" if err.filename else ""
         where += f" -> {err.filename2}" if err.filename2 else ""
         _fail(f"{err.strerror}{where}")
+    except Terminated:
+        code = 143
     except KeyboardInterrupt:
         code = 130
     except typer.Exit as err:
@@ -280,11 +303,14 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(err, aborts):
             sys.exit(1)
         raise
-    if code == 130:
+    if code == 130 and _TERMINATED:
+        code = 143  # 128 + SIGTERM, what a scheduler expects of a terminated process
+    if code in (130, 143):
         words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
         again = ("; run the same command again to go on from it"
                  if words[:1] in (["train"], ["sweep"], ["reproduce"], ["ablate"]) else "")
-        Console(stderr=True, soft_wrap=True).print(f"interrupted; finished work is kept{again}")
+        how = "interrupted" if code == 130 else "terminated (SIGTERM)"
+        Console(stderr=True, soft_wrap=True).print(f"{how}; finished work is kept{again}")
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 
