@@ -574,35 +574,66 @@ def test_corrupt_training_state_names_the_file_and_the_way_out(tmp_path, corpus)
 
 
 def test_ctrl_c_during_a_checkpoint_waits_for_it(tmp_path):
-    """SIGINT inside the deferred block (as during a checkpoint write) does not interrupt
-    it; it is raised once the block is done, and the usual handler is back."""
+    """SIGINT or SIGTERM inside the deferred block (as during a checkpoint write) does not
+    interrupt it; it is raised once the block is done, and the usual handler is back."""
     import os
     import signal
 
-    from depthlab.train.checkpoint import _ctrl_c_deferred
+    from depthlab.train.checkpoint import _interrupts_deferred
 
     done = []
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with _ctrl_c_deferred():
+            with _interrupts_deferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 done.append("the rest of the checkpoint")
         assert done == ["the rest of the checkpoint"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         # an ignored SIGINT (nohup, a background job) stays ignored
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with _ctrl_c_deferred():
+        with _interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         # someone else's handler gets the signal, after the block
         calls = []
         signal.signal(signal.SIGINT, lambda signum, frame: calls.append((signum, done[:])))
-        with _ctrl_c_deferred():
+        with _interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("written")
         assert calls == [(signal.SIGINT, ["the rest of the checkpoint", "written"])]
     finally:
         signal.signal(signal.SIGINT, previous)
-    with _ctrl_c_deferred():  # no signal: nothing raised
+    with _interrupts_deferred():  # no signal: nothing raised
         pass
+    # SIGTERM (which the CLI turns into an interruption) is held the same way
+    from depthlab.cli import Terminated, _raise_terminated
+
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            with _interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("terminated after")
+        assert done[-1] == "terminated after"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial(tmp_path, corpus,
+                                                                           monkeypatch):
+    """safetensors' SafetensorError for a full disk was a traceback, and the partial
+    .tmp_step directory stayed on the full disk."""
+    import errno
+
+    from depthlab.train import checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_weights", full_disk)
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 3})
+    with pytest.raises(DepthlabError, match=r"cannot write checkpoint file .*model.safetensors: "
+                                            r".*No space left on device"):
+        Trainer(cfg, progress=False).fit()
+    assert not list((cfg.run_dir / "checkpoints").glob(".tmp*"))

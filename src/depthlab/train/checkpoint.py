@@ -165,27 +165,32 @@ def save_checkpoint(
     rank writes its DCP shard); rank 0 writes the rest and renames the directory.
     `state` is rank 0's (the data position is global, the same on every rank).
     """
-    with _ctrl_c_deferred():
+    with _interrupts_deferred():
         return _save_checkpoint(run_dir, step, model, optimizer, state, keep_last)
 
 
 @contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then deliver it: an interrupt that
-    unwinds the main thread mid-checkpoint closes files that DCP's writer still uses, and
-    the process then aborts in C++ (and a half-written checkpoint helps nobody)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield  # SIGINT ignored (nohup) or left to the OS: nothing to hold
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM until the block is done, then deliver it: an
+    interrupt that unwinds the main thread mid-checkpoint closes files that DCP's writer
+    still uses, and the process then aborts in C++ (and a half-written checkpoint helps
+    nobody). Signals that are ignored (nohup) or left to the OS are not touched."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    held: list[FrameType | None] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if callable(handler)}
+    held: list[tuple[int, FrameType | None]] = []
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if held:  # now the handler that was in place (Python's raises KeyboardInterrupt)
-        previous(signal.SIGINT, held[0])
+        signum, frame = held[0]
+        previous[signum](signum, frame)
 
 
 def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,
@@ -202,16 +207,24 @@ def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,
             shutil.rmtree(tmp)
         tmp.mkdir()
     D.barrier()
-    weights = full_model_state(model)
-    if D.is_main():
-        save_weights(weights, tmp / WEIGHTS_FILE, {"step": str(step)})
-    del weights
-    with _single_process_quiet(), _dcp_errors(f"cannot write checkpoint {tmp / DCP_DIR}"):
-        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR),
-                 no_dist=not D.is_distributed())
-    if D.is_main():
-        torch.save({"step": step, "rng": rng_state(), "world_size": D.world_size(), **state},
-                   tmp / "state.pt")
+    try:
+        weights = full_model_state(model)
+        if D.is_main():
+            with _write_errors(tmp / WEIGHTS_FILE):
+                save_weights(weights, tmp / WEIGHTS_FILE, {"step": str(step)})
+        del weights
+        with _single_process_quiet(), _dcp_errors(f"cannot write checkpoint {tmp / DCP_DIR}",
+                                                  lambda: _disk_full_note(root)):
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR),
+                     no_dist=not D.is_distributed())
+        if D.is_main():
+            with _write_errors(tmp / "state.pt"):
+                torch.save({"step": step, "rng": rng_state(), "world_size": D.world_size(),
+                            **state}, tmp / "state.pt")
+    except BaseException:
+        if D.is_main():  # a half-written checkpoint is no checkpoint (nor left on a full disk)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     D.barrier()
     if D.is_main():
         if final.exists():
@@ -311,6 +324,29 @@ def _delete_to_resume(ckpt_dir: Path) -> str:
     earlier = [c for c in checkpoint_dirs(ckpt_dir.parent.parent) if (checkpoint_step(c) or 0) < step]
     return (f"; if it is damaged, delete {ckpt_dir} to resume from "
             f"{earlier[-1].name if earlier else 'step 0 (no earlier checkpoint)'}")
+
+
+@contextlib.contextmanager
+def _disk_full_note(path: Path) -> str:
+    """'; the disk holding it has 120 kB free' when that disk is (nearly) full: some
+    writers report a full disk only as a short write ('unexpected pos 704 vs 598')."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    return f"; the disk holding it has {free / 1e3:,.0f} kB free" if free < 64 * 2**20 else ""
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A failed write of a checkpoint file (a full disk, a quota) as one line naming it."""
+    try:
+        yield
+    except DepthlabError:
+        raise
+    except Exception as err:  # OSError, safetensors' SafetensorError, torch's RuntimeError
+        raise DepthlabError(f"cannot write checkpoint file {path}: {first_line(err)}"
+                            f"{_disk_full_note(path.parent)}") from None
 
 
 @contextlib.contextmanager
