@@ -370,3 +370,21 @@ def test_write_run_without_a_tokenizer_source_only_for_byte_models(tmp_path):
     assert not (tmp_path / "no_tok").exists()
     write_imported(make(**{"model.vocab_size": 257}), tmp_path / "byte")
     assert (tmp_path / "byte" / "config.yaml").is_file()
+
+
+def test_a_truncated_weights_file_is_one_line(tmp_path):
+    """A cut .safetensors (an interrupted copy) ended import-hf and eval in a
+    SafetensorError traceback."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from depthlab.probe.loading import load_hf_lm
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(DepthlabError, match="cannot load weights"):
+        import_hf(tmp_path / "hf")
+    with pytest.raises(DepthlabError, match="cannot read its weights .*damaged or incomplete"):
+        load_hf_lm(str(tmp_path / "hf"))

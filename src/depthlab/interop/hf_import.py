@@ -188,9 +188,11 @@ def _load_hf_model(path_or_model: str | Path | PreTrainedModel) -> PreTrainedMod
         raise DepthlabError(f"{path_or_model}: not a Hugging Face model directory or id "
                             f"({str(err).splitlines()[0]})") from None
     model_config_from_hf(hf_cfg)  # refuse before loading the weights
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise DepthlabError(f"{path_or_model}: cannot load weights ({str(err).splitlines()[0]})") \
             from None
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from depthlab.errors import DepthlabError
+from depthlab.errors import DepthlabError, first_line
 from depthlab.paths import (
     CKPT_DIR,
     CONFIG_FILE,
@@ -161,9 +161,14 @@ def load_hf_lm(source: str, config: Any = None, dtype: Any = "auto", **kwargs: A
 
     config = config if config is not None else AutoConfig.from_pretrained(source, **kwargs)
     loader = auto_class(config.model_type)
-    with _quiet_text_model_load(config, loader) as extra:
-        out = loader.from_pretrained(source, config=config, dtype=dtype,
-                                     **dequantize_override(config), **extra, **kwargs)
+    from safetensors import SafetensorError
+    try:
+        with _quiet_text_model_load(config, loader) as extra:
+            out = loader.from_pretrained(source, config=config, dtype=dtype,
+                                         **dequantize_override(config), **extra, **kwargs)
+    except SafetensorError as err:  # a truncated or damaged .safetensors file
+        raise DepthlabError(f"{source}: cannot read its weights ({first_line(err)}); the "
+                            "file is damaged or incomplete (an interrupted copy?)") from None
     if not isinstance(out, tuple):
         return out
     model, info = out
