@@ -637,3 +637,16 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial(tmp_p
                                             r".*No space left on device"):
         Trainer(cfg, progress=False).fit()
     assert not list((cfg.run_dir / "checkpoints").glob(".tmp*"))
+
+
+def test_a_run_directory_removed_while_training_stops_it(tmp_path, corpus):
+    """It trained on and exited 0, writing checkpoints into a new half-empty directory
+    while its metrics went to deleted files."""
+    import shutil
+
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 6, "train.ckpt_interval": 3})
+    trainer = Trainer(cfg, progress=False)
+    trainer.callbacks.append(lambda tr, step: shutil.rmtree(cfg.run_dir) if step == 1 else None)
+    with pytest.raises(DepthlabError, match=r"was removed while training .* stopped at step 3"):
+        trainer.fit()
+    assert not (cfg.run_dir / "checkpoints").exists()

@@ -391,6 +391,9 @@ class Trainer:
         return self._seconds_before + (time.time() - self._started)
 
     def _save(self) -> Path:
+        # a run directory removed (or replaced) while training: stop, rather than write
+        # checkpoints into a new, half-empty directory while metrics go to deleted files
+        D.on_main_then_share(self._check_run_dir_still_there)
         return save_checkpoint(
             self.run_dir, self.step, self.model, self.optimizer,
             {"loader": self.loader.state_dict(), "global_batch": self.global_batch,
@@ -472,6 +475,12 @@ class Trainer:
             return self._fit()
         finally:
             self._lock.release()
+
+    def _check_run_dir_still_there(self) -> None:
+        if not (self.run_dir / CONFIG_FILE).is_file():
+            raise DepthlabError(
+                f"{self.run_dir} was removed while training (its {CONFIG_FILE} is gone): "
+                f"stopped at step {self.step}; nothing more is written")
 
     def _refuse_if_busy(self) -> None:
         """Take and give back the run lock: an early refusal only (fit holds the lock);
