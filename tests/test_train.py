@@ -276,6 +276,12 @@ def test_cli_train_and_info(tmp_path, corpus, capsys):
     main(["info", str(run)])
     out = capsys.readouterr().out
     assert "active per token" in out and "val loss" in out
+    # a hand-edited or damaged line is skipped with a note, as report does (info failed)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
+    main(["info", str(run)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 unreadable line in" in out and "val loss" in out
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from depthlab.errors import DepthlabError
-from depthlab.text import perplexity
+from depthlab.text import counted, perplexity
 
 app = typer.Typer(
     add_completion=False,
@@ -154,8 +154,8 @@ def info(
     """Config, parameter counts (total/active) and the last metrics of a run or config."""
     import yaml
 
-    from depthlab.paths import CONFIG_FILE, checkpoint_dirs, enclosing_run
-    from depthlab.train.loggers import read_metrics
+    from depthlab.paths import CONFIG_FILE, METRICS_FILE, checkpoint_dirs, enclosing_run
+    from depthlab.report.data import read_records
     from depthlab.train.trainer import read_run_config
 
     if not target.exists():
@@ -178,7 +178,10 @@ def info(
     console.print(_param_table(cfg))
     if not is_run:
         return
-    records = read_metrics(target)
+    records, bad = read_records(target / METRICS_FILE)  # for showing: bad lines skipped
+    if bad:
+        console.print(f"[yellow]note:[/] {counted(bad, 'unreadable line')} in "
+                      f"{target / METRICS_FILE} skipped")
     last_train = next((r for r in reversed(records) if "loss" in r), None)
     last_val = next((r for r in reversed(records) if "val_loss" in r), None)
     table = Table(title="last metrics", show_header=False)
