@@ -48,8 +48,10 @@ def test_file_system_and_config_file_mistakes_are_one_line(tmp_path, capsys):
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "cpu" / "tiny.yaml")
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
-    assert "Not a directory" in _one_line_error(
+    assert "a file is in the way, there or on its path (Not a directory)" in _one_line_error(
         ["train", tiny, "--set", f"out_dir={a_file}"], capsys)
+    assert f"cannot create the directory {a_file}: a file is in the way" in _one_line_error(
+        ["train", tiny, "--set", f"out_dir={tmp_path}", "--set", "name=a_file"], capsys)
     assert "is a directory; give a file name" in _one_line_error(
         ["recipe", "-L", "8", "--params", "10M", "--out", str(tmp_path)], capsys)
     binary = tmp_path / "bin.yaml"

@@ -287,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         where = f": {err.filename}" if err.filename else ""
         where += f" -> {err.filename2}" if err.filename2 else ""
+        if err.errno in (errno.EEXIST, errno.ENOTDIR) and err.filename \
+                and not os.path.isdir(err.filename):
+            # what mkdir says when a file (or a dangling link) sits where a directory must go
+            _fail(f"cannot create the directory {err.filename}: a file is in the way, there "
+                  f"or on its path ({err.strerror})")
         _fail(f"{err.strerror}{where}")
     except Terminated:
         code = 143
