@@ -216,3 +216,15 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch):
         signal.signal(signal.SIGTERM, previous)
     assert exc.value.code == 143
     assert capsys.readouterr().err.strip() == "terminated (SIGTERM); finished work is kept"
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):
+    """diagnose and eval computed everything, then failed on a read-only file system
+    (simulated: root may write anywhere that is not mounted read-only)."""
+    from depthlab.errors import DepthlabError
+    from depthlab.outdir import check_creatable_dir
+
+    check_creatable_dir(tmp_path / "new" / "dir")  # writable: nothing said
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(DepthlabError, match=r"--out .*new/dir: .* is not writable .*give another"):
+        check_creatable_dir(tmp_path / "new" / "dir")

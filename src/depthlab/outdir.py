@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from depthlab.errors import DepthlabError
 
 
 def check_creatable_dir(path: Path, what: str = "--out") -> None:
-    """One line if `path` (or the nearest existing parent) is a file, so commands fail at
-    once instead of with "File exists" after the work is done."""
+    """One line if `path` (or the nearest existing parent) is a file or cannot be written
+    (a read-only file system, no permission), so commands fail at once instead of after
+    the work is done."""
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 raise DepthlabError(f"{what} {path}: {p} exists and is not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise DepthlabError(f"{what} {path}: {p} is not writable (read-only or not "
+                                    f"yours); give another {what}")
             return
 
 
