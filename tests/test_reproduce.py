@@ -50,7 +50,7 @@ def test_reproduce_tiny_end_to_end(tmp_path, capsys):
     assert "Wall time of this invocation:" in report
     # a second call reuses every trained and diagnosed run; a damaged diagnosis cache
     # is measured again (it ended in a JSONDecodeError traceback)
-    cache = next((out / "runs").glob("*/study_diagnose.json"))
+    cache = out / "runs" / "L16_s0" / "study_diagnose.json"  # a run of claim 1's depths
     cache.write_text('{"settings":')
     main(["reproduce", "--scale", "tiny", "--steps", "3", "--seeds", "1", "--claims", "1",
           "--eval-tokens", "256", "--out", str(out)])
