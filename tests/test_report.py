@@ -190,6 +190,10 @@ def test_mismatched_steps_warn_on_the_page(tmp_path):
     assert "b: incomplete (no summary.json), last logged step 10 of 10" in text
     assert "loss_curves" in {f.name for f in rep.drawn}
     assert "10 (incomplete)" in (tmp_path / "out" / "tables" / "runs.md").read_text()
+    (tmp_path / "s" / "b" / "summary.json").write_text("{cut off")
+    warnings = collect([tmp_path / "s"]).warnings
+    assert "b: incomplete (its summary.json is not readable JSON), last logged step 10 of 10" \
+        in warnings
 
 
 def test_empty_directory_is_a_one_line_error(tmp_path):

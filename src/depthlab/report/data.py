@@ -493,7 +493,9 @@ def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportD
         for r in runs:
             if not r.complete and r.records:
                 target = f" of {r.max_steps}" if r.max_steps else ""
-                warnings.append(f"{r.label}: incomplete (no summary.json), last logged step "
+                why = ("its summary.json is not readable JSON" if (r.path / SUMMARY_FILE).exists()
+                       else "no summary.json")
+                warnings.append(f"{r.label}: incomplete ({why}), last logged step "
                                 f"{r.final_step}{target}")
     data = ReportData(runs, diagnoses, ladder_steps, ladder_path, knob_keys, warnings, roots)
     for label, d in data.all_diagnoses:  # the caveats diagnose printed under its table
