@@ -168,6 +168,7 @@ def runs_table(data: ReportData) -> Table | None:
     params = ["params", "active params"] if sparse else ["params"]
     headers = ["run", *(knob_name(k) for k in knobs), *params, "steps", "val loss",
                "val PPL ↓", "usefulness ↑", "causal", "permutation", "last-layer var"]
+    every_knob = shown_knobs(data.knob_keys, limit=len(data.knob_keys))  # the CSV has all
     rows: list[list[str]] = []
     records: list[dict[str, Any]] = []
     for r in data.runs:
@@ -184,7 +185,6 @@ def runs_table(data: ReportData) -> Table | None:
             *(fmt_score(d, metric, key) for metric, key in SCORES),
             fmt(last_var),
         ])
-        every_knob = shown_knobs(data.knob_keys, limit=len(data.knob_keys))
         records.append({"run": r.label, **{k: r.knobs.get(k) for k in every_knob},
                         "params": r.params(), "active params": r.params(active=True),
                         "steps": r.final_step, "complete": r.complete,
