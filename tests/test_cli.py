@@ -175,7 +175,8 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_says_what_is_kept_and_whether_to_rerun(tmp_path, capsys, monkeypatch):
-    """Ctrl-C exits 130 with one line; only commands that resume say to run them again."""
+    """Ctrl-C exits 130 with one line; only commands that keep finished work and resume
+    say so (diagnose's was wrong: its finished metrics are not written)."""
     import depthlab.train as train_pkg
     import depthlab.train.trainer as trainer_mod
 
@@ -193,7 +194,7 @@ def test_ctrl_c_says_what_is_kept_and_whether_to_rerun(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as exc:
         main(["info", str(tmp_path)])
     assert exc.value.code == 130
-    assert capsys.readouterr().err.strip() == "interrupted; finished work is kept"
+    assert capsys.readouterr().err.strip() == "interrupted"  # nothing to keep or resume
 
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch):
@@ -215,7 +216,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert exc.value.code == 143
-    assert capsys.readouterr().err.strip() == "terminated (SIGTERM); finished work is kept"
+    assert capsys.readouterr().err.strip() == "terminated (SIGTERM)"
 
 
 def test_an_output_directory_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):

@@ -315,10 +315,13 @@ def main(argv: list[str] | None = None) -> None:
         code = 143  # 128 + SIGTERM, what a scheduler expects of a terminated process
     if code in (130, 143):
         words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
-        again = ("; run the same command again to go on from it"
-                 if words[:1] in (["train"], ["sweep"], ["reproduce"], ["ablate"]) else "")
+        # commands that keep finished work (checkpoints, finished runs) and resume from it;
+        # the others (diagnose, eval, report ...) write their outputs only at the end
+        resumes = words[:1] in (["train"], ["sweep"], ["reproduce"], ["ablate"])
         how = "interrupted" if code == 130 else "terminated (SIGTERM)"
-        Console(stderr=True, soft_wrap=True).print(f"{how}; finished work is kept{again}")
+        tail = ("; finished work is kept; run the same command again to go on from it"
+                if resumes else "")
+        Console(stderr=True, soft_wrap=True).print(how + tail)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 
