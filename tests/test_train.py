@@ -363,10 +363,10 @@ def test_resume_after_a_cut_off_metrics_line(tmp_path, corpus, capsys):
             ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
         with pytest.raises(DepthlabError, match="metrics.jsonl: line 2 is not"):
             read_metrics(cfg.run_dir)
-        with pytest.raises(SystemExit) as exc:  # `depthlab info RUN` reads it too
-            main(["info", str(cfg.run_dir)])
-        assert exc.value.code == 2
-        assert "line 2 is not" in capsys.readouterr().err
+        # `depthlab info RUN` only shows the run: it skips the line and says so (resume,
+        # which rewrites the file, refuses it above)
+        main(["info", str(cfg.run_dir)])
+        assert "1 unreadable line in" in " ".join(capsys.readouterr().out.split())
 
 
 def test_corrupt_checkpoint_shard_is_one_line(tmp_path, corpus, capsys, caplog):
