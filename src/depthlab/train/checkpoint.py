@@ -326,7 +326,6 @@ def _delete_to_resume(ckpt_dir: Path) -> str:
             f"{earlier[-1].name if earlier else 'step 0 (no earlier checkpoint)'}")
 
 
-@contextlib.contextmanager
 def _disk_full_note(path: Path) -> str:
     """'; the disk holding it has 120 kB free' when that disk is (nearly) full: some
     writers report a full disk only as a short write ('unexpected pos 704 vs 598')."""

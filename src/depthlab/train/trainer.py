@@ -496,9 +496,11 @@ class Trainer:
             raise DepthlabError(
                 f"{self.run_dir} is being trained by another process right now; wait for it "
                 "to finish (or stop it), then run the same command again to resume") from None
-        except OSError as exc:  # a DepthlabError reaches every rank; an OSError on rank 0
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # alone would leave
-                raise  # the others waiting
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # a DepthlabError reaches every rank; an OSError on rank 0 alone would leave the
+            # other ranks waiting
             raise DepthlabError(f"cannot write in {self.run_dir} ({exc.strerror}): training "
                                 "needs a writable run directory") from None
         if self._lock.unsupported and not quiet:
