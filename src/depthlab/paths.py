@@ -14,7 +14,7 @@ SUMMARY_FILE = "summary.json"
 CKPT_DIR = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_LOCK = ".train.lock"
-"""Held (flock) by the process training the run; the file itself stays and means nothing."""
+"""Held (flock) by the process training the run, and removed when it is done."""
 _RUN_MARKS = (CKPT_DIR, METRICS_FILE, DATA_FILE)
 """Files a training run writes beside its config before (or without) a first checkpoint."""
 

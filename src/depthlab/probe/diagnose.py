@@ -268,7 +268,7 @@ def evaluation_tokens(data: str, tokenizer: Any, info: dict[str, Any], spec: str
                                 f"the model's tokenizer{remedy}")
         if getattr(mine, "fingerprint", None) is None and splits.tokenizer is not None:
             # no tokenizer.json to compare (a GGUF file embeds its own): compare what they do
-            model_enc = _encoder(tokenizer, info, spec)
+            model_enc = enc if info.get("kind") == "depthlab" else _encoder(tokenizer, info, spec)
             if model_enc is not None and not _encode_alike(splits.tokenizer, model_enc):
                 raise DepthlabError(
                     f"{path} was tokenized with {made_with.get('name')}, which encodes text "

@@ -146,7 +146,7 @@ class Diagnosis:
             if isinstance(layers, list) and L and len(layers) != L:
                 parts.append(f"{len(layers)} of {L} layers")
         n, data_n = self.get(metric, "n_samples"), self.data.get("n_samples")
-        if metric in self.metrics and isinstance(n, int) and isinstance(data_n, int) and n != data_n:
+        if isinstance(n, int) and isinstance(data_n, int) and n != data_n:
             parts.append(f"N={n}")
         return ", ".join(parts)
 
@@ -498,10 +498,11 @@ def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportD
                 warnings.append(f"{r.label}: incomplete ({why}), last logged step "
                                 f"{r.final_step}{target}")
     data = ReportData(runs, diagnoses, ladder_steps, ladder_path, knob_keys, warnings, roots)
-    for label, d in data.all_diagnoses:  # the caveats diagnose printed under its table
+    if data.all_diagnoses:  # the caveats diagnose printed under its table
         from depthlab.probe.results import result_warnings  # (imports torch: only if needed)
 
-        if isinstance(d.raw.get("model"), dict):
-            warnings += [f"{label}: {w}" for w in result_warnings(
-                {"model": d.raw["model"], "metrics": d.metrics})]
+        for label, d in data.all_diagnoses:
+            if isinstance(d.raw.get("model"), dict):
+                warnings += [f"{label}: {w}" for w in result_warnings(
+                    {"model": d.raw["model"], "metrics": d.metrics})]
     return data

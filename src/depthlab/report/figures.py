@@ -8,7 +8,7 @@ raises). `make_figures` writes PNG and SVG files for each drawn figure.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,21 +73,21 @@ def _layer_axis(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _depth_axis(depths: list[int]) -> tuple[Callable[[float, int], float], str]:
-    """(x of block l in a model of L blocks, axis label): the block index when every model
+def _set_depth_axis(ax: Any, depths: list[int]) -> Callable[..., list[float]]:
+    """Label the x axis for models of these depths and return `place(L, layers=all)`, the
+    x positions of blocks `layers` of a model of L blocks: the block index when every model
     has the same depth; the relative depth l / (L-1) when they differ, so an 8-block run
     and a 30-block model span the same axis."""
-    if len(set(depths)) <= 1:
-        return (lambda i, L: i), "block l"
-    return (lambda i, L: i / max(L - 1, 1)), "relative depth l / (L-1) (models differ in depth)"
-
-
-def _set_depth_axis(ax: Any, depths: list[int]) -> Callable[[float, int], float]:
-    x, label = _depth_axis(depths)
-    ax.set_xlabel(label)
-    if len(set(depths)) <= 1:
+    same = len(set(depths)) <= 1
+    ax.set_xlabel("block l" if same else "relative depth l / (L-1) (models differ in depth)")
+    if same:
         _layer_axis(ax)
-    return x
+
+    def place(L: int, layers: Iterable[int] | None = None) -> list[float]:
+        index = list(range(L) if layers is None else layers)
+        return index if same else [i / max(L - 1, 1) for i in index]
+
+    return place
 
 
 def _log_if_wide(ax: Any, series: list[list[float]], decades: float = 1.3) -> bool:
@@ -172,12 +172,12 @@ def fig_variance_profile(data: ReportData, colors: dict[str, str]) -> Figure | s
         return "no variance profile: no stats records and no diagnose results"
     fig, axes = _fig(6.4, 4.0)
     ax = axes[0][0]
-    x = _set_depth_axis(ax, [len(vals) for *_, vals, _, _ in lines])
+    place = _set_depth_axis(ax, [len(vals) for *_, vals, _, _ in lines])
     for text, label, vals, ls, marker in lines:
         # the stats line drawn wide and pale under the diagnose line: where they agree,
         # both stay visible
         solid = ls == "-"
-        ax.plot([x(i, len(vals)) for i in range(len(vals))], _positive(_vals(vals)), ls=ls,
+        ax.plot(place(len(vals)), _positive(_vals(vals)), ls=ls,
                 marker=marker, ms=4 if solid else 3, color=colors.get(label, "black"),
                 label=text, lw=3.0 if solid else 1.2, alpha=0.45 if solid else 1.0)
     ax.set_yscale("log")
@@ -203,15 +203,14 @@ def fig_layer_stats(data: ReportData, colors: dict[str, str]) -> Figure | str:
     for ax, (key, title, ylabel, log) in zip(axes.flat, panels, strict=True):
         series = [(r, _vals(v)) for r in runs if isinstance(v := _final_stats(r).get(key), list)
                   and any(num(x) is not None for x in v)]
-        x = _set_depth_axis(ax, [len(y) for _, y in series])
+        place = _set_depth_axis(ax, [len(y) for _, y in series])
         if log:
             log = _log_if_wide(ax, [_positive(y) for _, y in series])
         for r, y in series:
-            ax.plot([x(i, len(y)) for i in range(len(y))], _positive(y) if log else y,
+            ax.plot(place(len(y)), _positive(y) if log else y,
                     marker="o", ms=3, color=colors[r.label], label=r.label, lw=1.3)
         ax.set(title=title, ylabel=ylabel + (", log scale" if log else ""))
-        drawn = len(series)
-        if not drawn:
+        if not series:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
     _legend(axes[0][0], len(runs))
     fig.suptitle("layer statistics at each run's last stats step")
@@ -243,20 +242,19 @@ def _jacobian(d: Diagnosis) -> tuple[list[int], list[float | None], bool] | None
 
 
 def fig_jacobian(data: ReportData, colors: dict[str, str]) -> Figure | str:
-    lines = [(label, v) for label, d in data.all_diagnoses if (v := _jacobian(d))]
+    lines = [(label, d, v) for label, d in data.all_diagnoses if (v := _jacobian(d))]
     if not lines:
         return "no Jacobian results (run `depthlab diagnose RUN --out RUN/diagnose`)"
     fig, axes = _fig(6.4, 4.0)
     ax = axes[0][0]
-    depth = {label: d.n_layers or len(v[0]) for label, d in data.all_diagnoses
-             if (v := _jacobian(d))}
-    x = _set_depth_axis(ax, list(depth.values()))
-    on = {label: d.measured_on("jacobian") for label, d in data.all_diagnoses}
-    for label, (layers, vals, estimated) in lines:
+    depth = {label: d.n_layers or len(v[0]) for label, d, v in lines}
+    place = _set_depth_axis(ax, list(depth.values()))
+    for label, d, (layers, vals, estimated) in lines:
         # a line only through consecutive measured blocks (jacobian.layers may skip some)
         joined = layers == list(range(layers[0], layers[0] + len(layers)))
-        what = ", ".join(q for q in ("Hutchinson" if estimated else "", on.get(label)) if q)
-        ax.plot([x(i, depth[label]) for i in layers], _vals(vals), marker="o", ms=3,
+        what = ", ".join(q for q in ("Hutchinson" if estimated else "", d.measured_on("jacobian"))
+                         if q)
+        ax.plot(place(depth[label], layers), _vals(vals), marker="o", ms=3,
                 color=colors.get(label, "black"), label=f"{label} ({what})" if what else label,
                 lw=1.3, ls="-" if joined else "none")
     ax.set(title="Jacobian deviation from identity per layer",
@@ -279,10 +277,10 @@ def fig_layer_scores(data: ReportData, colors: dict[str, str]) -> Figure | str:
     fig, axes = _fig(10, 3.8, ncols=2)
     depths = [len(v) for lines in found for _, _, v in lines]  # one depth axis for both
     for ax, (metric, _, title, ylabel), lines in zip(axes[0], panels, found, strict=True):
-        x = _set_depth_axis(ax, depths)
+        place = _set_depth_axis(ax, depths)
         for label, d, vals in lines:
             on = d.measured_on(metric)
-            ax.plot([x(i, len(vals)) for i in range(len(vals))], _vals(vals), marker="o", ms=3,
+            ax.plot(place(len(vals)), _vals(vals), marker="o", ms=3,
                     lw=1.3, color=colors.get(label, "black"),
                     label=f"{label} ({on})" if on else label)
         if metric == "usefulness" and lines:

@@ -226,7 +226,7 @@ class Trainer:
         self.device = self.dist.device
         self.run_dir = cfg.run_dir
         self._lock = FileLock(self.run_dir / TRAIN_LOCK)  # held by rank 0 while fit() runs
-        self._seconds_before, self._started = 0.0, time.time()  # earlier sessions; this one
+        self._seconds_before, self._started = 0.0, 0.0  # earlier sessions; this one (fit)
         # a run directory holding another config, or being trained by another process, is
         # refused before any data is prepared or model built (on a GPU, a second model
         # could take the memory the running one needs)
@@ -529,8 +529,8 @@ class Trainer:
             D.print_main(self.describe())
         tokens_per_step = self.tokens_per_step
         self.model.train()
-        self._started = time.time()
-        window_time, window_tokens = time.time(), 0
+        self._started = window_time = time.time()
+        window_tokens = 0
         # a resumed run reports its last logged losses even if no step is left to run
         done = read_metrics(self.run_dir) if self.step and self.dist.is_main else []
         train_loss = next((r["loss"] for r in reversed(done) if "loss" in r), None)

@@ -263,24 +263,24 @@ def compute_attention_sparsity(
     """Attention entropy and top-mass fraction per layer and head, over all sequences of
     `ids`.
 
-    Cost: `L*n` block forwards for the sample's hidden states (0 with a warm cache)
+    Cost: `L*N` block forwards for the hidden states (0 with a warm cache)
     plus one `attention_probs` call per layer and chunk.
     """
     ids = check_ids(stack, ids)
     if not 0 < mass <= 1:
         raise DepthlabError(f"mass must be in (0, 1], got {mass}")
-    sample = ids
+    N = ids.shape[0]
     L = stack.n_layers
-    T = sample.shape[1]
+    T = ids.shape[1]
     counter = counter if counter is not None else BlockCounter()
-    bounds = chunk_bounds(sample.shape[0], batch_size)
+    bounds = chunk_bounds(N, batch_size)
     prog = Progress(progress, len(bounds) * L)
     ent_sum: list[Tensor | None] = [None] * L
     frac_sum: list[Tensor | None] = [None] * L
     unsupported = [False] * L
     with counting(stack, counter), torch.no_grad():
         for a, b in bounds:
-            states = hidden_states(stack, sample[a:b], cache)
+            states = hidden_states(stack, ids[a:b], cache)
             for l in range(L):
                 if unsupported[l]:
                     prog.step()
@@ -295,25 +295,25 @@ def compute_attention_sparsity(
                 ent_sum[l] = e if ent_sum[l] is None else ent_sum[l] + e
                 frac_sum[l] = f if frac_sum[l] is None else frac_sum[l] + f
                 prog.step()
-    n_q = sample.shape[0] * int((visible_keys(T, None) >= 2).sum())
+    n_q = N * int((visible_keys(T, None) >= 2).sum())
     ent, frac = [], []
     for l in range(L):
         if ent_sum[l] is None or unsupported[l]:
             ent.append(None)
             frac.append(None)
             continue
-        n_keep = sample.shape[0] * int((visible_keys(T, sliding_window(stack, l)) >= 2).sum())
+        n_keep = N * int((visible_keys(T, sliding_window(stack, l)) >= 2).sum())
         ent.append((ent_sum[l] / max(n_keep, 1)).tolist())
-        frac.append((frac_sum[l] / (sample.shape[0] * T)).tolist())
+        frac.append((frac_sum[l] / (N * T)).tolist())
     layer_ent = [mean_or_none(x) if x is not None else None for x in ent]
     layer_frac = [mean_or_none(x) if x is not None else None for x in frac]
     return AttentionSparsityResult(
-        metric="attention_sparsity", info=model_info(stack, sample),
-        cost=cost_dict(counter, n_layers=L, n_sequences=sample.shape[0],
-                       formula="L*n_sample (0 with a warm cache) + attention_probs calls "
+        metric="attention_sparsity", info=model_info(stack, ids),
+        cost=cost_dict(counter, n_layers=L, n_sequences=N,
+                       formula="L*N (0 with a warm cache) + attention_probs calls "
                                "(Hugging Face: each reruns one block eagerly, counted)"),
-        mass=mass, sample_sequences=int(sample.shape[0]),
-        queries_per_sequence=n_q // max(sample.shape[0], 1),
+        mass=mass, sample_sequences=int(N),
+        queries_per_sequence=n_q // max(N, 1),
         normalized_entropy=ent, top_mass_fraction=frac,
         layer_normalized_entropy=layer_ent, layer_top_mass_fraction=layer_frac,
         mean_normalized_entropy=mean_or_none(layer_ent),
