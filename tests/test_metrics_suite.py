@@ -320,3 +320,30 @@ def test_throttled_lines_report_progress_with_eta(monkeypatch):
     reporter.end("jacobian", 40.0)
     assert lines == ["jacobian: running", "jacobian: 2/4  elapsed 0:00:20  ETA 0:00:20",
                      "jacobian: done in 40.0s"]
+
+
+@pytest.mark.parametrize("term,live", [("xterm-256color", True), ("dumb", False),
+                                       ("unknown", False)])
+def test_live_bar_only_where_rich_redraws_it(monkeypatch, term, live):
+    """On TERM=dumb (Emacs shells, some CI runners) rich draws no live bar until the work
+    ends, so progress must go out as lines there, as it does when piped."""
+    from rich.console import Console
+
+    from depthlab.progress import live_bar_shown
+
+    monkeypatch.setenv("TERM", term)
+    assert live_bar_shown(Console(force_terminal=True)) is live
+    assert live_bar_shown(Console(force_terminal=False)) is False
+
+
+def test_train_progress_is_lines_on_a_dumb_terminal(monkeypatch, capsys):
+    from depthlab.train import trainer
+
+    monkeypatch.setenv("TERM", "dumb")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stdout counts as a terminal
+    with trainer._progress_bar(True, total=10, start=0, name="tiny") as bar:
+        assert isinstance(bar, trainer._LogLines)
+    monkeypatch.setenv("TERM", "xterm")
+    with trainer._progress_bar(True, total=10, start=0, name="tiny") as bar:
+        assert not isinstance(bar, trainer._LogLines)

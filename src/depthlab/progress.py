@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def clock(seconds: float) -> str:
@@ -12,6 +16,13 @@ def clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}"
+
+
+def live_bar_shown(console: Console) -> bool:
+    """Whether rich draws a live bar on `console`: a terminal that is not dumb (rich does not
+    redraw on TERM=dumb or unknown, as in Emacs shells and some CI runners, so a bar there
+    shows nothing until the work ends), or Jupyter. Elsewhere progress goes out as lines."""
+    return (console.is_terminal and not console.is_dumb_terminal) or console.is_jupyter
 
 
 class ThrottledLines:

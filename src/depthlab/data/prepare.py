@@ -39,6 +39,7 @@ from depthlab.data.tokens import (
     write_tokens,
 )
 from depthlab.errors import DepthlabError
+from depthlab.progress import live_bar_shown
 
 BATCH_CHARS = 1 << 20
 """Documents are encoded in batches of about this many characters."""
@@ -165,7 +166,7 @@ def _write(d: Path, corpus: Corpus, tokenizer: Tokenizer, progress: bool) -> Non
     # a live bar on a terminal (stderr); elsewhere one line per split, since a bar that is
     # not drawn shows nothing and leaves a stray blank line
     stderr = Console(stderr=True)
-    live = progress and stderr.is_terminal
+    live = progress and live_bar_shown(stderr)
     with Progress(*columns, console=stderr, disable=not live, transient=True) as bar:
         for split in SPLITS:
             what = (f"tokenizing {corpus.name if corpus.kind == 'kjv' else Path(corpus.name).name}"

@@ -41,7 +41,7 @@ from depthlab.probe.metrics._common import (
     model_info,
 )
 from depthlab.probe.metrics.layerdrop import layer_drop_from_losses
-from depthlab.progress import ThrottledLines
+from depthlab.progress import ThrottledLines, live_bar_shown
 
 METRICS: dict[str, Callable[..., Any]] = {
     "variance": compute_variance,
@@ -109,7 +109,7 @@ def run_suite(
         )
 
         console = console if console is not None else Console()  # rich's default, as before
-        if console.is_terminal or console.is_jupyter:  # a live bar
+        if live_bar_shown(console):
             bar = Progress(TextColumn("{task.description:<22}"), BarColumn(),
                            MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                            transient=False)

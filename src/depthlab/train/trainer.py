@@ -51,7 +51,7 @@ from depthlab.paths import (
     TRAIN_LOCK,
     holds_other_files,
 )
-from depthlab.progress import clock
+from depthlab.progress import clock, live_bar_shown
 from depthlab.text import perplexity
 from depthlab.train import distributed as D
 from depthlab.train.checkpoint import (
@@ -652,7 +652,9 @@ def _progress_bar(enabled: bool, total: int, start: int, name: str):
     if not enabled:
         yield _Bar(None, None)
         return
-    if not sys.stdout.isatty():
+    from rich.console import Console
+
+    if not live_bar_shown(Console()):
         yield _LogLines(name, total, start)
         return
     from rich.progress import (
