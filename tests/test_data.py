@@ -97,8 +97,17 @@ def test_bad_corpus_paths(tmp_path):
         corpus_text(_cfg(tmp_path, corpus=str(tmp_path / "empty")))
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("one line only")
-    with pytest.raises(DepthlabError, match="at least 50"):
+    with pytest.raises(DepthlabError, match=r"1 paragraphs or lines: at least 2 are needed "
+                       r"\(one to train on, one to validate on\); add text$"):
         corpus_text(_cfg(tmp_path, corpus=str(tiny)))
+    tiny.write_text("one\ntwo\nthree\n")
+    with pytest.raises(DepthlabError, match=r"at least 50 .* \(set data.val_fraction=0.3334 or "
+                       "more, or add text"):
+        corpus_text(_cfg(tmp_path, corpus=str(tiny)))
+    assert corpus_text(_cfg(tmp_path, corpus=str(tiny), val_fraction=0.3334))  # the hint works
+    # a device is read more than once (hashed, counted, encoded): refused, never read
+    with pytest.raises(DepthlabError, match="/dev/zero is not a regular file"):
+        corpus_text(_cfg(tmp_path, corpus="/dev/zero"))
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -120,6 +121,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         raise DepthlabError(f"corpus {path} is a token directory: it holds no text to read")
     if path.is_dir():
         return _folder_corpus(path, every)
+    if not path.is_file():  # it is read more than once (hashed, counted, encoded)
+        raise DepthlabError(f"corpus {path} is not a regular file (a device, pipe or socket): "
+                            "save the text to a file and give that")
     if path.suffix.lower() in JSONL_SUFFIXES:
         return _jsonl_corpus(path, cfg.text_key, every)
     if path.suffix.lower() in (".bin", ".npy"):
@@ -287,11 +291,16 @@ def _record_text(row: object, key: str, where: str) -> str:
 
 
 def _need(n: int, every: int, path: Path, what: str) -> None:
-    if n < every:
-        raise DepthlabError(
-            f"corpus {path} has {n} {what}: at least {every} are needed to hold out "
-            f"every {every}-th as validation (raise data.val_fraction or add text)"
-        )
+    if n >= every:
+        return
+    if n < 2:  # one to train on and one to validate on, whatever val_fraction is
+        raise DepthlabError(f"corpus {path} has {n} {what}: at least 2 are needed (one to "
+                            "train on, one to validate on); add text")
+    fraction = math.ceil(10_000 / n) / 10_000  # the smallest that holds out every n-th
+    raise DepthlabError(
+        f"corpus {path} has {n} {what}: at least {every} are needed to hold out every "
+        f"{every}-th as validation (set data.val_fraction={fraction:g} or more, or add text)"
+    )
 
 
 def _file_sha(path: Path) -> str:
