@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from depthlab.config import ModelConfig, RunConfig
-from depthlab.data.cache import umask_mode
+from depthlab.data.cache import tmp_name, umask_mode
 from depthlab.errors import DepthlabError
 from depthlab.interop.arch import (
     CLASS_NAMES,
@@ -271,7 +271,7 @@ def export_model(
                      "q/k/v biases = 0" + ("" if model.cfg.moe and model.cfg.moe.shared_expert
                                            else ", zero width-1 shared expert"))
     hf = hf.to(DTYPES[dtype])
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = tmp_name(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

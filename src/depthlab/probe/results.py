@@ -36,11 +36,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from depthlab.data.cache import atomic_write_text
 from depthlab.text import md_cell
 
 SCHEMA_VERSION = 1
@@ -81,16 +81,10 @@ def _clean(x: Any) -> Any:
     return str(x)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(results: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
-    _atomic_write(path, json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
     return path
 
 
@@ -435,7 +429,7 @@ def write_outputs(results: dict[str, Any], out: str | Path, *, figures: bool = T
     out.mkdir(parents=True, exist_ok=True)
     previous = _previous_outputs(out)
     summary = out / SUMMARY_FILE
-    _atomic_write(summary, summary_markdown(results))
+    atomic_write_text(summary, summary_markdown(results))
     paths: dict[str, Any] = {"results": out / RESULTS_FILE, "summary": summary,
                              "csv": write_csvs(results, out)}
     if figures:
