@@ -377,6 +377,36 @@ def test_rerun_removes_stale_outputs_and_moe_rows_are_block_indices(
                                            for p in third["outputs"]["csv"])
 
 
+def test_ctrl_c_while_writing_waits_for_the_whole_set(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C between the CSVs and results.json used to leave new CSVs and summary.md
+    beside the old results.json; now it is delivered once the set is written."""
+    import os
+    import signal
+
+    from depthlab.probe import diagnose, results
+
+    torch.manual_seed(0)
+    model = DepthLM(RunConfig.model_validate({"model": {
+        "vocab_size": 64, "n_layers": 2, "d_model": 16, "n_heads": 2}}).model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "diag"
+    diagnose(model, ids=ids, metrics="variance", out=out, figures=False)
+    write_csvs = results.write_csvs
+
+    def interrupted(res: dict, where: Path) -> list[Path]:
+        paths = write_csvs(res, where)
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C here
+        return paths
+
+    monkeypatch.setattr(results, "write_csvs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        diagnose(model, ids=ids, metrics="causal", out=out, figures=False)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert list(on_disk["metrics"]) == ["causal"]  # the new set, whole
+    assert all(Path(p).is_file() for p in on_disk["outputs"]["csv"])
+
+
 def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import transformers
 

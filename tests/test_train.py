@@ -585,32 +585,32 @@ def test_ctrl_c_during_a_checkpoint_waits_for_it(tmp_path):
     import os
     import signal
 
-    from depthlab.train.checkpoint import _interrupts_deferred
+    from depthlab.interrupts import interrupts_deferred
 
     done = []
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with _interrupts_deferred():
+            with interrupts_deferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 done.append("the rest of the checkpoint")
         assert done == ["the rest of the checkpoint"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         # an ignored SIGINT (nohup, a background job) stays ignored
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with _interrupts_deferred():
+        with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         # someone else's handler gets the signal, after the block
         calls = []
         signal.signal(signal.SIGINT, lambda signum, frame: calls.append((signum, done[:])))
-        with _interrupts_deferred():
+        with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("written")
         assert calls == [(signal.SIGINT, ["the rest of the checkpoint", "written"])]
     finally:
         signal.signal(signal.SIGINT, previous)
-    with _interrupts_deferred():  # no signal: nothing raised
+    with interrupts_deferred():  # no signal: nothing raised
         pass
     # SIGTERM (which the CLI turns into an interruption) is held the same way
     from depthlab.cli import Terminated, _raise_terminated
@@ -618,7 +618,7 @@ def test_ctrl_c_during_a_checkpoint_waits_for_it(tmp_path):
     before = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with pytest.raises(Terminated):
-            with _interrupts_deferred():
+            with interrupts_deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
                 done.append("terminated after")
         assert done[-1] == "terminated after"

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from depthlab.data.cache import atomic_write_text
+from depthlab.interrupts import interrupts_deferred
 from depthlab.text import md_cell
 
 SCHEMA_VERSION = 1
@@ -424,8 +425,14 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 def write_outputs(results: dict[str, Any], out: str | Path, *, figures: bool = True
                   ) -> dict[str, Any]:
-    """results.json, summary.md, CSVs and (optionally) figures under `out`; returns the paths."""
-    out = Path(out)
+    """results.json, summary.md, CSVs and (optionally) figures under `out`; returns the paths.
+    A Ctrl-C or SIGTERM meanwhile waits for the set to be written (never new files beside
+    an old results.json)."""
+    with interrupts_deferred():
+        return _write_outputs(results, Path(out), figures)
+
+
+def _write_outputs(results: dict[str, Any], out: Path, figures: bool) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     previous = _previous_outputs(out)
     summary = out / SUMMARY_FILE

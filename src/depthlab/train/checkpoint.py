@@ -25,12 +25,9 @@ import os
 import pickle
 import random
 import shutil
-import signal
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -40,6 +37,7 @@ from torch import nn
 
 from depthlab.data.cache import umask_mode
 from depthlab.errors import DepthlabError, first_line
+from depthlab.interrupts import interrupts_deferred
 from depthlab.paths import CKPT_DIR, WEIGHTS_FILE, checkpoint_dirs, checkpoint_step
 from depthlab.train import distributed as D
 
@@ -165,32 +163,8 @@ def save_checkpoint(
     rank writes its DCP shard); rank 0 writes the rest and renames the directory.
     `state` is rank 0's (the data position is global, the same on every rank).
     """
-    with _interrupts_deferred():
+    with interrupts_deferred():
         return _save_checkpoint(run_dir, step, model, optimizer, state, keep_last)
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) or a SIGTERM until the block is done, then deliver it: an
-    interrupt that unwinds the main thread mid-checkpoint closes files that DCP's writer
-    still uses, and the process then aborts in C++ (and a half-written checkpoint helps
-    nobody). Signals that are ignored (nohup) or left to the OS are not touched."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: handler for sig, handler in previous.items() if callable(handler)}
-    held: list[tuple[int, FrameType | None]] = []
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if held:  # now the handler that was in place (Python's raises KeyboardInterrupt)
-        signum, frame = held[0]
-        previous[signum](signum, frame)
 
 
 def _save_checkpoint(run_dir: Path, step: int, model: nn.Module,

@@ -1,0 +1,35 @@
+"""Holding interrupts over writes that must not be cut in half."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM until the block is done, then deliver it.
+
+    For writes that must finish as a set: an interrupt that unwinds the main thread
+    mid-checkpoint closes files that DCP's writer still uses, and the process then aborts
+    in C++; one mid-way through a diagnosis' outputs leaves new CSVs beside an old
+    results.json. Signals that are ignored (nohup) or left to the OS are not touched."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if callable(handler)}
+    held: list[tuple[int, FrameType | None]] = []
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:  # now the handler that was in place (Python's raises KeyboardInterrupt)
+        signum, frame = held[0]
+        previous[signum](signum, frame)
