@@ -157,6 +157,8 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         run_lm_eval(run, "copa", data_dir=tmp_path / "junk")
     with pytest.raises(DepthlabError, match="unknown task 'arc_eazy'; did you mean arc_easy"):
         resolve_hub_tasks(["arc_eazy"])
+    blocked = write_run(tmp_path, name="blocked")
+    (blocked / "eval").write_text("a file where eval/ goes")
     for argv, needle in [
         (["eval", str(run)], "nothing to evaluate"),
         (["eval", str(tmp_path / "missing"), "--tasks", "piqa", "--data-dir", str(partial)],
@@ -172,6 +174,10 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
          "--seq-len would be ignored"),
         (["eval", str(partial), "--ppl"], "neither a depthlab run (config.yaml), a Hugging Face"),
         (["eval", str(gguf), "--ppl"], "cannot load GGUF file"),
+        # the default output RUN/eval, checked before the model loads (it was checked last)
+        (["eval", str(blocked), "--ppl"], f"{blocked / 'eval'} exists and is not a directory"),
+        (["eval", str(blocked / "checkpoints" / "step_0000005"), "--ppl"],
+         f"{blocked / 'eval'} exists and is not a directory"),
     ]:
         monkeypatch.chdir(tmp_path.parent)
         with pytest.raises(SystemExit) as exit_:

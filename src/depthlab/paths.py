@@ -62,6 +62,13 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
+def source_run_dir(path: Path) -> Path | None:
+    """The run directory of a run directory (config.yaml) or of a checkpoint directory
+    inside one; None for any other path."""
+    path = Path(path)
+    return path if (path / CONFIG_FILE).is_file() else run_of_checkpoint(path)
+
+
 def run_of_checkpoint(path: Path) -> Path | None:
     """The run directory of a checkpoint directory (RUN/checkpoints/step_N holding
     model.safetensors, RUN holding config.yaml); None for any other path, such as a

@@ -146,10 +146,13 @@ def eval_cmd(
         raise DepthlabError("--limit must be positive")
     if seq_len is not None and seq_len < 1:
         raise DepthlabError(f"--seq-len must be >= 1, got {seq_len}")
-    if out is not None:
-        from depthlab.outdir import check_creatable_dir
+    from depthlab.outdir import check_creatable_dir
+    from depthlab.paths import source_run_dir
 
-        check_creatable_dir(Path(out))
+    run = source_run_dir(Path(model).expanduser())
+    target = Path(out).expanduser() if out is not None else (run / "eval" if run else None)
+    if target is not None:  # refused before the model loads, not after the scoring
+        check_creatable_dir(target)
     if ppl and limit is not None and not float(limit).is_integer():
         raise DepthlabError("--limit with --ppl is a number of windows (a whole number >= 1)")
     if limit is not None and limit >= 1:

@@ -31,7 +31,7 @@ from depthlab.interop.arch import (
     depthlab_to_hf,
     hf_config_kwargs,
 )
-from depthlab.paths import CONFIG_FILE, checkpoint_step, run_of_checkpoint, trained_on_bare_ids
+from depthlab.paths import checkpoint_step, source_run_dir, trained_on_bare_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,8 +60,7 @@ class ExportResult:
 
 def is_depthlab_source(path: Path) -> bool:
     """A run dir (config.yaml) or a checkpoint dir inside one."""
-    path = Path(path)
-    return (path / CONFIG_FILE).is_file() or run_of_checkpoint(path) is not None
+    return source_run_dir(path) is not None
 
 
 def load_source(source: str | Path) -> tuple[DepthLM, RunConfig, Path, Path]:
