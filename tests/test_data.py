@@ -290,6 +290,28 @@ def test_prepare_writes_manifest_and_reopens_identically(tmp_path):
         open_splits(_cfg(tmp_path, corpus=str(out), tokenizer="bpe"))
 
 
+def test_a_read_only_cache_is_refused_before_the_work_with_the_way_out(tmp_path, monkeypatch):
+    """A read-only home (cluster nodes) gave only "Read-only file system: ~/.cache", after
+    BPE training; a cache that is already prepared is still read."""
+    import os
+
+    from depthlab import outdir
+
+    cfg = _cfg(tmp_path, corpus=str(_text_corpus(tmp_path)), val_fraction=0.1)
+    out = prepare(cfg, progress=False)  # prepared while writable
+    real_access = os.access
+    monkeypatch.setattr(outdir.os, "access", lambda p, mode: (
+        not str(p).startswith(str(tmp_path / "cache")) and real_access(p, mode)))
+    assert prepare(cfg, progress=False) == out  # read, not written: fine
+    advice = r"is not writable .*; set DEPTHLAB_CACHE \(or data.cache_dir\) to a writable"
+    with pytest.raises(DepthlabError, match="cache directory .*/tokens/.*" + advice):
+        prepare(_cfg(tmp_path, corpus=str(_text_corpus(tmp_path)), val_fraction=0.2),
+                progress=False)
+    with pytest.raises(DepthlabError, match="cache directory .*/tokenizers/bpe-.*" + advice):
+        prepare(_cfg(tmp_path, corpus=cfg.corpus, tokenizer="bpe", bpe_vocab_size=300),
+                progress=False)
+
+
 def test_prepare_bpe_and_refuses_foreign_out_dir(tmp_path):
     corpus = str(_text_corpus(tmp_path))
     cfg = _cfg(tmp_path, corpus=corpus, tokenizer="bpe", bpe_vocab_size=300)

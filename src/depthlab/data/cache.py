@@ -27,6 +27,15 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return root
 
 
+def check_cache_writable(path: Path) -> None:
+    """Refuse, before the work, a cache entry that cannot be written (a read-only home on a
+    cluster node), saying how to move the cache."""
+    from depthlab.outdir import check_creatable_dir
+
+    check_creatable_dir(path, "cache directory", advice=f"set {ENV_CACHE} (or data.cache_dir) "
+                        "to a writable directory")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Content hash, read in chunks so large files never sit in memory."""
     h = hashlib.sha256()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from depthlab.config import DataConfig
-from depthlab.data.cache import cache_root, write_json
+from depthlab.data.cache import cache_root, check_cache_writable, write_json
 from depthlab.data.corpus import BUILTIN_NAMES, Corpus, Split, is_token_dir, load_corpus
 from depthlab.data.tokenizer import (
     META_FILE,
@@ -100,6 +100,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool =
     d = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(
         cfg, corpus, tokenizer
     )
+    if out_dir is None and not manifest_is_complete(d):
+        check_cache_writable(d)
     if d.exists() and not d.is_dir():
         raise DepthlabError(f"output path {d} exists and is not a directory")
     if (d / MANIFEST).exists():

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from depthlab.config import DataConfig
-from depthlab.data.cache import cache_root, read_json, tmp_name, write_json
+from depthlab.data.cache import cache_root, check_cache_writable, read_json, tmp_name, write_json
 from depthlab.data.corpus import Corpus, is_token_dir, load_corpus
 from depthlab.errors import DepthlabError
 
@@ -300,6 +300,7 @@ def bpe_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: str | None = None)
     d = bpe_cache_dir(corpus, vocab_size, cache_dir)
     if (d / META_FILE).is_file() and (d / "tokenizer.json").is_file():
         return load_tokenizer_path(d)
+    check_cache_writable(d)
     n_docs = corpus.n_split_documents("train")
     print(f"training a {vocab_size:,}-token BPE tokenizer on {corpus.name} ({n_docs:,} "
           f"documents; once, then cached in {d})", file=sys.stderr, flush=True)
