@@ -172,6 +172,13 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run directory or config file"
+    # registering every command loads no plotting: a read-only home made matplotlib warn
+    # on `data prepare`, and each start paid for its import
+    probe = ("import sys; from depthlab.cli import _register_optional_commands as r; r(); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stderr
 
 
 def test_ctrl_c_says_what_is_kept_and_whether_to_rerun(tmp_path, capsys, monkeypatch):
