@@ -515,3 +515,36 @@ def test_jacobian_headlines_over_a_subset_name_it() -> None:
                       "mean diagonal_mean over layers 0,2"]
     assert "identity_preservation" in [label for label, _ in
                                        headline("jacobian", dict(m, layers=[0, 1, 2]), 3)]
+
+
+def test_the_stored_dtype_is_recorded_beside_the_one_the_model_ran_in(
+        tiny_run: Path, tiny_hf: Path, tmp_path: Path) -> None:
+    """`--dtype fp32` on a bf16 checkpoint said only float32; `auto` ran a depthlab bf16
+    checkpoint in fp32 (the model's own dtype) although the docs say "as stored"."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from depthlab.probe import diagnose
+    from depthlab.probe.loading import load_model
+    from depthlab.probe.results import dtype_label
+
+    hf = tmp_path / "hf_bf16"
+    shutil.copytree(tiny_hf, hf)
+    transformers.AutoModelForCausalLM.from_pretrained(tiny_hf).to(torch.bfloat16).save_pretrained(hf)
+    run = tmp_path / "run_bf16"
+    shutil.copytree(tiny_run, run)
+    weights = next(run.glob("checkpoints/step_*/model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)
+    for source in (hf, run):
+        _, _, info = load_model(str(source))
+        assert info["dtype"] == info["stored_dtype"] == "bfloat16"  # auto: as stored
+        _, _, info = load_model(str(source), dtype="fp32")
+        assert (info["dtype"], info["stored_dtype"]) == ("float32", "bfloat16")
+    res = diagnose(str(run), metrics="variance", dtype="fp32", samples=2, seq_len=8,
+                   out=tmp_path / "diag", figures=False)
+    assert res["model"]["stored_dtype"] == "bfloat16" and res["model"]["dtype"] == "float32"
+    assert dtype_label(res["model"]) == "float32 (stored bfloat16)"
+    assert "dtype float32 (stored bfloat16)" in (tmp_path / "diag" / "summary.md").read_text()
+    assert "source" in res["model"] and "stored_dtype" not in res["model"]["source"]

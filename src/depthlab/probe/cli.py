@@ -63,7 +63,7 @@ def diagnose_command(
     from rich.table import Table
 
     from depthlab.probe.diagnose import default_out_dir, diagnose
-    from depthlab.probe.results import headline_rows, result_warnings
+    from depthlab.probe.results import dtype_label, headline_rows, result_warnings
 
     console = Console(soft_wrap=True)
     if not console.is_terminal:  # piped / redirected: room for the whole table
@@ -97,7 +97,7 @@ def diagnose_command(
                           markup=False, soft_wrap=True)
     m, d = results["model"], results["data"]
     table = Table(title=f"{results['model_name']}: {m['arch']}, L={m['n_layers']}, "
-                        f"d={m['d_model']}, {fmt_params(m['params'])} params, {m['dtype']}; "
+                        f"d={m['d_model']}, {fmt_params(m['params'])} params, {dtype_label(m)}; "
                         f"N={d['n_samples']} x T={d['seq_len']} of {d['source']}")
     table.add_column("metric", no_wrap=True)
     table.add_column("headline", no_wrap=True)

@@ -142,7 +142,7 @@ def _vocab_size(model: nn.Module) -> int | None:
 def model_section(stack: Any, info: dict[str, Any]) -> dict[str, Any]:
     m = stack.model
     source = {k: v for k, v in info.items()
-              if k not in ("spec", "arch", "dtype", "n_params", "load_seconds")}
+              if k not in ("spec", "arch", "dtype", "stored_dtype", "n_params", "load_seconds")}
     return {
         "spec": info.get("spec"),
         "name": model_name(info, stack),
@@ -152,6 +152,7 @@ def model_section(stack: Any, info: dict[str, Any]) -> dict[str, Any]:
         "d_model": int(stack.d_model),
         "dtype": str(stack.model_dtype).removeprefix("torch."),
         "compute_dtype": str(stack.compute_dtype).removeprefix("torch."),
+        "stored_dtype": info.get("stored_dtype"),
         "params": int(info.get("n_params") or sum(p.numel() for p in m.parameters())),
         "max_seq_len": stack.max_seq_len,
         "vocab_size": _vocab_size(m),
@@ -539,7 +540,7 @@ def diagnose(
     """
     from depthlab import __version__
     from depthlab.data.loader import sample_sequences
-    from depthlab.probe.results import SCHEMA_VERSION, write_outputs
+    from depthlab.probe.results import SCHEMA_VERSION, dtype_label, write_outputs
     from depthlab.probe.suite import METRICS, resolve_metrics
 
     t_start = time.perf_counter()
@@ -566,7 +567,7 @@ def diagnose(
     if log is not None:
         log(f"model {msection['name']}: {msection['arch']}, L={msection['n_layers']}, "
             f"d={msection['d_model']}, {fmt_params(msection['params'])} params, "
-            f"{msection['dtype']} on {stack.device} (loaded in {load_s:.1f}s)")
+            f"{dtype_label(msection)} on {stack.device} (loaded in {load_s:.1f}s)")
 
     t0 = time.perf_counter()
     if ids is None:

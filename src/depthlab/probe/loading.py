@@ -72,6 +72,11 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     return names[dtype]
 
 
+def _dtype_name(dtype: Any) -> str | None:
+    """'bfloat16' for torch.bfloat16 or the string; None when not known."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 def _model_dtype(model: nn.Module) -> str:
     p = next(iter(model.parameters()), None)
     return str(p.dtype).removeprefix("torch.") if p is not None else "unknown"
@@ -108,9 +113,10 @@ def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: A
     if cfg.model.vocab_size is None:
         raise DepthlabError(f"{cfg_path} has no model.vocab_size: cannot rebuild the model")
     model = DepthLM(cfg.model)
-    load_weights_file(model, ckpt / WEIGHTS_FILE)
-    if isinstance(dtype, torch.dtype):
-        model.to(dtype)
+    stored = load_weights_file(model, ckpt / WEIGHTS_FILE)
+    target = dtype if isinstance(dtype, torch.dtype) else stored  # none asked: as stored
+    if target is not None:
+        model.to(target)
     model.to(device).eval()
     tokenizer = None
     tok_dir = run_dir / "tokenizer"
@@ -123,7 +129,8 @@ def _load_depthlab(path: Path, cfg_path: Path, ckpt: Path, dtype: Any, device: A
             tokenizer = None
     step = int(ckpt.name[5:]) if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit() else None
     info = {"kind": "depthlab", "arch": "depthlm", "run_dir": str(run_dir),
-            "checkpoint": str(ckpt), "step": step, "name": cfg.name}
+            "checkpoint": str(ckpt), "step": step, "name": cfg.name,
+            "stored_dtype": _dtype_name(stored)}
     return model, tokenizer, info
 
 
@@ -139,6 +146,7 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
     # the architecture first, from config.json alone: no weights loaded for nothing
     config = AutoConfig.from_pretrained(source, **kw)
     check_supported(config.model_type)
+    stored = getattr(config, "dtype", None)  # config.json's, before loading may change it
     model = load_hf_lm(source, config, dtype if dtype is not None else "auto", **kw)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
@@ -147,7 +155,7 @@ def _hf_load(source: str, dtype: Any, device: Any, **kwargs: Any) -> tuple:
     except Exception:  # noqa: BLE001  weights without a tokenizer are still measurable
         tokenizer = None
     model.to(device).eval()
-    return model, tokenizer
+    return model, tokenizer, _dtype_name(stored)
 
 
 def load_hf_lm(source: str, config: Any = None, dtype: Any = "auto", **kwargs: Any) -> nn.Module:
@@ -260,25 +268,27 @@ def _load_gguf(path: Path, dtype: Any, device: Any) -> tuple:
             "loading .gguf files needs the 'gguf' package (pip install gguf)") from None
     try:
         with _gguf_speedups(path):
-            model, tok = _hf_load(str(path.parent), dtype if dtype is not None else torch.float32,
+            model, tok, _ = _hf_load(str(path.parent), dtype if dtype is not None else torch.float32,
                                   device, gguf_file=path.name)
     except DepthlabError:
         raise
     except Exception as err:  # noqa: BLE001
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DepthlabError(f"cannot load GGUF file {path}: {msg}") from None
-    return model, tok, {"kind": "gguf", "path": str(path), "arch": model.config.model_type}
+    return model, tok, {"kind": "gguf", "path": str(path), "arch": model.config.model_type,
+                        "stored_dtype": "gguf"}
 
 
 def _load_hf_dir(path: Path, dtype: Any, device: Any) -> tuple:
     try:
-        model, tok = _hf_load(str(path), dtype, device)
+        model, tok, stored = _hf_load(str(path), dtype, device)
     except DepthlabError:
         raise
     except Exception as err:  # noqa: BLE001
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DepthlabError(f"cannot load Hugging Face model from {path}: {msg}") from None
-    return model, tok, {"kind": "hf", "path": str(path), "arch": model.config.model_type}
+    return model, tok, {"kind": "hf", "path": str(path), "arch": model.config.model_type,
+                        "stored_dtype": stored}
 
 
 def hub_reachable() -> bool:
@@ -330,7 +340,7 @@ def _load_hub(spec: str, dtype: Any, device: Any, local_files_only: bool | None)
         if not local and not hub_reachable():
             raise _hub_error(spec)
         try:
-            model, tok = _hf_load(spec, dtype, device, local_files_only=local)
+            model, tok, stored = _hf_load(spec, dtype, device, local_files_only=local)
             break
         except DepthlabError:
             raise
@@ -343,7 +353,8 @@ def _load_hub(spec: str, dtype: Any, device: Any, local_files_only: bool | None)
             continue
     else:
         raise _hub_error(spec)
-    return model, tok, {"kind": "hub", "hub_id": spec, "arch": model.config.model_type}
+    return model, tok, {"kind": "hub", "hub_id": spec, "arch": model.config.model_type,
+                        "stored_dtype": stored}
 
 
 # ----------------------------------------------------------------------- entry
@@ -371,8 +382,9 @@ def load_model(
 
     dtype: None keeps the stored dtype (GGUF: dequantized to fp32); a dtype or a name
     ("fp32", "bf16", ...) casts. Returns (model in eval mode, tokenizer or None, info)
-    where info has "kind" (depthlab/hf/gguf/hub), "arch", "dtype", "n_params",
-    "load_seconds" and source details.
+    where info has "kind" (depthlab/hf/gguf/hub), "arch", "dtype" (as loaded),
+    "stored_dtype" (of the files; "gguf" for GGUF), "n_params", "load_seconds" and
+    source details.
     """
     t0 = time.perf_counter()
     dtype = _resolve_dtype(dtype)

@@ -7,7 +7,8 @@ results.json (schema_version 1; field-by-field documentation in docs/diagnose.md
       "depthlab_version": "0.1.0",
       "created": "2026-01-01T12:00:00Z",
       "model_name": "SmolLM2-135M-Instruct.Q4_1",
-      "model":   {spec, name, kind, arch, n_layers, d_model, dtype, compute_dtype, params,
+      "model":   {spec, name, kind, arch, n_layers, d_model, dtype, compute_dtype,
+                  stored_dtype (of the files, "gguf" for GGUF; null for a given module), params,
                   max_seq_len, vocab_size, source},
       "data":    {source, split, tokenizer, n_samples, seq_len, seed, tokens,
                   available_tokens, ids_sha256},
@@ -385,6 +386,13 @@ def result_warnings(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def dtype_label(model: dict[str, Any]) -> str:
+    """The dtype the model ran in, with the stored one when they differ ("float32 (stored
+    bfloat16)"): a cast changes the numbers a reader compares."""
+    ran, stored = model.get("dtype"), model.get("stored_dtype")
+    return f"{ran} (stored {stored})" if stored and stored != ran else str(ran)
+
+
 def summary_markdown(results: dict[str, Any]) -> str:
     """The headline table as Markdown (also written to OUT/summary.md)."""
     model, data = results["model"], results["data"]
@@ -392,7 +400,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"# depthlab diagnose: {results.get('model_name')}",
         "",
         f"- model: {model.get('arch')}, L={model.get('n_layers')}, d={model.get('d_model')}, "
-        f"{model.get('params'):,} parameters, dtype {model.get('dtype')}",
+        f"{model.get('params'):,} parameters, dtype {dtype_label(model)}",
         f"- data: {data.get('source')} ({data.get('split')}), N={data.get('n_samples')} x "
         f"T={data.get('seq_len')} tokens, seed {data.get('seed')}",
         "",

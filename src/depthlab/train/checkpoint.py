@@ -236,9 +236,10 @@ def weights_file(source: str | Path) -> Path:
     return ckpt / "model.safetensors"
 
 
-def load_weights_file(model: nn.Module, path: Path) -> None:
+def load_weights_file(model: nn.Module, path: Path) -> torch.dtype | None:
     """Load a safetensors file of `model_state` tensors into `model` (strict: every tensor,
-    same names, same shapes; tied weights restored). Mismatches are one-line errors."""
+    same names, same shapes; tied weights restored). Mismatches are one-line errors.
+    Returns the dtype the weights are stored in (the model keeps its own)."""
     try:
         weights = load_file(str(path))
     except Exception as err:  # safetensors raises several types for corrupt files
@@ -258,6 +259,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
             f"checkpoint {path} does not match the model: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
+    return next((t.dtype for t in weights.values() if t.is_floating_point()), None)
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
