@@ -229,6 +229,47 @@ def diagnoses_table(data: ReportData) -> Table | None:
     return Table("diagnoses", "Diagnosed models", headers, rows, note, records)
 
 
+def _at_block(values: list[float | None], layers: list[int], pick: Any) -> tuple[Any, Any]:
+    """(the `pick` (max or min) of the values, its block index); (None, None) if none."""
+    found = [(v, layer) for v, layer in zip(values, layers, strict=True) if v is not None]
+    return pick(found, key=lambda x: x[0]) if found else (None, None)
+
+
+def moe_table(data: ReportData) -> Table | None:
+    """One row per run or model with MoE layers: its routing summed up over depth (the
+    `moe_routing` figure per block; the CSV has the per-block values)."""
+    models = data.all_routing
+    if not models:
+        return None
+    headers = ["model", "measured", "MoE blocks", "experts", "imbalance (mean)",
+               "imbalance (max)", "router entropy (mean)", "router entropy (min)"]
+    rows: list[list[str]] = []
+    records: list[dict[str, Any]] = []
+    for label, rt in models:
+        worst, worst_at = _at_block(rt.imbalance, rt.layers, max)
+        low, low_at = _at_block(rt.entropy, rt.layers, min)
+        rows.append([label, rt.source, f"{len(rt.layers)} of {rt.n_layers}",
+                     rt.experts or MISSING, fmt(rt.mean_imbalance),
+                     MISSING if worst is None else f"{fmt(worst)} (block {worst_at})",
+                     fmt(rt.mean_entropy),
+                     MISSING if low is None else f"{fmt(low)} (block {low_at})"])
+        records.append({"model": label, "measured": rt.source, "layers": rt.n_layers,
+                        "moe blocks": rt.layers, "num_experts": rt.num_experts,
+                        "top_k": rt.top_k, "mean load imbalance": rt.mean_imbalance,
+                        "max load imbalance": worst, "max load imbalance block": worst_at,
+                        "mean router entropy": rt.mean_entropy, "min router entropy": low,
+                        "min router entropy block": low_at, "load imbalance": rt.imbalance,
+                        "router entropy": rt.entropy, "expert load": rt.load})
+    note = ("load imbalance: max_e n_e / mean_e n_e over the tokens' top-k assignments in a "
+            "block (1 = balanced, E/k = every token sent to the same k experts); router "
+            "entropy: entropy of the router's distribution / log E, token mean (1 = uniform). "
+            "measured: a run's last training-time stats step (the fixed probe batch), else "
+            "`depthlab diagnose` (its evaluation set). The CSV adds the per-block values "
+            "(JSON lists, in the order of `moe blocks`) and each expert's load (fraction of "
+            "tokens routed to it).")
+    return Table("moe", "MoE routing per model", headers, rows, note, records)
+
+
 def ladder_table(data: ReportData) -> Table | None:
     if not data.ladder:
         return None
@@ -241,4 +282,6 @@ def ladder_table(data: ReportData) -> Table | None:
 
 
 def make_tables(data: ReportData) -> list[Table]:
-    return [t for t in (runs_table(data), diagnoses_table(data), ladder_table(data)) if t]
+    return [t for t in (runs_table(data), diagnoses_table(data), moe_table(data),
+                        ladder_table(data)) if t]
+
