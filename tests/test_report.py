@@ -613,3 +613,33 @@ def test_moe_routing_figure_and_table_appear_only_with_moe_runs(tmp_path):
         assert 'id="skipped-moe_routing"' in rep.html.read_text()
         assert "table-moe" not in parse(rep.html).tables
 
+
+def test_cli_report_prints_a_headline_per_run_then_where_the_report_is(tmp_path, capsys):
+    """One line per run with the numbers of its runs-table row (val loss and PPL, the
+    diagnose scores, last-layer variance), at most 8, then `... N more` and the page."""
+    from depthlab.cli import main
+    from depthlab.report.tables import runs_table
+
+    root = tmp_path / "runs"
+    fake_run(root, "wd0", wd=0.0, diagnose=True)
+    fake_run(root, "wd0.1", wd=0.1, complete=False)
+    main(["report", str(root), "--out", str(tmp_path / "out"), "--no-svg"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["wd0", "step", "20", "val", "loss", "1.3", "(PPL", "3.669)",
+                                "usefulness", "0.6667", "causal", "0.15", "permutation",
+                                "0.013", "last-layer", "var", "0.6"]
+    table = runs_table(collect([root]))
+    row = dict(zip(table.headers, table.rows[1], strict=True))  # wd0.1: its table row
+    assert lines[1] == (f"  wd0.1  step {row['steps']}  val loss {row['val loss']} "
+                        f"(PPL {row['val PPL ↓']})  last-layer var {row['last-layer var']}")
+    assert "(incomplete)" in lines[1] and "usefulness" not in lines[1]  # not diagnosed
+    assert lines[2].startswith("report: ") and "report.html" in lines[2]
+
+    many = tmp_path / "many"
+    for i in range(11):
+        fake_run(many, f"r{i:02d}", wd=i / 10)
+    main(["report", str(many), "--out", str(tmp_path / "out2"), "--no-svg"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:8]] == [f"r{i:02d}" for i in range(8)]
+    assert lines[8] == f"  ... 3 more (all in {tmp_path / 'out2' / 'tables' / 'runs.md'})"
+    assert lines[9].startswith("report: ")

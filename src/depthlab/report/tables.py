@@ -285,3 +285,31 @@ def make_tables(data: ReportData) -> list[Table]:
     return [t for t in (runs_table(data), diagnoses_table(data), moe_table(data),
                         ladder_table(data)) if t]
 
+
+HEADLINE_SCORES = ("usefulness", "causal", "permutation", "last-layer var")
+"""The scores of a runs or diagnoses table row that the console headline shows."""
+
+
+def headline(tables: list[Table], limit: int = 8, more: str = "") -> list[str]:
+    """The console's summary of a report: one line per run, then per diagnosed model,
+    with the cells its table row shows (a cell without a value is left out), e.g.
+    `L8  step 300  val loss 1.62 (PPL 5.05)  usefulness 0.75  last-layer var 0.31`;
+    at most `limit` lines, then `... N more` and `more` (where they are)."""
+    lines: list[tuple[str, str]] = []
+    for t in tables:
+        if t.name not in ("runs", "diagnoses"):
+            continue
+        names = [h.removesuffix(" ↓").removesuffix(" ↑") for h in t.headers]
+        for row in t.rows:
+            cells = {n: c for n, c in zip(names, row, strict=True) if c != MISSING}
+            parts = [f"step {cells['steps']}"] if "steps" in cells else []
+            if "val loss" in cells:  # as `depthlab train` prints it
+                ppl = f" (PPL {cells['val PPL']})" if "val PPL" in cells else ""
+                parts.append(f"val loss {cells['val loss']}{ppl}")
+            parts += [f"{key} {cells[key]}" for key in HEADLINE_SCORES if key in cells]
+            lines.append((row[0], "  ".join(parts)))
+    width = min(max((len(label) for label, _ in lines[:limit]), default=0), 32)
+    out = [f"  {label.ljust(width)}  {text}".rstrip() for label, text in lines[:limit]]
+    if len(lines) > limit:
+        out.append(f"  ... {len(lines) - limit} more" + (f" ({more})" if more else ""))
+    return out
