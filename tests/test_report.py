@@ -64,14 +64,18 @@ def parse(path: Path) -> PageParser:
 
 def fake_run(root: Path, name: str, *, n_layers: int = 3, wd: float = 0.1, steps: int = 20,
              stats: bool = True, complete: bool = True, diagnose: bool = False,
-             interval: int = 5) -> Path:
-    """A run directory with the trainer's layout (config.yaml, metrics.jsonl, summary.json)."""
+             interval: int = 5, moe: tuple[int, int, list[int] | None] | None = None) -> Path:
+    """A run directory with the trainer's layout (config.yaml, metrics.jsonl, summary.json);
+    `moe=(E, k, layers)` makes it an MoE run (layers None: every block) whose stats record
+    routing."""
     run = root / name
     run.mkdir(parents=True)
     cfg = {"name": name, "out_dir": str(root),
            "model": {"n_layers": n_layers, "d_model": 32, "n_heads": 4, "vocab_size": 257},
            "data": {"corpus": "kjv", "seq_len": 32},
            "train": {"max_steps": steps, "weight_decay": wd, "stats_interval": interval}}
+    if moe:
+        cfg["model"]["moe"] = {"num_experts": moe[0], "top_k": moe[1], "layers": moe[2]}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     lines = []
     for s in range(1, steps + 1):
@@ -87,7 +91,7 @@ def fake_run(root: Path, name: str, *, n_layers: int = 3, wd: float = 0.1, steps
                 "update_ratio": [1.0 / (l + 1) for l in range(L)],
                 "grad_norm": [0.1] * L, "param_norm": [5.0] * L,
                 "weight_sparsity": [0.03] * L, "weight_hoyer": [0.2] * L,
-                "attn_entropy": [0.9] * L, "attn_top90": [0.8] * L}})
+                "attn_entropy": [0.9] * L, "attn_top90": [0.8] * L, **fake_routing(L, moe)}})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if complete:
         (run / "summary.json").write_text(json.dumps({
@@ -99,6 +103,22 @@ def fake_run(root: Path, name: str, *, n_layers: int = 3, wd: float = 0.1, steps
         (run / "diagnose").mkdir()
         (run / "diagnose" / "results.json").write_text(json.dumps(fake_results(L)))
     return run
+
+
+def fake_routing(L: int, moe: tuple[int, int, list[int] | None] | None) -> dict:
+    """The stats' MoE keys: in block l, expert e gets a share growing with l * e (block 0
+    balanced), so the imbalance max_e n_e / mean_e n_e grows with depth; null for dense
+    blocks."""
+    if not moe:
+        return {}
+    E, k, layers = moe
+    load, imb, ent = [None] * L, [None] * L, [None] * L
+    for l in (range(L) if layers is None else layers):
+        w = [1.0 + l * e for e in range(E)]
+        load[l] = [k * x / sum(w) for x in w]
+        imb[l] = max(w) / (sum(w) / E)
+        ent[l] = 1.0 - 0.1 * l
+    return {"moe_load": load, "moe_imbalance": imb, "router_entropy": ent}
 
 
 def fake_results(L: int) -> dict:
@@ -134,7 +154,7 @@ def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
     for f in rep.drawn:
         assert f.png.is_file() and f.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f.svg.is_file() and b"<svg" in f.svg.read_bytes()[:500]
-    assert [f.name for f in rep.skipped] == ["ladder"]
+    assert [f.name for f in rep.skipped] == ["moe_routing", "ladder"]  # dense runs only
 
     page = parse(rep.html)
     assert len(page.images) == len(rep.drawn)
@@ -518,3 +538,108 @@ def test_diagnose_caveats_reach_the_report_page(tmp_path):
     res["metrics"]["usefulness"]["fit_tokens"] = 400  # > 10 x (32 + 1)
     (tmp_path / "m" / "results.json").write_text(json.dumps(res))
     assert not any("usefulness" in w for w in collect([tmp_path / "m"]).warnings)
+
+
+def test_moe_routing_figure_and_table_appear_only_with_moe_runs(tmp_path):
+    """Per MoE block: load imbalance and router entropy / log E of every MoE run (dense runs
+    are left out), and the expert-load map of the most imbalanced one, dense blocks grey."""
+    import csv
+
+    import numpy as np
+
+    from depthlab.report.figures import fig_moe_routing
+
+    root = tmp_path / "runs"
+    fake_run(root, "dense", n_layers=4)
+    fake_run(root, "moe_all", n_layers=4, moe=(4, 2, None), wd=0.2)
+    fake_run(root, "moe_odd", n_layers=4, moe=(4, 1, [1, 3]), wd=0.3)
+    rep = build_report([root], tmp_path / "out")
+    fo = next(f for f in rep.figures if f.name == "moe_routing")
+    assert fo.note is None and fo.png.is_file()
+    assert parse(rep.html).tables == {"table-runs": 3, "table-moe": 2}
+    assert 'id="fig-moe_routing"' in rep.html.read_text()
+
+    data = collect([root])
+    fig = fig_moe_routing(data, {"dense": "k", "moe_all": "red", "moe_odd": "blue"})
+    ax_imb, ax_ent, ax_map = fig.axes[:3]
+    runs = {line.get_label().split(" ")[0]: line for line in ax_imb.get_lines()
+            if line.get_color() in ("red", "blue")}
+    assert set(runs) == {"moe_all", "moe_odd"}  # the dense run has no routing to draw
+    assert list(runs["moe_odd"].get_xdata()) == [1, 3]  # its MoE blocks, at their indices
+    w = [1.0 + 3 * e for e in range(4)]
+    assert runs["moe_odd"].get_ydata()[1] == pytest.approx(max(w) / (sum(w) / 4))
+    assert ax_imb.get_xlabel() == "block l"  # same depth: the block index
+    assert "E=4, k=1, stats, step 20" in runs["moe_odd"].get_label()
+    ent = {line.get_color(): list(line.get_ydata()) for line in ax_ent.get_lines()}
+    assert ent["red"] == pytest.approx([1.0, 0.9, 0.8, 0.7])
+    # the expert-load map: moe_odd (1 expert of 4 per token, blocks 1 and 3) is the more
+    # imbalanced; its dense blocks 0 and 2 are grey (no value), an expert's balanced share 1
+    assert ax_map.get_title().startswith("expert load: moe_odd")
+    grid = np.ma.filled(ax_map.get_images()[0].get_array().astype(float), np.nan)
+    assert np.isnan(grid[0]).all() and np.isnan(grid[2]).all()
+    assert grid[3].mean() == pytest.approx(1.0) and grid[3][0] < grid[3][3]
+    assert "grey: dense block" in ax_map.get_xlabel()
+
+    with (tmp_path / "out" / "tables" / "moe.csv").open() as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"moe_all", "moe_odd"}
+    assert rows["moe_odd"]["moe blocks"] == "[1, 3]" and rows["moe_odd"]["top_k"] == "1"
+    assert rows["moe_odd"]["max load imbalance block"] == "3"
+    assert float(rows["moe_all"]["min router entropy"]) == pytest.approx(0.7)
+
+    # a diagnosed MoE model (no run): drawn dashed, from results.json's moe metric
+    res = fake_results(6)
+    res["metrics"]["moe"] = {"moe_layers": [2, 5], "num_experts": [8, 8], "top_k": [2, 2],
+                             "fraction_routed": [[0.25] * 8, [1.0, 1.0] + [0.0] * 6],
+                             "load_imbalance": [1.0, 4.0],
+                             "router_entropy_normalized": [0.9, 0.2]}
+    (tmp_path / "olmoe").mkdir()
+    (tmp_path / "olmoe" / "results.json").write_text(json.dumps(res))
+    data = collect([root, tmp_path / "olmoe"])
+    fig = fig_moe_routing(data, {"moe_all": "red", "moe_odd": "blue", "olmoe": "green"})
+    ax_imb, _, ax_map = fig.axes[:3]
+    [line] = [x for x in ax_imb.get_lines() if x.get_color() == "green"]
+    assert line.get_linestyle() == "--" and "E=8, k=2, diagnose" in line.get_label()
+    assert list(line.get_xdata()) == [0.4, 1.0]  # 4 and 6 blocks: relative depth
+    assert ax_imb.get_xlabel().startswith("relative depth")
+    assert ax_map.get_title().startswith("expert load: olmoe")  # mean imbalance 2.5
+
+    # no MoE run, or MoE runs without routing statistics: skipped with a note
+    for name, kwargs in (("dense_only", {}), ("moe_no_stats", {"moe": (4, 2, None),
+                                                               "stats": False})):
+        fake_run(tmp_path / name, "r", **kwargs)
+        rep = build_report([tmp_path / name], tmp_path / f"out_{name}")
+        assert "moe_routing" in {f.name for f in rep.skipped}
+        assert 'id="skipped-moe_routing"' in rep.html.read_text()
+        assert "table-moe" not in parse(rep.html).tables
+
+
+def test_cli_report_prints_a_headline_per_run_then_where_the_report_is(tmp_path, capsys):
+    """One line per run with the numbers of its runs-table row (val loss and PPL, the
+    diagnose scores, last-layer variance), at most 8, then `... N more` and the page."""
+    from depthlab.cli import main
+    from depthlab.report.tables import runs_table
+
+    root = tmp_path / "runs"
+    fake_run(root, "wd0", wd=0.0, diagnose=True)
+    fake_run(root, "wd0.1", wd=0.1, complete=False)
+    main(["report", str(root), "--out", str(tmp_path / "out"), "--no-svg"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["wd0", "step", "20", "val", "loss", "1.3", "(PPL", "3.669)",
+                                "usefulness", "0.6667", "causal", "0.15", "permutation",
+                                "0.013", "last-layer", "var", "0.6"]
+    table = runs_table(collect([root]))
+    row = dict(zip(table.headers, table.rows[1], strict=True))  # wd0.1: its table row
+    assert lines[1] == (f"  wd0.1  step {row['steps']}  val loss {row['val loss']} "
+                        f"(PPL {row['val PPL ↓']})  last-layer var {row['last-layer var']}")
+    assert "(incomplete)" in lines[1] and "usefulness" not in lines[1]  # not diagnosed
+    assert lines[2].startswith("report: ") and "report.html" in lines[2]
+
+    many = tmp_path / "many"
+    for i in range(11):
+        fake_run(many, f"r{i:02d}", wd=i / 10)
+    main(["report", str(many), "--out", str(tmp_path / "out2"), "--no-svg"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:8]] == [f"r{i:02d}" for i in range(8)]
+    assert lines[8] == f"  ... 3 more (all in {tmp_path / 'out2' / 'tables' / 'runs.md'})"
+    assert lines[9].startswith("report: ")

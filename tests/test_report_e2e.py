@@ -54,7 +54,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         pytest.skip("chromium not installed (apt-get update && apt-get install -y chromium)")
     sweep = tmp_path / "sweep"
     fake_run(sweep, "L2", n_layers=2, diagnose=True)
-    fake_run(sweep, "L4", n_layers=4, diagnose=True)
+    fake_run(sweep, "L4", n_layers=4, diagnose=True, moe=(4, 2, None))  # + moe_routing
     fake_run(sweep, "L8", n_layers=8, steps=10, complete=False)
     ladder = tmp_path / "ladder.json"
     ladder.write_text(json.dumps([{"name": "baseline", "ppl": 20.1, "usefulness": 0.5},
@@ -63,7 +63,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     hf.mkdir()
     (hf / "results.json").write_text(json.dumps(fake_results(3)))
     rep = build_report([sweep, hf], tmp_path / "out", ladder=ladder)
-    expected_tables = {"table-runs": 3, "table-diagnoses": 1, "table-ladder": 2}
+    expected_tables = {"table-runs": 3, "table-diagnoses": 1, "table-moe": 1,
+                       "table-ladder": 2}
 
     # the check runs on a copy: the report itself carries no script
     page = tmp_path / "check.html"

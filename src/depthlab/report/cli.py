@@ -37,6 +37,8 @@ def report(
     console = Console(soft_wrap=True)
     rep = build_report(dirs, out, ladder=ladder, title=title,
                        formats=("png", "svg") if svg else ("png",), dpi=dpi)
+    for line in rep.headline():  # the numbers of the runs table, one line a run
+        console.print(line, markup=False, highlight=False)
     console.print(f"report: [bold]{rep.html}[/]  ({counted(len(rep.data.runs), 'run')}, "
                   f"{counted(len(rep.drawn), 'figure')}, {counted(len(rep.tables), 'table')})")
     for f in rep.skipped:

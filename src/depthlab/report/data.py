@@ -157,6 +157,24 @@ class Diagnosis:
         return d if isinstance(d, dict) else {}
 
     @property
+    def routing(self) -> Routing | None:
+        """The `moe` metric's routing per MoE block; None without one."""
+        layers = self.get("moe", "moe_layers")
+        if not (isinstance(layers, list) and layers
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                        for x in layers)):
+            return None
+        n = len(layers)
+        loads = self.get("moe", "fraction_routed")
+        load = [[num(x) for x in row] if isinstance(row, list) else []
+                for row in (loads if isinstance(loads, list) else [])][:n]
+        return Routing("diagnose", max(self.n_layers or 0, max(layers) + 1), layers,
+                       _per_layer(self.get("moe", "load_imbalance"), n),
+                       _per_layer(self.get("moe", "router_entropy_normalized"), n),
+                       load + [[]] * (n - len(load)), _same(self.get("moe", "num_experts")),
+                       _same(self.get("moe", "top_k")))
+
+    @property
     def n_layers(self) -> int | None:
         info = self.raw.get("model") if isinstance(self.raw.get("model"), dict) else None
         if info and isinstance(info.get("n_layers"), int):
@@ -166,6 +184,60 @@ class Diagnosis:
             if isinstance(n, int):
                 return n
         return None
+
+
+@dataclass
+class Routing:
+    """One model's MoE routing, per MoE block (metrics.md section 7), from the last
+    training-time stats step that recorded it or from `depthlab diagnose`."""
+
+    source: str
+    """Where it was measured: "stats, step 60" or "diagnose"."""
+    n_layers: int
+    layers: list[int]
+    """The MoE blocks; the lists below follow this order."""
+    imbalance: list[float | None]
+    """max_e n_e / mean_e n_e (1 = balanced, E/k = every token on the same k experts)."""
+    entropy: list[float | None]
+    """Router entropy / log E, token mean (1 = uniform over the experts)."""
+    load: list[list[float | None]]
+    """Fraction of tokens whose top-k includes expert e (sums to k over the experts)."""
+    num_experts: int | None
+    """E, when every MoE block has the same number of experts."""
+    top_k: int | None
+
+    @property
+    def experts(self) -> str:
+        """"E=8, k=2" (the parts that are known)."""
+        return ", ".join(f"{n}={v}" for n, v in (("E", self.num_experts), ("k", self.top_k))
+                         if v is not None)
+
+    @property
+    def mean_imbalance(self) -> float | None:
+        return _mean(self.imbalance)
+
+    @property
+    def mean_entropy(self) -> float | None:
+        return _mean(self.entropy)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _same(values: Any) -> int | None:
+    """The one integer all entries of a list share, else None."""
+    if isinstance(values, list) and values and all(isinstance(v, int) for v in values) \
+            and len(set(values)) == 1:
+        return values[0]
+    return None
+
+
+def _per_layer(values: Any, n: int) -> list[float | None]:
+    """n numbers (None where missing or not finite) from a results list."""
+    out = [num(v) for v in values[:n]] if isinstance(values, list) else []
+    return out + [None] * (n - len(out))
 
 
 @dataclass
@@ -232,6 +304,31 @@ class RunData:
         v = self.val_loss()
         return perplexity(v)
 
+    @property
+    def routing(self) -> Routing | None:
+        """MoE routing at the last stats step that recorded it (training-time stats:
+        moe_load, moe_imbalance, router_entropy, null for dense blocks), else from the
+        run's diagnosis; None for a dense run or one without either."""
+        for st in reversed(self.stats):
+            loads = st.get("moe_load")
+            if not isinstance(loads, list):
+                continue
+            layers = [i for i, row in enumerate(loads) if isinstance(row, list) and row]
+            if not layers:
+                continue
+            imb, ent = st.get("moe_imbalance"), st.get("router_entropy")
+            moe = (self.config.get("model") or {}).get("moe")
+            k = moe.get("top_k") if isinstance(moe, dict) else None
+            return Routing(
+                f"stats, step {st['_step']}", len(loads), layers,
+                [num(imb[i]) if isinstance(imb, list) and i < len(imb) else None
+                 for i in layers],
+                [num(ent[i]) if isinstance(ent, list) and i < len(ent) else None
+                 for i in layers],
+                [[num(x) for x in loads[i]] for i in layers],
+                _same([len(loads[i]) for i in layers]), k if isinstance(k, int) else None)
+        return self.diagnosis.routing if self.diagnosis is not None else None
+
     def params(self, active: bool = False) -> int | None:
         """Total parameters, or (active) those one token uses: MoE runs differ."""
         key = "active_params" if active else "params"
@@ -255,6 +352,12 @@ class ReportData:
     def all_diagnoses(self) -> list[tuple[str, Diagnosis]]:
         out = [(r.label, r.diagnosis) for r in self.runs if r.diagnosis is not None]
         return out + [(d.label, d) for d in self.diagnoses]
+
+    @property
+    def all_routing(self) -> list[tuple[str, Routing]]:
+        """(label, MoE routing) of every run and diagnosed model that has MoE layers."""
+        out = [(r.label, rt) for r in self.runs if (rt := r.routing)]
+        return out + [(d.label, rt) for d in self.diagnoses if (rt := d.routing)]
 
 
 # ----------------------------------------------------------------------------- discovery

@@ -217,6 +217,74 @@ def fig_layer_stats(data: ReportData, colors: dict[str, str]) -> Figure | str:
     return fig
 
 
+def fig_moe_routing(data: ReportData, colors: dict[str, str]) -> Figure | str:
+    """Routing health across depth: per MoE block, the load imbalance and the normalised
+    router entropy of every MoE model, and the expert-load map (block x expert) of the
+    model with the highest mean imbalance, the one to look at first."""
+    import textwrap
+
+    models = data.all_routing
+    if not models:
+        return ("no MoE routing: no run or diagnosed model has MoE layers with routing "
+                "statistics (MoE runs record them with train.stats_interval > 0, "
+                "`depthlab diagnose` with the moe metric)")
+    fig, axes = _fig(13, 4.2, ncols=3)
+    ax_i, ax_e, ax_h = axes[0]
+    depths = [rt.n_layers for _, rt in models]
+    for ax, key in ((ax_i, "imbalance"), (ax_e, "entropy")):
+        place = _set_depth_axis(ax, depths)
+        for label, rt in models:
+            # solid: training-time stats (as in the variance profile); dashed: diagnose
+            stats = rt.source != "diagnose"
+            what = ", ".join(q for q in (rt.experts, rt.source) if q)
+            ax.plot(place(rt.n_layers, rt.layers), _vals(getattr(rt, key)),
+                    ls="-" if stats else "--", marker="o" if stats else "s", ms=3.5, lw=1.3,
+                    color=colors.get(label, "black"), label=f"{label} ({what})")
+    ax_i.axhline(1.0, color="k", ls=":", lw=1, label="balanced (1)")
+    ax_i.set_ylim(bottom=0)
+    ax_i.set(title="load imbalance per MoE block",
+             ylabel=r"$\mathrm{max}_e\, n_e / \mathrm{mean}_e\, n_e$ (1 = balanced)")
+    ax_e.set_ylim(0, 1.05)
+    ax_e.set(title="router entropy per MoE block",
+             ylabel="entropy / log E (1 = uniform, 0 = one expert)")
+    _legend(ax_i, len(models) + 1)
+
+    label, rt = max(models, key=lambda m: m[1].mean_imbalance or 0.0)  # the first on ties
+    n_experts = max((len(row) for row in rt.load), default=0)
+    grid = [[NAN] * max(n_experts, 1) for _ in range(rt.n_layers)]
+    for block, row in zip(rt.layers, rt.load, strict=True):
+        loads = _vals(row)
+        finite = [x for x in loads if not math.isnan(x)]
+        mean = sum(finite) / len(finite) if finite else 0.0
+        if mean > 0:  # n_e / mean_e n_e: 1 is an expert's balanced share
+            grid[block][:len(loads)] = [x / mean for x in loads]
+    vmax = max((x for row in grid for x in row if not math.isnan(x)), default=1.0) or 1.0
+    image = ax_h.imshow(grid, cmap=heatmap_cmap(), vmin=0, vmax=vmax, origin="upper",
+                        aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax_h, shrink=0.9, label=r"load $n_e / \mathrm{mean}_e\, n_e$")
+    if len(rt.layers) * n_experts <= 64:  # few cells: their values (0 = an unused expert)
+        for block in rt.layers:
+            for e, x in enumerate(grid[block]):
+                if not math.isnan(x):
+                    ax_h.text(e, block, f"{x:.2g}", ha="center", va="center", fontsize=7,
+                              color="black" if x > 0.6 * vmax else "white")
+    worst = " (highest mean imbalance)" if len(models) > 1 else ""
+    ax_h.set_title("\n".join(textwrap.wrap(f"expert load: {label}{worst}", 40)),
+                   color=colors.get(label, "black"))
+    dense = len(rt.layers) < rt.n_layers
+    ax_h.set(xlabel="expert e" + ("\ngrey: dense block (no router)" if dense else ""),
+             ylabel="block l")
+    for axis, n in ((ax_h.xaxis, n_experts), (ax_h.yaxis, rt.n_layers)):
+        if n <= 16:
+            axis.set_ticks(range(n))
+        else:
+            axis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    ax_h.grid(False)
+    fig.suptitle("MoE routing per block (runs: the last stats step; otherwise depthlab "
+                 "diagnose)")
+    return fig
+
+
 # ----------------------------------------------------------------------------- diagnose
 
 
@@ -473,6 +541,15 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportData, dict[str, str]], Figure
     ("layer_stats", "Layer statistics at the last stats step",
      "Residual-update ratio, per-block gradient norm, weight sparsity and attention entropy "
      "from the training-time stats (docs/reporting.md).", fig_layer_stats),
+    ("moe_routing", "MoE routing per block",
+     "Left and middle, per MoE block of each MoE run or model (solid: its last training-time "
+     "stats step, on the fixed probe batch; dashed: `depthlab diagnose`, on its evaluation "
+     "set): load imbalance max_e n_e / mean_e n_e over the tokens' top-k assignments (1 = "
+     "balanced, E/k = every token sent to the same k experts) and router entropy / log E "
+     "(1 = the router spreads its weight uniformly, 0 = all on one expert; metrics.md "
+     "section 7). Right: each expert's load n_e / mean_e n_e in each block of the model "
+     "with the highest mean imbalance; grey rows are dense blocks. Dense runs are not "
+     "drawn.", fig_moe_routing),
     ("jacobian", "Jacobian norm per layer",
      "||J_l - I||_F / d of each block (metrics.md section 2), from `depthlab diagnose`.",
      fig_jacobian),

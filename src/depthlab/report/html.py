@@ -13,7 +13,7 @@ from pathlib import Path
 from depthlab.errors import DepthlabError
 from depthlab.report.data import ReportData, collect
 from depthlab.report.figures import FigureOut, make_figures, palette
-from depthlab.report.tables import Table, make_tables
+from depthlab.report.tables import Table, headline, make_tables
 from depthlab.text import html_text
 
 REPORT_FILE = "report.html"
@@ -65,6 +65,13 @@ class Report:
     @property
     def skipped(self) -> list[FigureOut]:
         return [f for f in self.figures if f.note is not None]
+
+    def headline(self, limit: int = 8) -> list[str]:
+        """The console's summary: one line per run (then per diagnosed model) with the
+        numbers of its table row, at most `limit` lines and a `... N more` line."""
+        shown = [t for t in self.tables if t.name in ("runs", "diagnoses")]
+        where = " and ".join(str(self.html.parent / "tables" / f"{t.name}.md") for t in shown)
+        return headline(self.tables, limit, more=f"all in {where}" if where else "")
 
 
 def _data_uri(path: Path) -> str:

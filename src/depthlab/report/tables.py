@@ -229,6 +229,47 @@ def diagnoses_table(data: ReportData) -> Table | None:
     return Table("diagnoses", "Diagnosed models", headers, rows, note, records)
 
 
+def _at_block(values: list[float | None], layers: list[int], pick: Any) -> tuple[Any, Any]:
+    """(the `pick` (max or min) of the values, its block index); (None, None) if none."""
+    found = [(v, layer) for v, layer in zip(values, layers, strict=True) if v is not None]
+    return pick(found, key=lambda x: x[0]) if found else (None, None)
+
+
+def moe_table(data: ReportData) -> Table | None:
+    """One row per run or model with MoE layers: its routing summed up over depth (the
+    `moe_routing` figure per block; the CSV has the per-block values)."""
+    models = data.all_routing
+    if not models:
+        return None
+    headers = ["model", "measured", "MoE blocks", "experts", "imbalance (mean)",
+               "imbalance (max)", "router entropy (mean)", "router entropy (min)"]
+    rows: list[list[str]] = []
+    records: list[dict[str, Any]] = []
+    for label, rt in models:
+        worst, worst_at = _at_block(rt.imbalance, rt.layers, max)
+        low, low_at = _at_block(rt.entropy, rt.layers, min)
+        rows.append([label, rt.source, f"{len(rt.layers)} of {rt.n_layers}",
+                     rt.experts or MISSING, fmt(rt.mean_imbalance),
+                     MISSING if worst is None else f"{fmt(worst)} (block {worst_at})",
+                     fmt(rt.mean_entropy),
+                     MISSING if low is None else f"{fmt(low)} (block {low_at})"])
+        records.append({"model": label, "measured": rt.source, "layers": rt.n_layers,
+                        "moe blocks": rt.layers, "num_experts": rt.num_experts,
+                        "top_k": rt.top_k, "mean load imbalance": rt.mean_imbalance,
+                        "max load imbalance": worst, "max load imbalance block": worst_at,
+                        "mean router entropy": rt.mean_entropy, "min router entropy": low,
+                        "min router entropy block": low_at, "load imbalance": rt.imbalance,
+                        "router entropy": rt.entropy, "expert load": rt.load})
+    note = ("load imbalance: max_e n_e / mean_e n_e over the tokens' top-k assignments in a "
+            "block (1 = balanced, E/k = every token sent to the same k experts); router "
+            "entropy: entropy of the router's distribution / log E, token mean (1 = uniform). "
+            "measured: a run's last training-time stats step (the fixed probe batch), else "
+            "`depthlab diagnose` (its evaluation set). The CSV adds the per-block values "
+            "(JSON lists, in the order of `moe blocks`) and each expert's load (fraction of "
+            "tokens routed to it).")
+    return Table("moe", "MoE routing per model", headers, rows, note, records)
+
+
 def ladder_table(data: ReportData) -> Table | None:
     if not data.ladder:
         return None
@@ -241,4 +282,34 @@ def ladder_table(data: ReportData) -> Table | None:
 
 
 def make_tables(data: ReportData) -> list[Table]:
-    return [t for t in (runs_table(data), diagnoses_table(data), ladder_table(data)) if t]
+    return [t for t in (runs_table(data), diagnoses_table(data), moe_table(data),
+                        ladder_table(data)) if t]
+
+
+HEADLINE_SCORES = ("usefulness", "causal", "permutation", "last-layer var")
+"""The scores of a runs or diagnoses table row that the console headline shows."""
+
+
+def headline(tables: list[Table], limit: int = 8, more: str = "") -> list[str]:
+    """The console's summary of a report: one line per run, then per diagnosed model,
+    with the cells its table row shows (a cell without a value is left out), e.g.
+    `L8  step 300  val loss 1.62 (PPL 5.05)  usefulness 0.75  last-layer var 0.31`;
+    at most `limit` lines, then `... N more` and `more` (where they are)."""
+    lines: list[tuple[str, str]] = []
+    for t in tables:
+        if t.name not in ("runs", "diagnoses"):
+            continue
+        names = [h.removesuffix(" ↓").removesuffix(" ↑") for h in t.headers]
+        for row in t.rows:
+            cells = {n: c for n, c in zip(names, row, strict=True) if c != MISSING}
+            parts = [f"step {cells['steps']}"] if "steps" in cells else []
+            if "val loss" in cells:  # as `depthlab train` prints it
+                ppl = f" (PPL {cells['val PPL']})" if "val PPL" in cells else ""
+                parts.append(f"val loss {cells['val loss']}{ppl}")
+            parts += [f"{key} {cells[key]}" for key in HEADLINE_SCORES if key in cells]
+            lines.append((row[0], "  ".join(parts)))
+    width = min(max((len(label) for label, _ in lines[:limit]), default=0), 32)
+    out = [f"  {label.ljust(width)}  {text}".rstrip() for label, text in lines[:limit]]
+    if len(lines) > limit:
+        out.append(f"  ... {len(lines) - limit} more" + (f" ({more})" if more else ""))
+    return out
