@@ -154,7 +154,7 @@ def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
     for f in rep.drawn:
         assert f.png.is_file() and f.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f.svg.is_file() and b"<svg" in f.svg.read_bytes()[:500]
-    assert [f.name for f in rep.skipped] == ["moe_routing", "ladder"]  # dense runs only
+    assert [f.name for f in rep.skipped] == ["ladder"]  # dense runs: no MoE note either
 
     page = parse(rep.html)
     assert len(page.images) == len(rep.drawn)
@@ -604,13 +604,15 @@ def test_moe_routing_figure_and_table_appear_only_with_moe_runs(tmp_path):
     assert ax_imb.get_xlabel().startswith("relative depth")
     assert ax_map.get_title().startswith("expert load: olmoe")  # mean imbalance 2.5
 
-    # no MoE run, or MoE runs without routing statistics: skipped with a note
+    # MoE runs without routing statistics: skipped with a note; no MoE run: not mentioned
     for name, kwargs in (("dense_only", {}), ("moe_no_stats", {"moe": (4, 2, None),
                                                                "stats": False})):
         fake_run(tmp_path / name, "r", **kwargs)
         rep = build_report([tmp_path / name], tmp_path / f"out_{name}")
-        assert "moe_routing" in {f.name for f in rep.skipped}
-        assert 'id="skipped-moe_routing"' in rep.html.read_text()
+        noted = name == "moe_no_stats"
+        assert ("moe_routing" in {f.name for f in rep.skipped}) is noted
+        assert ('id="skipped-moe_routing"' in rep.html.read_text()) is noted
+        assert "moe_routing" not in {f.name for f in rep.figures if f.png}
         assert "table-moe" not in parse(rep.html).tables
 
 

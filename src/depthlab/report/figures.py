@@ -217,13 +217,15 @@ def fig_layer_stats(data: ReportData, colors: dict[str, str]) -> Figure | str:
     return fig
 
 
-def fig_moe_routing(data: ReportData, colors: dict[str, str]) -> Figure | str:
+def fig_moe_routing(data: ReportData, colors: dict[str, str]) -> Figure | str | None:
     """Routing health across depth: per MoE block, the load imbalance and the normalised
     router entropy of every MoE model, and the expert-load map (block x expert) of the
     model with the highest mean imbalance, the one to look at first."""
     import textwrap
 
     models = data.all_routing
+    if not models and not any((r.config.get("model") or {}).get("moe") for r in data.runs):
+        return None  # no MoE anywhere: nothing to say
     if not models:
         return ("no MoE routing: no run or diagnosed model has MoE layers with routing "
                 "statistics (MoE runs record them with train.stats_interval > 0, "
@@ -526,7 +528,7 @@ def fig_ladder(data: ReportData, colors: dict[str, str]) -> Figure | str:
 
 # ----------------------------------------------------------------------------- driver
 
-FIGURES: list[tuple[str, str, str, Callable[[ReportData, dict[str, str]], Figure | str]]] = [
+FIGURES: list[tuple[str, str, str, Callable[[ReportData, dict[str, str]], Figure | str | None]]] = [
     ("loss_curves", "Training and validation loss",
      "Token-mean next-token cross-entropy; validation on the run's fixed validation batches.",
      fig_loss_curves),
@@ -586,6 +588,8 @@ def make_figures(data: ReportData, out_dir: Path, colors: dict[str, str],
     for name, title, caption, fn in FIGURES:
         with matplotlib.rc_context(STYLE):
             result = fn(data, colors)
+            if result is None:  # does not apply to these runs (MoE routing of dense runs)
+                continue
             if isinstance(result, str):
                 outs.append(FigureOut(name, title, caption, note=result))
                 continue
