@@ -203,6 +203,27 @@ def worker(rank: int, root: str, port: int) -> None:
     out["global_norms"] = D.global_norms(params)
     out["full_norms"] = [float(D.full_tensor(p.detach()).norm()) for p in params]
     out["names"] = [n for n, _ in fsdp.model.named_parameters()]
+    # FSDP2 in bf16 (train.dtype bf16: the CUDA default) keeps the residual stream fp32,
+    # as DDP's autocast does; the blocks' weights are gathered in bf16
+    from depthlab.model import DepthLM
+    from depthlab.train.trainer import autocast_context
+
+    cfg16 = build_config(raw_cfg(root_p, "bf16", **{"model.vocab_size": 257,
+                                                    "train.dtype": "bf16"}))
+    torch.manual_seed(0)
+    ctx = D.DistContext(strategy="fsdp", rank=rank, world_size=2, backend="gloo")
+    fsdp16 = D.wrap_model(DepthLM(cfg16.model), ctx, bf16=True)
+    seen: list[str] = []
+    for block in fsdp16.blocks:
+        block.register_forward_hook(lambda m, args, h: seen.extend(
+            [str(args[0].dtype), str(h.dtype)]))
+    x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with autocast_context(cfg16.train, torch.device("cpu")):
+        loss = fsdp16(x, x).loss
+    loss.backward()
+    out["fsdp_bf16_stream"] = seen
+    out["fsdp_bf16_block_weights"] = sorted({str(p.dtype) for p in fsdp16.blocks[0].parameters()})
+    del fsdp16
     # checkpoint at 2 ranks (FSDP2): resume at 2 ranks here, at 1 rank in the parent
     run(raw_cfg(root_p, "cut", **{"train.distributed": "fsdp"}), cut=CUT)
     D.barrier()
@@ -334,6 +355,15 @@ def test_moe_two_ranks_match_accumulation(dist):
 
 
 # --------------------------------------------------------------------------- resume
+
+
+def test_fsdp_bf16_keeps_the_residual_stream_fp32(dist):
+    """A bf16 policy on the root made h and every h + f(h) bf16 under FSDP2 (not DDP),
+    rounding away block updates below ~2^-9 of the stream."""
+    for rank in (0, 1):
+        r = json.loads((dist / f"rank{rank}.json").read_text())
+        assert r["fsdp_bf16_stream"] == ["torch.float32"] * 4  # in and out of 2 blocks
+        assert r["fsdp_bf16_block_weights"] == ["torch.float32"]  # sharded fp32 masters
 
 
 def test_resume_two_to_two(dist):

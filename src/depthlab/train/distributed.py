@@ -248,9 +248,13 @@ def abandon() -> None:
 def wrap_model(model: nn.Module, ctx: DistContext, bf16: bool) -> nn.Module:
     """DDP, or FSDP2 (each of `model.blocks`, then the root), or the model itself.
 
-    FSDP2 uses MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) when `bf16`
-    (CUDA with train.dtype auto/bf16); fp32 otherwise. The optimizer must be built on
-    the returned module's parameters (FSDP2 turns them into sharded DTensors).
+    FSDP2 with `bf16` (train.dtype bf16, or auto on CUDA) gathers the blocks' weights in
+    bf16 and reduces gradients in fp32, but leaves their inputs and the root (embeddings,
+    final norm, head) fp32: under the trainer's autocast the residual stream then stays
+    fp32, as with DDP. (A bf16 policy on the root made `h` and every `h + f(h)` bf16,
+    rounding away block updates below ~2^-9 of the stream: the ones this toolkit measures.)
+    The optimizer must be built on the returned module's parameters (FSDP2 turns them into
+    sharded DTensors).
     """
     if ctx.strategy == "none":
         return model
@@ -270,11 +274,12 @@ def wrap_model(model: nn.Module, ctx: DistContext, bf16: bool) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if bf16 else MixedPrecisionPolicy())
+        blocks = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                       cast_forward_inputs=False)
+                  if bf16 else MixedPrecisionPolicy())
         for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=blocks)
+        fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy())
         return model
     raise DepthlabError(f"unknown train.distributed strategy {ctx.strategy!r}")
 
