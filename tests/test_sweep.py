@@ -181,7 +181,11 @@ def _statuses(out: Path) -> dict[str, str]:
     return {k: v["status"] for k, v in data["runs"].items()}
 
 
-def test_runs_skip_resume_and_failures(tmp_path):
+def test_runs_skip_resume_and_failures(tmp_path, monkeypatch):
+    from depthlab.experiments import sweep as sweep_mod
+
+    # as on a 2-GPU machine: parallel jobs are spread over the GPUs (they all used cuda:0)
+    monkeypatch.setattr(sweep_mod, "visible_gpus", lambda: ["0", "1"])
     (tmp_path / "short.txt").write_text("too short to train on")
     sw = load_sweep(_sweep(tmp_path, list=[
         {"name": "ok2", "model.n_layers": 2},
@@ -199,6 +203,9 @@ def test_runs_skip_resume_and_failures(tmp_path):
     for name in ("ok2", "ok3"):
         assert json.loads((out / name / "summary.json").read_text())["step"] == 4
     assert (out / "base.yaml").is_file() and (out / "logs" / "ok2.log").is_file()
+    first = {name: (out / "logs" / f"{name}.log").read_text().split(" ", 2)[1]
+             for name in ("ok2", "bad")}  # started together, in slots 0 and 1
+    assert first == {"ok2": "CUDA_VISIBLE_DEVICES=0", "bad": "CUDA_VISIBLE_DEVICES=1"}
 
     # interrupt ok3 after step 2: its last checkpoint and summary are gone
     shutil.rmtree(out / "ok3" / "checkpoints" / "step_0000004")
@@ -223,6 +230,26 @@ def test_runs_skip_resume_and_failures(tmp_path):
     steps = [json.loads(x)["step"] for x in (out / "ok3" / "metrics.jsonl").read_text().splitlines()
              if '"stats"' in x]
     assert steps == [2, 4]  # resumed from step 2, no duplicates
+
+
+def test_parallel_jobs_share_gpus_round_robin(tmp_path, monkeypatch):
+    import torch
+
+    from depthlab.experiments.sweep import job_gpu, visible_gpus
+
+    sw = load_sweep(_sweep(tmp_path, list=[{"name": "a"}, {"name": "b", "train.device": "cuda:1"}]))
+    a, b = sw.runs()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus() == ["0", "1", "2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # what this process was given
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert visible_gpus() == ["5", "7"]
+    assert [job_gpu(a, slot, ["5", "7"]) for slot in range(3)] == ["5", "7", "5"]
+    assert job_gpu(b, 0, ["5", "7"]) is None  # names its own device
+    assert job_gpu(a, 1, ["0"]) is None  # one GPU: nothing to spread
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert visible_gpus() == []
 
 
 def test_train_command_carries_overrides(tmp_path):

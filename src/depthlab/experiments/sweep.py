@@ -504,6 +504,29 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may hand to jobs (CUDA_VISIBLE_DEVICES's entries, else
+    0..n-1); empty without CUDA."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001  no usable CUDA: nothing to spread
+        return []
+    listed = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+              if x.strip()]
+    return (listed or [str(i) for i in range(n)])[:n]
+
+
+def job_gpu(run: SweepRun, slot: int, gpus: list[str]) -> str | None:
+    """The GPU job slot `slot` runs on when parallel jobs share several GPUs (round robin);
+    None to leave the job's devices alone: one GPU or none, or a run that names its own
+    device (cuda:N, cpu)."""
+    if len(gpus) < 2 or run.cfg.train.device not in ("auto", "cuda"):
+        return None
+    return gpus[slot % len(gpus)]
+
+
 def _cli_value(value: Any) -> str:
     """A --set value that `depthlab.config.parse_value` (YAML) reads back unchanged."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
@@ -586,6 +609,7 @@ class _Job:
     log: Any
     started: float
     phase: str = "train"
+    slot: int = 0
 
 
 def _prepare_data(runs: list[SweepRun]) -> None:
@@ -614,6 +638,7 @@ def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int 
     cores // jobs torch threads, and diagnose `undiagnosed` (complete) runs. Failures are
     recorded; the sweep goes on."""
     threads = max(1, available_cores() // max(jobs, 1))
+    gpus = visible_gpus() if jobs > 1 else []  # else every job would share cuda:0
     queue = [(r, "train") for r in runs] + [(r, "diagnose") for r in undiagnosed or []]
     active: list[_Job] = []
 
@@ -625,15 +650,20 @@ def run_local(sweep: Sweep, runs: list[SweepRun], status: StatusFile, jobs: int 
     def start(run: SweepRun, phase: str) -> _Job:
         log_path = sweep.out_dir / LOG_DIR / f"{run.name}.log"
         cmd = train_command(sweep, run) if phase == "train" else diagnose_command(run)
+        slot = min(set(range(max(jobs, 1))) - {j.slot for j in active}, default=0)
+        env = thread_env(threads)
+        gpu = job_gpu(run, slot, gpus)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         log = log_path.open("a" if phase != "train" else "w")
-        log.write(f"$ {' '.join(cmd)}\n")
+        log.write(f"$ {'' if gpu is None else f'CUDA_VISIBLE_DEVICES={gpu} '}{' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads),
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=os.getcwd())
         if phase == "train":
             note(run, status="running", pid=proc.pid, log=str(log_path), threads=threads,
                  started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None, returncode=None)
-        return _Job(run, proc, log, time.time(), phase)
+        return _Job(run, proc, log, time.time(), phase, slot)
 
     try:
         while queue or active:
