@@ -102,6 +102,37 @@ def test_attention_matches_plain_implementation(kv):
     torch.testing.assert_close(attn(x), reference_mha(attn, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("on_cuda,dtype,native", [(False, torch.float32, True),
+                                                   (True, torch.bfloat16, True),
+                                                   (True, torch.float32, False)])
+def test_gqa_repeats_kv_only_where_sdpa_would_fall_back_to_math(monkeypatch, on_cuda, dtype,
+                                                                 native):
+    """fp32 GQA on CUDA: only flash takes enable_gqa and it needs fp16/bf16, so K/V are
+    repeated to keep the memory-efficient kernel. (Run here on CPU tensors that report
+    is_cuda; the numbers must not change either way.)"""
+    import torch.nn.functional as F
+
+    from depthlab.model import attention
+
+    attn = make(**{"model.n_kv_heads": 2}).blocks[0].attn.to(dtype)
+    x = torch.randn(2, 9, 32, dtype=dtype)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((k.shape[1], kw["enable_gqa"]))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: on_cuda))
+    y = attn(x)
+    monkeypatch.undo()
+    assert calls == ([(2, True)] if native else [(4, False)])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), reference_mha(attn.float(), x.float()), atol=tol,
+                               rtol=tol)
+
+
 def test_moe_routes_exactly_top_k_and_matches_dense_loop():
     m = make(**{"model.moe": {**MOE, "renormalize": False}})
     moe = m.blocks[1].mlp

@@ -167,10 +167,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self._qkv(x)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
 
     @torch.no_grad()
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,3 +178,16 @@ class Attention(nn.Module):
         T = x.shape[1]
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         return scores.masked_fill(mask, float("-inf")).softmax(-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA of q [B, H, T, hd] over k, v [B, H_kv, T, hd], GQA without repeated
+    K/V in memory. Except in fp32/fp64 on CUDA: there only flash takes `enable_gqa`, and it
+    needs fp16/bf16, so SDPA would silently take the math kernel (a [B, H, T, T] score
+    matrix: 1 GiB per sequence and layer at T=4096, H=16); repeating K/V keeps the
+    memory-efficient kernel."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        groups = 1
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
