@@ -445,6 +445,23 @@ def test_helpers_without_a_process_group():
     assert D.broadcast_object("x") == "x" and D.global_norms([t]) == pytest.approx([5 ** 0.5])
 
 
+def test_collective_timeout_is_an_hour_unless_set(monkeypatch):
+    """NCCL's 10-minute default killed jobs whose first rank tokenized a large corpus while
+    the others waited in a collective."""
+    from datetime import timedelta
+
+    from depthlab.train import distributed as D
+
+    monkeypatch.delenv("DEPTHLAB_DIST_TIMEOUT", raising=False)
+    assert D.collective_timeout() == timedelta(hours=1)
+    monkeypatch.setenv("DEPTHLAB_DIST_TIMEOUT", "120")
+    assert D.collective_timeout() == timedelta(hours=2)
+    for bad in ("soon", "0", "-5", "inf"):
+        monkeypatch.setenv("DEPTHLAB_DIST_TIMEOUT", bad)
+        with pytest.raises(DepthlabError, match="DEPTHLAB_DIST_TIMEOUT=.*a number of minutes"):
+            D.collective_timeout()
+
+
 def test_global_batch_must_divide(tmp_path):
     cfg = build_config({"train": {"batch_size": 4, "global_batch_size": 12}})
     assert cfg.train.accumulation(1) == (3, 12)

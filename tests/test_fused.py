@@ -172,3 +172,28 @@ def test_depthlm_training_path_equals_reference(variant, monkeypatch):
     assert fused_grads.keys() == ref_grads.keys()
     for name, g in fused_grads.items():
         torch.testing.assert_close(g, ref_grads[name], **FP32_TOL, msg=name)
+
+
+def test_grouped_mm_out_of_memory_is_raised_not_remembered(monkeypatch):
+    """An OOM is about this moment, not the shapes: it used to switch grouped matmul off
+    for the shape for the rest of the process (and the per-expert loop then syncs)."""
+    from depthlab.model import fused
+
+    a, b = torch.randn(6, 8), torch.randn(2, 8, 4)
+    offs = torch.tensor([3, 6], dtype=torch.int32)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fused, "_GROUPED_MM_FAILED", set())
+    monkeypatch.setattr(torch, "_grouped_mm", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        fused._try_grouped_mm(a, b, offs)
+    assert fused._GROUPED_MM_FAILED == set()
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("grouped gemm is not supported here")
+
+    monkeypatch.setattr(torch, "_grouped_mm", unsupported)
+    assert fused._try_grouped_mm(a, b, offs) is None
+    assert len(fused._GROUPED_MM_FAILED) == 1  # remembered: not tried again

@@ -318,6 +318,8 @@ def _try_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> tor
         return None
     try:
         return torch._grouped_mm(a, b, offs=offs)
+    except torch.OutOfMemoryError:  # a RuntimeError, but about this moment, not the shapes
+        raise
     except (AttributeError, RuntimeError, NotImplementedError):
         _GROUPED_MM_FAILED.add(key)
         return None

@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -202,26 +203,41 @@ class DistContext:
         return self.rank == 0
 
 
+def collective_timeout() -> timedelta:
+    """DEPTHLAB_DIST_TIMEOUT minutes (default 60), refused in one line when not a number."""
+    raw = os.environ.get("DEPTHLAB_DIST_TIMEOUT", "60")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if not 0 < minutes < float("inf"):
+        raise DepthlabError(f"DEPTHLAB_DIST_TIMEOUT={raw!r}: a number of minutes > 0")
+    return timedelta(minutes=minutes)
+
+
 def setup(strategy: str, device_name: str, resolve: Callable[[str], torch.device]) -> DistContext:
     """Start (or join) the process group when launched by torchrun with several processes.
 
     `strategy` is train.distributed (auto/ddp/fsdp); `device_name` is train.device. On CUDA
-    each process takes cuda:LOCAL_RANK (whatever index train.device names); the backend
-    is NCCL there and gloo on CPU. Without several processes, returns a single-process
-    context on `resolve(device_name)`.
+    each process takes cuda:LOCAL_RANK (whatever index train.device names; modulo the GPUs
+    it sees, for launchers that give each process one GPU); the backend is NCCL there and
+    gloo on CPU. Collectives wait up to DEPTHLAB_DIST_TIMEOUT minutes (default 60), not
+    NCCL's 10: the other ranks wait in one while the first tokenizes a corpus or trains a
+    BPE tokenizer. Without several processes, returns a single-process context on
+    `resolve(device_name)`.
     """
     if not (launched() or is_distributed()):
         return DistContext(device=resolve(device_name))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     owns = False
     if not is_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        dist.init_process_group(backend=backend, timeout=collective_timeout(), **kwargs)
         owns = True
     resolved = "ddp" if strategy == "auto" else strategy
     return DistContext(
