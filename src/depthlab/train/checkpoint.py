@@ -97,12 +97,15 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator a run draws from. CUDA's only when this process uses CUDA (its
+    model is there): asking creates a CUDA context, which a CPU run on a GPU node need
+    not have (and cannot, on a GPU in exclusive-process mode that another job holds)."""
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": np.random.get_state(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         if D.is_distributed():  # this process's GPU only (no context on the others)
             state["cuda_current"] = torch.cuda.get_rng_state()
         else:
@@ -114,7 +117,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_initialized():  # a CPU run (the model is on CUDA before this)
         return
     if "cuda" in state and not D.is_distributed() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
