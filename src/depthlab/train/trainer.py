@@ -409,8 +409,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = self.grad_accum
-        ce_total, aux_total = 0.0, 0.0
-        has_aux = False
+        ce_parts: list[torch.Tensor] = []
+        aux_parts: list[torch.Tensor] = []
         for i in range(accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
             with D.set_grad_sync(self.model, i == accum - 1):
@@ -418,11 +418,15 @@ class Trainer:
                     out = self.forward(x, y)
                 loss = out.loss
                 if out.aux_loss is not None:
-                    has_aux = True
-                    aux_total += out.aux_loss.item() / accum
+                    aux_parts.append(out.aux_loss.detach().float())
                     loss = loss + out.aux_loss
                 (loss / accum).backward()
-            ce_total += out.loss.item() / accum
+            ce_parts.append(out.loss.detach().float())
+        # read on the host once per step, not per micro-batch (each read waits for the GPU)
+        values = torch.stack(ce_parts + aux_parts).tolist()
+        ce_total = sum(v / accum for v in values[:accum])
+        aux_total = sum(v / accum for v in values[accum:])
+        has_aux = bool(aux_parts)
         if self.dist.enabled:
             mean = D.all_reduce_mean(torch.tensor([ce_total, aux_total], dtype=torch.float64))
             ce_total, aux_total = mean.tolist()
