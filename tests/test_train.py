@@ -657,3 +657,14 @@ def test_a_run_directory_removed_while_training_stops_it(tmp_path, corpus):
     with pytest.raises(DepthlabError, match=r"was removed while training .* stopped at step 3"):
         trainer.fit()
     assert not (cfg.run_dir / "checkpoints").exists()
+
+
+def test_compile_with_moe_says_what_runs():
+    from depthlab.config import build_config
+    from depthlab.train.trainer import _compile_moe_note
+
+    moe = {"num_experts": 4, "top_k": 2, "expert_hidden": 16}
+    assert "per-expert loop" in _compile_moe_note(build_config(
+        {}, {"train.compile": True, "model.moe": moe}))
+    assert _compile_moe_note(build_config({}, {"train.compile": True})) is None
+    assert _compile_moe_note(build_config({}, {"model.moe": moe})) is None

@@ -237,7 +237,7 @@ class Trainer:
         else:
             self.splits = open_splits(cfg.data, progress=self.progress)
         if self.dist.is_main:
-            for note in [cfg.model.placement_note(),
+            for note in [cfg.model.placement_note(), _compile_moe_note(cfg),
                          _token_dir_tokenizer_note(cfg.data.tokenizer, self.splits),
                          *tokenizer_notes(self.splits.manifest, cfg.data.tokenizer)]:
                 if note:
@@ -678,6 +678,15 @@ def _progress_bar(enabled: bool, total: int, start: int, name: str):
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(name, total=total, completed=start, loss="-", tps=0.0)
         yield _Bar(progress, task)
+
+
+def _compile_moe_note(cfg: RunConfig) -> str | None:
+    """torch.compile cannot trace the eager grouped-matmul experts: say what runs instead."""
+    if not (cfg.train.compile and cfg.model.moe):
+        return None
+    return ("train.compile with MoE: the experts run as a per-expert loop, which "
+            "torch.compile splits into several graphs (the routing counts are read on the "
+            "host in each MoE layer); time a few steps against train.compile=false")
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:
