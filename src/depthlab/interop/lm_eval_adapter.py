@@ -76,18 +76,21 @@ class DepthLMEval(TemplateLM):
             for row, inp in enumerate(inps):
                 batch[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
             logits = self.model(batch.to(self._device)).logits.float()
-            logprobs = F.log_softmax(logits, dim=-1).cpu()
-            for row, i in enumerate(idx):
+            logprobs = F.log_softmax(logits, dim=-1)  # stays on the device: [B, T, V] is big
+            scores, greedy = [], []
+            for row in range(len(idx)):
                 n = len(inps[row])
                 cont = conts[row][-n:]  # a continuation longer than the context: its tail
                 lp = logprobs[row, n - len(cont) : n]
-                target = torch.tensor(cont, dtype=torch.long)
-                greedy = bool((lp.argmax(dim=-1) == target).all())
-                score = float(lp.gather(-1, target[:, None]).sum())
-                results[i] = (score, greedy)
+                target = torch.tensor(cont, dtype=torch.long, device=lp.device)
+                greedy.append((lp.argmax(dim=-1) == target).all())
+                scores.append(lp.gather(-1, target[:, None]).sum())
+            for i, score, is_greedy in zip(idx, torch.stack(scores).tolist(),
+                                           torch.stack(greedy).tolist(), strict=True):
+                results[i] = (score, is_greedy)
                 key = requests[i][0]
                 if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, (score, greedy))
+                    self.cache_hook.add_partial("loglikelihood", key, (score, is_greedy))
         return results  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
