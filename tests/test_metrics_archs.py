@@ -4,9 +4,10 @@ The causal score and the permutation score are checked against explicit full rer
 the model itself (a copy with the block deleted / two ModuleList entries swapped,
 hidden states read with forward hooks), the exact Jacobian against
 `torch.autograd.functional.jacobian` reduced per metrics.md section 2, and an exactly
-affine block replacement against usefulness loss ratio 1. On two architectures the
-Jacobian also faces an oracle that shares no adapter code: decoder layers called directly
-with the arguments the model's own forward gives them. (test_stack.py checks the
+affine block replacement against usefulness loss ratio 1. On a few architectures the
+Jacobian and attention sparsity also face oracles that share no adapter code: decoder
+layers called directly with the arguments the model's own forward gives them, attention
+recomputed from q and k over each query's sliding window. (test_stack.py checks the
 LayerStack operations themselves per architecture; test_metrics.py the DepthLM side.)
 """
 
@@ -14,13 +15,16 @@ LayerStack operations themselves per architecture; test_metrics.py the DepthLM s
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
-from test_stack import CONFIGS, MOE, L, V, _delete_layer, _ids, _layers, _model, _swap_layers
+from test_stack import CONFIGS, MOE, L, T, V, _delete_layer, _ids, _layers, _model, _swap_layers
 
 from depthlab.probe import build_stack
 from depthlab.probe.metrics import (
+    compute_attention_sparsity,
     compute_causal,
     compute_jacobian,
     compute_permutation,
@@ -215,4 +219,78 @@ def test_jacobian_against_the_decoder_layers_own_call(name: str, impl: str) -> N
     for k, vs in ref.items():
         assert res.mean[k] == pytest.approx(sum(vs) / L, rel=1e-5, abs=1e-6), k
     assert res.identity_preservation == sum(x > 0.5 for x in ref["diagonal_mean"]) / L
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _attention_from_qk(layer: torch.nn.Module, h: torch.Tensor, kw: dict,
+                       window: int | None) -> torch.Tensor:
+    """Attention weights [N, heads, T, T] of a Llama-style layer recomputed from its own
+    q_proj / k_proj on the captured input, with RoPE, and the softmax for query t taken over
+    keys max(0, t - window + 1) .. t by an explicit loop (zeros elsewhere)."""
+    attn = layer.self_attn
+    N, T, _ = h.shape
+    hd = attn.head_dim
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(N, T, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(N, T, -1, hd).transpose(1, 2)
+    cos, sin = (c.unsqueeze(1) for c in kw["position_embeddings"])
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # each kv head serves its group
+    P = torch.zeros(N, q.shape[1], T, T, dtype=h.dtype)
+    for t in range(T):
+        first = 0 if window is None else max(0, t - window + 1)
+        scores = (q[:, :, t:t + 1] @ k[:, :, first:t + 1].transpose(-1, -2))[:, :, 0] / hd**0.5
+        P[:, :, t, first:t + 1] = scores.softmax(-1)
+    return P
+
+
+def _sparsity_oracle(P: torch.Tensor, visible: list[int], mass: float = 0.9):
+    """Per head: mean over queries with >= 2 visible keys of entropy / log(visible), and
+    mean over all queries of (smallest number of keys holding `mass`) / visible; each query
+    looks only at its `visible[t]` keys ending at t."""
+    N, H, T, _ = P.shape
+    ent, frac, n_ent = torch.zeros(H), torch.zeros(H), 0
+    for n in range(N):
+        for t in range(T):
+            v = visible[t]
+            n_ent += v >= 2
+            for hh in range(H):
+                p = P[n, hh, t, t + 1 - v:t + 1]
+                if v >= 2:
+                    ent[hh] += float(-(p * p.log()).sum()) / math.log(v)
+                top = sorted(p.tolist(), reverse=True)
+                m, acc = 0, 0.0
+                while acc < mass and m < v:
+                    acc += top[m]
+                    m += 1
+                frac[hh] += m / v
+    return (ent / n_ent).tolist(), (frac / (N * T)).tolist()
+
+
+@pytest.mark.parametrize(("name", "windows"), [("mistral", [4, 4, 4]), ("qwen2", [None, 4, 4])])
+def test_attention_sparsity_on_sliding_window_layers(name: str, windows: list) -> None:
+    """metrics.md section 7 on sliding-window layers (window 4 < T = 8): entropy over
+    log(min(t+1, 4)) and the top-90% fraction of min(t+1, 4) keys, not of the t+1 causal
+    keys. Oracle: attention recomputed from q and k with explicit loops over each query's
+    window; it reproduces the model's own eager attention weights (the window convention
+    is the model's), then the statistics by loops. Mistral: every layer slides; Qwen2
+    (max_window_layers=1): layer 0 full causal, layers 1-2 slide."""
+    model = _model(name, "sdpa").double()  # the metric switches to eager weights itself
+    ids = _ids(2)
+    res = compute_attention_sparsity(build_stack(model), ids, batch_size=1)
+    eager = _model(name, "eager").double()
+    with torch.no_grad():
+        own = eager(ids, output_attentions=True, use_cache=False).attentions
+        calls = _captured_layer_calls(eager, ids)
+        for l, ((h, kw), w) in enumerate(zip(calls, windows, strict=True)):
+            P = _attention_from_qk(_layers(eager)[l], h, kw, w)
+            torch.testing.assert_close(P, own[l], atol=1e-6, rtol=1e-5)  # (its softmax is fp32)
+            visible = [min(t + 1, w or T) for t in range(T)]
+            ent, frac = _sparsity_oracle(P, visible)
+            assert res.normalized_entropy[l] == pytest.approx(ent, rel=1e-5), l
+            assert res.top_mass_fraction[l] == pytest.approx(frac, rel=1e-5), l
 
