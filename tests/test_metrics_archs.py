@@ -7,8 +7,9 @@ hidden states read with forward hooks), the exact Jacobian against
 affine block replacement against usefulness loss ratio 1. On a few architectures the
 Jacobian and attention sparsity also face oracles that share no adapter code: decoder
 layers called directly with the arguments the model's own forward gives them, attention
-recomputed from q and k over each query's sliding window. (test_stack.py checks the
-LayerStack operations themselves per architecture; test_metrics.py the DepthLM side.)
+recomputed from q and k over each query's sliding window, chunked attention's own weights.
+(test_stack.py checks the LayerStack operations themselves per architecture;
+test_metrics.py the DepthLM side.)
 """
 
 # ruff: noqa: E741  (l is the layer index, as in metrics.md)
@@ -294,3 +295,24 @@ def test_attention_sparsity_on_sliding_window_layers(name: str, windows: list) -
             assert res.normalized_entropy[l] == pytest.approx(ent, rel=1e-5), l
             assert res.top_mass_fraction[l] == pytest.approx(frac, rel=1e-5), l
 
+
+def test_attention_sparsity_on_chunked_attention_layers() -> None:
+    """Llama 4's chunked attention (chunks of 4 positions, T = 8) on layers 0 and 2: query t
+    sees keys 4*(t//4) .. t, so t mod 4 + 1 of them; the first query of each chunk has one
+    key and is left out of the entropy average like position 0. Oracle: the model's own
+    eager attention weights (checked to vanish outside each query's chunk), statistics by
+    explicit loops over the keys of the chunk. (Layer 1 is full causal attention.)"""
+    model = _model("llama4_text", "eager")
+    ids = _ids(2)
+    res = compute_attention_sparsity(build_stack(model), ids, batch_size=1)
+    with torch.no_grad():
+        own = model(ids, output_attentions=True, use_cache=False).attentions
+    for l, chunk in enumerate([4, None, 4]):
+        P = own[l].double()
+        visible = [t % chunk + 1 if chunk else t + 1 for t in range(T)]
+        for t, v in enumerate(visible):  # the weights live on exactly the visible keys
+            assert bool((P[:, :, t, t + 1 - v:t + 1] > 0).all())
+            assert float(P[:, :, t, : t + 1 - v].abs().sum() + P[:, :, t, t + 1:].abs().sum()) == 0
+        ent, frac = _sparsity_oracle(P, visible)
+        assert res.normalized_entropy[l] == pytest.approx(ent, rel=1e-5), l
+        assert res.top_mass_fraction[l] == pytest.approx(frac, rel=1e-5), l
