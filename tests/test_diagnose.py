@@ -449,6 +449,69 @@ def test_option_values_read_as_documented() -> None:
     assert check_options({"weight_sparsity": {"tau": 0.001}}, ["weight_sparsity"])
 
 
+def test_weight_sparsity_at_a_non_default_tau_from_the_command_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--opt weight_sparsity.tau=1e-2` (the way a user sets it; 10x the default) reaches
+    the metric: per block, per matrix kind (also by layer) and overall, the fraction of
+    |w| < 0.01 equals a count over the saved model's own block parameters (every matrix,
+    no norm gains), entry by entry in Python floats. Block 1's up_proj has rows planted at
+    +-0.999 tau (below) and +-1.001 tau (not below), so a threshold off by 0.1 % fails."""
+    tau = 1e-2
+    cfg = RunConfig.model_validate({
+        "name": "ws", "out_dir": str(tmp_path),
+        "model": {"vocab_size": 257, "n_layers": 3, "d_model": 32, "n_heads": 4,
+                  "n_kv_heads": 2, "max_seq_len": 64},
+        "data": {"corpus": "kjv", "tokenizer": "byte", "seq_len": SEQ},
+    })
+    run = tmp_path / "ws"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    torch.manual_seed(0)
+    model = DepthLM(cfg.model)
+    with torch.no_grad():
+        up = model.blocks[1].mlp.up_proj.weight
+        sign = torch.where(torch.rand(8, up.shape[1]) < 0.5, -1.0, 1.0)
+        up[:8] = 0.999 * tau * sign
+        up[8:16] = 1.001 * tau * sign
+    save_checkpoint(run, 1, model, torch.optim.AdamW(model.parameters()), {}, keep_last=1)
+
+    out = tmp_path / "diag"
+    main(["diagnose", str(run), "--metrics", "weight_sparsity", "--samples", "1", "--seq-len",
+          "8", "--out", str(out), "--no-figures", "--no-progress",
+          "--opt", "weight_sparsity.tau=1e-2"])
+    assert "fraction |w| < 0.01" in capsys.readouterr().out
+    ws = json.loads((out / "results.json").read_text())["metrics"]["weight_sparsity"]
+    assert ws["tau"] == tau and ws["options"]["tau"] == tau
+
+    def count(tensors: list[torch.Tensor], t: float) -> tuple[int, int]:
+        vals = [abs(x) for w in tensors for x in w.flatten().tolist()]
+        return sum(1 for x in vals if x < t), len(vals)
+
+    mats = [{n.removesuffix(".weight"): p.detach() for n, p in blk.named_parameters()
+             if p.ndim >= 2} for blk in model.blocks]
+    assert set(mats[0]) == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    for i, block in enumerate(mats):
+        below, n = count(list(block.values()), tau)
+        assert ws["per_block"][i]["fraction_below_tau"] == pytest.approx(below / n, abs=1e-12)
+        assert ws["fraction_below_tau"][i] == ws["per_block"][i]["fraction_below_tau"]
+        assert ws["per_block"][i]["numel"] == n
+        for name, w in block.items():
+            below_m, n_m = count([w], tau)
+            assert ws["per_matrix"][i][name]["fraction_below_tau"] == pytest.approx(
+                below_m / n_m, abs=1e-12)
+            assert ws["per_kind"][name]["fraction_below_tau_by_layer"][i] == pytest.approx(
+                below_m / n_m, abs=1e-12)
+    for name in mats[0]:
+        below, n = count([b[name] for b in mats], tau)
+        assert ws["per_kind"][name]["fraction_below_tau"] == pytest.approx(below / n, abs=1e-12)
+    below, n = count([w for b in mats for w in b.values()], tau)
+    assert ws["overall"]["fraction_below_tau"] == pytest.approx(below / n, abs=1e-12)
+    assert count([up[:8]], tau)[0] == up[:8].numel() and count([up[8:16]], tau)[0] == 0
+    # not vacuous: at the default tau = 1e-3 the overall fraction is far smaller
+    assert below / n > 0.3 > 3 * count([w for b in mats for w in b.values()], 1e-3)[0] / n
+
+
 def test_underdetermined_usefulness_fit_is_flagged(tiny_run: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     """d=32: 2 x 16 tokens < d+1 = 33 unknowns is flagged in the table and summary.md;

@@ -534,3 +534,59 @@ def test_bf16_model_metrics_are_fp32(ids):
     jac = compute_jacobian(stack, ids, batch_size=N, layers=[0])
     assert math.isfinite(jac.jacobian_norm[0])
     assert counter.block_forwards == res.cost["block_forwards"]
+
+
+BF16_EPS = 2.0**-7
+"""bf16 machine epsilon (8 significand bits): one rounding moves a value by at most half of
+this, relative."""
+
+
+def _dtype_metrics(model: nn.Module, ids: torch.Tensor) -> dict[str, list[float]]:
+    """Jacobian, variance, usefulness and attention entropy, one sequence per chunk (so
+    that every partial sum goes through the metric's accumulators)."""
+    stack = build_stack(model)
+    jac = compute_jacobian(stack, ids, batch_size=1)
+    var = compute_variance(stack, ids, batch_size=1)
+    use = compute_usefulness(stack, ids, batch_size=1)
+    att = compute_attention_sparsity(stack, ids, batch_size=1)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    assert jac.info["model_dtype"] == jac.info["compute_dtype"] == dtype
+    return {
+        "jacobian": [*jac.jacobian_norm, *jac.off_diagonal_norm, *jac.diagonal_mean,
+                     *jac.diagonal_std, *jac.frobenius_norm, *jac.spectral_norm],
+        "variance": [*var.variance, *var.attn_variance, *var.mlp_variance],
+        "usefulness": [use.base_loss, *use.linear_loss, *use.loss_ratio],
+        "attention_entropy": [x for row in att.normalized_entropy for x in row],
+    }
+
+
+def _max_rel(a: list[float], b: list[float]) -> float:
+    assert all(isinstance(x, float) and math.isfinite(x) for x in a + b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def test_bf16_metrics_track_fp32_within_bf16_rounding():
+    """A model run in bf16 against the same weights in fp32 (both hold the same
+    bf16-representable weights, so every difference comes from bf16 arithmetic):
+
+    - the blocks really run in bf16 (forward pre-hooks see bf16 inputs) and the metrics
+      differ from fp32 by more than fp32 rounding could (1e-5);
+    - they stay within one bf16 epsilon of fp32 (relative): each block rounds its outputs
+      by at most half an epsilon, and the token averages partly cancel those roundings;
+    - accumulation is fp32 or wider: the same bf16 metrics over the sequences in reverse
+      order (each sequence's block outputs bitwise the same, only the order of the partial
+      sums changes) agree to fp32 rounding; an accumulator kept in bf16 rounds every partial
+      sum to 8 bits and would not."""
+    ids = _ids(8)
+    m16 = _model().to(torch.bfloat16)
+    m32 = copy.deepcopy(m16).float()
+    seen: set[torch.dtype] = set()
+    for blk in m16.blocks:
+        blk.register_forward_pre_hook(lambda _m, a: seen.add(a[0].dtype))
+    bf16, fp32 = _dtype_metrics(m16, ids), _dtype_metrics(m32, ids)
+    assert seen == {torch.bfloat16}
+    reverse = _dtype_metrics(m16, ids.flip(0))
+    for family, vals in bf16.items():
+        rel = _max_rel(vals, fp32[family])
+        assert 1e-5 < rel < BF16_EPS, (family, rel)
+        assert _max_rel(reverse[family], vals) < 1e-5, family

@@ -12,7 +12,9 @@ Attention sparsity per layer and head, for each query t: the entropy of its
 attention distribution divided by `log(visible keys)`, and the smallest fraction
 of visible keys holding `mass` (0.9) of the attention. Visible keys are the
 causal prefix (t + 1 keys), limited to the sliding window on sliding-window
-layers. A query with a single visible key (the first position) has no defined
+layers and to the query's own chunk on chunked-attention layers (Llama 4:
+t mod chunk + 1 keys). A query with a single visible key (the first position, and
+the first of each chunk on chunked layers) has no defined
 normalised entropy (0 / log 1): it is EXCLUDED from the entropy average; its
 top-mass fraction is 1 (its one key holds all the mass) and it counts in that
 average like every other query. Averages run over the queries of every
@@ -162,10 +164,30 @@ def sliding_window(stack, l: int) -> int | None:
     return int(w) if w else None
 
 
-def visible_keys(T: int, window: int | None, device: torch.device | str = "cpu") -> Tensor:
-    """Number of keys query t may attend to: t + 1, capped at the window."""
+def attention_chunk(stack, l: int) -> int | None:
+    """The chunk size of block l when it attends only within chunks of positions
+    (Llama 4's chunked attention), else None."""
+    types = getattr(stack, "_attn_types", None)
+    config = getattr(stack, "config", None)
+    if types is None or config is None or types[l] != "chunked_attention":
+        return None
+    c = getattr(config, "attention_chunk_size", None)
+    return int(c) if c else None
+
+
+def visible_keys(T: int, window: int | None, device: torch.device | str = "cpu",
+                 chunk: int | None = None) -> Tensor:
+    """Number of keys query t may attend to: t + 1 (t mod chunk + 1 within chunks), capped
+    at the window."""
     n = torch.arange(1, T + 1, device=device)
+    if chunk:
+        n = (n - 1) % chunk + 1
     return n.clamp_max(window) if window else n
+
+
+def layer_visible_keys(stack, l: int, T: int, device: torch.device | str = "cpu") -> Tensor:
+    """visible_keys of block l (its sliding window or attention chunk, if any)."""
+    return visible_keys(T, sliding_window(stack, l), device, chunk=attention_chunk(stack, l))
 
 
 def attention_query_stats(P: Tensor, visible: Tensor, mass: float = 0.9) -> tuple[Tensor, Tensor]:
@@ -191,12 +213,12 @@ over heads in chunks whose temporaries fit it; at T=4096 one head's map is 64 Mi
 model, whole), against 16 GiB plus 5x that in temporaries for a batch of 8 in one piece."""
 
 
-def _attention_sums(stack, l: int, h: Tensor, window: int | None, mass: float,  # noqa: E741
+def _attention_sums(stack, l: int, h: Tensor, mass: float,  # noqa: E741
                     counter: BlockCounter) -> tuple[Tensor, Tensor] | None:
     """Per head of block l, the sums over sequences of h and over queries of (normalised
     entropy: queries with >= 2 visible keys, top-mass fraction: all queries); None if the
     model gives no maps."""
-    vis = visible_keys(h.shape[1], window, h.device)
+    vis = layer_visible_keys(stack, l, h.shape[1], h.device)
     kept = (vis >= 2).nonzero().squeeze(1)  # queries the entropy averages over
     ent = frac = None
     start, per_call, heads_per_chunk = 0, 1, 1  # the first call tells the size of a map
@@ -227,7 +249,7 @@ class AttentionSparsityResult(MetricResult):
     sample_sequences: int
     queries_per_sequence: int
     """Queries per sequence and head in the entropy average (those with >= 2 visible keys;
-    the top-mass average takes all T)."""
+    the top-mass average takes all T); fewer on chunked-attention layers."""
     normalized_entropy: list[list[float] | None]
     """[layer][head]: mean over queries of entropy / log(visible keys); 1 uniform, 0 one key."""
     top_mass_fraction: list[list[float] | None]
@@ -238,8 +260,9 @@ class AttentionSparsityResult(MetricResult):
     mean_top_mass_fraction: float | None
     group_size: int | None
     """KV sharing G = n_heads / n_kv_heads when the model says (None otherwise)."""
-    excluded: str = ("the query with a single visible key (position 0) is excluded from the "
-                     "entropy average (0/log 1); its top-mass fraction, 1, is averaged")
+    excluded: str = ("queries with a single visible key (position 0, and the first of each "
+                     "chunk on chunked-attention layers) are excluded from the entropy average "
+                     "(0/log 1); their top-mass fraction, 1, is averaged")
 
 
 def kv_group_size(stack) -> int | None:
@@ -285,8 +308,7 @@ def compute_attention_sparsity(
                 if unsupported[l]:
                     prog.step()
                     continue
-                sums = _attention_sums(stack, l, states[l], sliding_window(stack, l), mass,
-                                       counter)
+                sums = _attention_sums(stack, l, states[l], mass, counter)
                 if sums is None:
                     unsupported[l] = True
                     prog.step()
@@ -302,7 +324,7 @@ def compute_attention_sparsity(
             ent.append(None)
             frac.append(None)
             continue
-        n_keep = N * int((visible_keys(T, sliding_window(stack, l)) >= 2).sum())
+        n_keep = N * int((layer_visible_keys(stack, l, T) >= 2).sum())
         ent.append((ent_sum[l] / max(n_keep, 1)).tolist())
         frac.append((frac_sum[l] / (N * T)).tolist())
     layer_ent = [mean_or_none(x) if x is not None else None for x in ent]
