@@ -88,8 +88,8 @@ def make_sweep(name: str, base: dict[str, Any], points: list[Point], out_dir: Pa
 
 def diagnose_run(run: SweepRun, settings: DiagnoseSettings) -> dict[str, Any]:
     """Diagnose a finished run (cached in RUN/study_diagnose.json for the same settings)."""
+    from depthlab.data.cache import atomic_write_text
     from depthlab.probe.diagnose import diagnose
-    from depthlab.probe.results import _atomic_write
 
     path = run.run_dir / DIAGNOSE_FILE
     seq_len = run.cfg.data.seq_len
@@ -106,7 +106,7 @@ def diagnose_run(run: SweepRun, settings: DiagnoseSettings) -> dict[str, Any]:
     results = diagnose(str(run.run_dir), metrics=list(settings.metrics), samples=key["samples"],
                        seq_len=seq_len, seed=settings.seed, figures=False, progress=False,
                        out=run.run_dir / "diagnose")
-    _atomic_write(path, json.dumps({"settings": key, "results": results}, default=str))
+    atomic_write_text(path, json.dumps({"settings": key, "results": results}, default=str))
     return results
 
 
