@@ -590,3 +590,30 @@ def test_bf16_metrics_track_fp32_within_bf16_rounding():
         rel = _max_rel(vals, fp32[family])
         assert 1e-5 < rel < BF16_EPS, (family, rel)
         assert _max_rel(reverse[family], vals) < 1e-5, family
+
+
+def test_jacobian_halves_its_tangent_chunk_when_out_of_memory(model, monkeypatch):
+    """The automatic chunk is an estimate: a vmap over too many tangents that runs out of
+    memory is retried in halves (it used to fail the whole metric)."""
+    import torch.func
+
+    from depthlab.probe.metrics import jacobian
+
+    stack = build_stack(model)
+    h = torch.randn(1, 5, stack.d_model, generator=torch.Generator().manual_seed(0))
+    tangents = torch.eye(stack.d_model)[:8]
+    expected = jacobian._jvp_token_sums(stack, 0, h, tangents, 8, True)
+    real_vmap, sizes = torch.func.vmap, []
+
+    def vmap_with_little_memory(fn):
+        def run(vs):
+            sizes.append(vs.shape[0])
+            if vs.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return real_vmap(fn)(vs)
+        return run
+
+    monkeypatch.setattr(torch.func, "vmap", vmap_with_little_memory)
+    got = jacobian._jvp_token_sums(stack, 0, h, tangents, 8, True)
+    assert sizes == [8, 4, 2, 2, 2, 2]
+    torch.testing.assert_close(got, expected)

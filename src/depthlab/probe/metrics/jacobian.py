@@ -82,7 +82,8 @@ def _auto_tangent_chunk(stack, b: int, T: int, budget: int | None) -> int:
     the free memory of a CUDA device, 512 MiB on the CPU, where smaller chunks stay in cache:
     measured 23 ms per tangent and sequence at 32 tangents vs 29 ms at 128 on SmolLM2).
     Per tangent a block holds about 24 d-wide activations per token plus 3 attention maps
-    per head."""
+    per head; the maps are costed in fp32, which the math SDPA kernel the probes force
+    keeps them in for bf16/fp16 models too."""
     if budget is None:
         budget = 512 * 1024**2
         if stack.device.type == "cuda":
@@ -91,7 +92,7 @@ def _auto_tangent_chunk(stack, b: int, T: int, budget: int | None) -> int:
     d = stack.d_model
     heads = max(1, d // 64)
     item = torch.empty((), dtype=stack.compute_dtype).element_size()
-    per_tangent = item * b * T * (24 * d + 3 * heads * T)
+    per_tangent = b * T * (item * 24 * d + 4 * 3 * heads * T)
     return int(max(1, min(d, budget // max(per_tangent, 1))))
 
 
@@ -110,13 +111,18 @@ def _jvp_token_sums(stack, l: int, h: Tensor, tangents: Tensor, chunk: int,
         return jvp(f, (h,), (t,))[1].float().sum(dim=tuple(range(h.ndim - 1)))
 
     out = []
+    a = 0
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
-        for a in range(0, tangents.shape[0], chunk):
+        while a < tangents.shape[0]:
             vs = tangents[a:a + chunk]
-            if use_vmap:
-                out.append(vmap(one)(vs))
-            else:
-                out.append(torch.stack([one(v) for v in vs]))
+            try:
+                out.append(vmap(one)(vs) if use_vmap else torch.stack([one(v) for v in vs]))
+            except torch.OutOfMemoryError:
+                if chunk == 1 or not use_vmap:
+                    raise
+                chunk //= 2  # the chunk size is an estimate: retry these tangents in halves
+                continue
+            a += vs.shape[0]
     return torch.cat(out)
 
 
