@@ -100,11 +100,15 @@ def test_bad_corpus_paths(tmp_path):
     with pytest.raises(DepthlabError, match=r"1 paragraphs or lines: at least 2 are needed "
                        r"\(one to train on, one to validate on\); add text$"):
         corpus_text(_cfg(tmp_path, corpus=str(tiny)))
-    tiny.write_text("one\ntwo\nthree\n")
-    with pytest.raises(DepthlabError, match=r"at least 50 .* \(set data.val_fraction=0.3334 or "
-                       "more, or add text"):
-        corpus_text(_cfg(tmp_path, corpus=str(tiny)))
-    assert corpus_text(_cfg(tmp_path, corpus=str(tiny), val_fraction=0.3334))  # the hint works
+    for lines, hint in ((2, "0.4"), (3, "0.2858"), (7, "0.1334")):
+        tiny.write_text("".join(f"line {i}\n" for i in range(lines)))
+        with pytest.raises(DepthlabError, match=rf"at least 50 .* \(set data.val_fraction={hint} "
+                           "or more, or add text"):
+            corpus_text(_cfg(tmp_path, corpus=str(tiny)))
+        assert corpus_text(_cfg(tmp_path, corpus=str(tiny), val_fraction=float(hint)))  # works
+        smaller = float(hint) - 1e-4  # and is the smallest (to 4 places) that does
+        with pytest.raises(DepthlabError, match="at least"):
+            corpus_text(_cfg(tmp_path, corpus=str(tiny), val_fraction=smaller))
     # a device is read more than once (hashed, counted, encoded): refused, never read
     with pytest.raises(DepthlabError, match="/dev/zero is not a regular file"):
         corpus_text(_cfg(tmp_path, corpus="/dev/zero"))

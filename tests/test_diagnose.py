@@ -378,7 +378,8 @@ def test_rerun_removes_stale_outputs_and_moe_rows_are_block_indices(
 
 
 def test_ctrl_c_while_writing_waits_for_the_whole_set(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capfd: pytest.CaptureFixture) -> None:
     """A Ctrl-C between the CSVs and results.json used to leave new CSVs and summary.md
     beside the old results.json; now it is delivered once the set is written."""
     import os
@@ -402,6 +403,7 @@ def test_ctrl_c_while_writing_waits_for_the_whole_set(tmp_path: Path,
     monkeypatch.setattr(results, "write_csvs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         diagnose(model, ids=ids, metrics="causal", out=out, figures=False)
+    assert "interrupted: finishing writing the outputs first" in capfd.readouterr().err
     on_disk = json.loads((out / "results.json").read_text())
     assert list(on_disk["metrics"]) == ["causal"]  # the new set, whole
     assert all(Path(p).is_file() for p in on_disk["outputs"]["csv"])

@@ -602,7 +602,8 @@ def test_jacobian_halves_its_tangent_chunk_when_out_of_memory(model, monkeypatch
     stack = build_stack(model)
     h = torch.randn(1, 5, stack.d_model, generator=torch.Generator().manual_seed(0))
     tangents = torch.eye(stack.d_model)[:8]
-    expected = jacobian._jvp_token_sums(stack, 0, h, tangents, 8, True)
+    expected, fit = jacobian._jvp_token_sums(stack, 0, h, tangents, 8, True)
+    assert fit == 8
     real_vmap, sizes = torch.func.vmap, []
 
     def vmap_with_little_memory(fn):
@@ -614,6 +615,6 @@ def test_jacobian_halves_its_tangent_chunk_when_out_of_memory(model, monkeypatch
         return run
 
     monkeypatch.setattr(torch.func, "vmap", vmap_with_little_memory)
-    got = jacobian._jvp_token_sums(stack, 0, h, tangents, 8, True)
-    assert sizes == [8, 4, 2, 2, 2, 2]
+    got, fit = jacobian._jvp_token_sums(stack, 0, h, tangents, 8, True)
+    assert sizes == [8, 4, 2, 2, 2, 2] and fit == 2  # the next call starts at 2
     torch.testing.assert_close(got, expected)

@@ -327,23 +327,39 @@ def test_throttled_lines_report_progress_with_eta(monkeypatch):
 def test_live_bar_only_where_rich_redraws_it(monkeypatch, term, live):
     """On TERM=dumb (Emacs shells, some CI runners) rich draws no live bar until the work
     ends, so progress must go out as lines there, as it does when piped."""
+    import io
+    import os
+
     from rich.console import Console
 
     from depthlab.progress import live_bar_shown
 
     monkeypatch.setenv("TERM", term)
-    assert live_bar_shown(Console(force_terminal=True)) is live
-    assert live_bar_shown(Console(force_terminal=False)) is False
+    leader, follower = os.openpty()  # a real terminal
+    with os.fdopen(follower, "w") as tty:
+        assert live_bar_shown(Console(file=tty)) is live
+    os.close(leader)
+    # a log file: no bar, even where FORCE_COLOR / TTY_COMPATIBLE make rich call it a
+    # terminal (sweep jobs inherit the environment; their logs want one line per update)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    assert live_bar_shown(Console(file=io.StringIO(), force_terminal=True)) is False
 
 
-def test_train_progress_is_lines_on_a_dumb_terminal(monkeypatch, capsys):
+def test_train_progress_is_lines_on_a_dumb_terminal(monkeypatch):
+    import os
+    import sys
+
     from depthlab.train import trainer
 
-    monkeypatch.setenv("TERM", "dumb")
-    monkeypatch.setenv("FORCE_COLOR", "1")
-    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stdout counts as a terminal
-    with trainer._progress_bar(True, total=10, start=0, name="tiny") as bar:
-        assert isinstance(bar, trainer._LogLines)
-    monkeypatch.setenv("TERM", "xterm")
-    with trainer._progress_bar(True, total=10, start=0, name="tiny") as bar:
-        assert not isinstance(bar, trainer._LogLines)
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as tty:
+        monkeypatch.setattr(sys, "stdout", tty)
+        monkeypatch.setenv("TERM", "dumb")
+        with trainer._progress_bar(True, total=10, start=0, name="tiny") as bar:
+            assert isinstance(bar, trainer._LogLines)
+        monkeypatch.setenv("TERM", "xterm")
+        with trainer._progress_bar(True, total=10, start=0, name="tiny") as bar:
+            assert not isinstance(bar, trainer._LogLines)
+        monkeypatch.undo()
+    os.close(leader)

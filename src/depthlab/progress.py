@@ -19,10 +19,14 @@ def clock(seconds: float) -> str:
 
 
 def live_bar_shown(console: Console) -> bool:
-    """Whether rich draws a live bar on `console`: a terminal that is not dumb (rich does not
-    redraw on TERM=dumb or unknown, as in Emacs shells and some CI runners, so a bar there
-    shows nothing until the work ends), or Jupyter. Elsewhere progress goes out as lines."""
-    return (console.is_terminal and not console.is_dumb_terminal) or console.is_jupyter
+    """Whether rich draws a live bar on `console`: a real terminal that is not dumb (rich
+    does not redraw on TERM=dumb or unknown, as in Emacs shells and some CI runners, so a
+    bar there shows nothing until the work ends), or Jupyter. Elsewhere, including a log
+    file that FORCE_COLOR or TTY_COMPATIBLE make rich treat as a terminal, progress goes
+    out as lines."""
+    isatty = getattr(console.file, "isatty", None)
+    real = bool(isatty and isatty())
+    return (real and console.is_terminal and not console.is_dumb_terminal) or console.is_jupyter
 
 
 class ThrottledLines:

@@ -46,9 +46,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def tmp_name(path: Path) -> Path:
-    """A sibling name private to this process. It keeps at most 100 characters of the name,
-    so a name near the file system's 255-byte limit still has room for the suffix."""
-    return path.with_name(f".{path.name[:100]}.tmp-{os.getpid()}")
+    """A sibling name private to this process. It keeps at most 200 bytes of the name, so
+    a name near the file system's 255-byte limit still has room for the suffix."""
+    stem = path.name.encode()[:200].decode(errors="ignore")
+    return path.with_name(f".{stem}.tmp-{os.getpid()}")
 
 
 def umask_mode(path: Path) -> None:

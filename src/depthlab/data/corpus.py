@@ -296,7 +296,9 @@ def _need(n: int, every: int, path: Path, what: str) -> None:
     if n < 2:  # one to train on and one to validate on, whatever val_fraction is
         raise DepthlabError(f"corpus {path} has {n} {what}: at least 2 are needed (one to "
                             "train on, one to validate on); add text")
-    fraction = math.ceil(10_000 / n) / 10_000  # the smallest that holds out every n-th
+    fraction = math.floor(10_000 / (n + 0.5)) / 10_000
+    while split_every(fraction) > n:  # the smallest, to 4 places, that holds out every n-th
+        fraction = round(fraction + 1e-4, 4)
     raise DepthlabError(
         f"corpus {path} has {n} {what}: at least {every} are needed to hold out every "
         f"{every}-th as validation (set data.val_fraction={fraction:g} or more, or add text)"

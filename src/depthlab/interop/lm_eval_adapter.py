@@ -85,8 +85,9 @@ class DepthLMEval(TemplateLM):
                 target = torch.tensor(cont, dtype=torch.long, device=lp.device)
                 greedy.append((lp.argmax(dim=-1) == target).all())
                 scores.append(lp.gather(-1, target[:, None]).sum())
-            for i, score, is_greedy in zip(idx, torch.stack(scores).tolist(),
-                                           torch.stack(greedy).tolist(), strict=True):
+            read = torch.stack([torch.stack(scores).double(), torch.stack(greedy).double()]).tolist()
+            for i, score, is_greedy in zip(idx, read[0], read[1], strict=True):
+                is_greedy = bool(is_greedy)
                 results[i] = (score, is_greedy)
                 key = requests[i][0]
                 if key is not None:

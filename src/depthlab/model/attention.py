@@ -1,7 +1,8 @@
 """Causal self-attention with rotary embeddings, GQA and optional QK-norm.
 
 Keys/values keep `n_kv_heads` heads in memory; PyTorch SDPA's `enable_gqa` shares
-each K/V head across its group of `G = n_heads / n_kv_heads` query heads.
+each K/V head across its group of `G = n_heads / n_kv_heads` query heads (except fp32 on
+CUDA, where `causal_attention` repeats them: see there).
 """
 
 from __future__ import annotations

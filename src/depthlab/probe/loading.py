@@ -33,7 +33,7 @@ from depthlab.paths import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     checkpoint_dirs,
-    run_of_checkpoint,
+    source_run_dir,
 )
 
 NOT_A_MODEL = (
@@ -88,7 +88,7 @@ def _model_dtype(model: nn.Module) -> str:
 def _depthlab_paths(path: Path) -> tuple[Path, Path] | None:
     """(config.yaml, checkpoint dir) if `path` is a depthlab run or checkpoint."""
     if (path / WEIGHTS_FILE).is_file():
-        cfg_dir = path if (path / CONFIG_FILE).is_file() else run_of_checkpoint(path)
+        cfg_dir = source_run_dir(path)
         return (cfg_dir / CONFIG_FILE, path) if cfg_dir is not None else None
     if (path / CONFIG_FILE).is_file() and (
         (path / CKPT_DIR).is_dir() or not (path / "config.json").is_file()

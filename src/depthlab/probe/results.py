@@ -436,7 +436,7 @@ def write_outputs(results: dict[str, Any], out: str | Path, *, figures: bool = T
     """results.json, summary.md, CSVs and (optionally) figures under `out`; returns the paths.
     A Ctrl-C or SIGTERM meanwhile waits for the set to be written (never new files beside
     an old results.json)."""
-    with interrupts_deferred():
+    with interrupts_deferred("writing the outputs"):
         return _write_outputs(results, Path(out), figures)
 
 

@@ -166,7 +166,7 @@ def save_checkpoint(
     rank writes its DCP shard); rank 0 writes the rest and renames the directory.
     `state` is rank 0's (the data position is global, the same on every rank).
     """
-    with interrupts_deferred():
+    with interrupts_deferred(f"writing checkpoint step_{step:07d}"):
         return _save_checkpoint(run_dir, step, model, optimizer, state, keep_last)
 
 

@@ -97,9 +97,10 @@ def _auto_tangent_chunk(stack, b: int, T: int, budget: int | None) -> int:
 
 
 def _jvp_token_sums(stack, l: int, h: Tensor, tangents: Tensor, chunk: int,
-                    use_vmap: bool) -> Tensor:
+                    use_vmap: bool) -> tuple[Tensor, int]:
     """For each tangent v (rows of `tangents` [k, d]): sum over tokens of J_block(h) (v at
-    every token). Returns [k, d] fp32."""
+    every token), [k, d] fp32; and the tangent chunk that fit (halved from `chunk` while
+    out of memory), for the next call."""
     from torch.func import jvp, vmap
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -123,7 +124,7 @@ def _jvp_token_sums(stack, l: int, h: Tensor, tangents: Tensor, chunk: int,
                 chunk //= 2  # the chunk size is an estimate: retry these tangents in halves
                 continue
             a += vs.shape[0]
-    return torch.cat(out)
+    return torch.cat(out), chunk
 
 
 def _vmap_works(stack, h: Tensor) -> bool:
@@ -210,12 +211,14 @@ def compute_jacobian(
             JV_sum[l] = torch.zeros(probes, d, dtype=torch.float32, device=dev)
     eye = torch.eye(d, device=dev)
 
+    fit = None  # the tangent chunk left after running out of memory: kept from then on
     with counting(stack, counter):
         for a, b in bounds:
             chunk = ids[a:b]
             states = hidden_states(stack, chunk, cache)
             T = chunk.shape[1]
-            tc = tangent_chunk or _auto_tangent_chunk(stack, b - a, T, memory_budget)
+            planned = tc = min(tangent_chunk or _auto_tangent_chunk(stack, b - a, T, memory_budget),
+                               fit or d)
             if use_vmap is None:
                 with jvp_mode(counter):
                     use_vmap = _vmap_works(stack, states[0])
@@ -224,12 +227,16 @@ def compute_jacobian(
                     h = states[l]
                     if exact:
                         # row j of the result = column j of the token-summed Jacobian
-                        J_sum[l] += _jvp_token_sums(stack, l, h, eye, tc, use_vmap).T
+                        sums, tc = _jvp_token_sums(stack, l, h, eye, tc, use_vmap)
+                        J_sum[l] += sums.T
                         counter.jvp_block_forwards += d * (b - a)
                     if hutch:
-                        JV_sum[l] += _jvp_token_sums(stack, l, h, probe_vecs[l], tc, use_vmap)
+                        sums, tc = _jvp_token_sums(stack, l, h, probe_vecs[l], tc, use_vmap)
+                        JV_sum[l] += sums
                         counter.jvp_block_forwards += probes * (b - a)
                     prog.step()
+            if tc < planned:
+                fit = tc
 
     n_tok = tokens_of(ids)
     res: dict[str, Any] = {}
