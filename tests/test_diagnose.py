@@ -429,8 +429,9 @@ def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
 
 @pytest.mark.parametrize("ids, metrics, needle", [
-    (torch.rand(2, 8), "variance", "integer token ids"),
+    (torch.rand(2, 8), "variance", "token ids must be integers"),
     (-torch.ones(2, 8, dtype=torch.long), "variance", "ids must be >= 0"),
+    (torch.full((2, 8), 64), "variance", r"token ids go up to 64, beyond the model's vocabulary \(64\)"),
     (torch.zeros(2, 8, dtype=torch.long), "", "no metric given"),
 ])
 def test_api_bad_ids_and_empty_metrics(ids: torch.Tensor, metrics: str, needle: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from depthlab.errors import DepthlabError
 from depthlab.probe import LayerStack, build_stack
 from depthlab.probe.adapters import auto_class
+from depthlab.probe.metrics import compute_variance
 
 transformers = pytest.importorskip("transformers")
 
@@ -610,6 +612,21 @@ def test_plan_validation_and_callables() -> None:
         stack.run(hs[0], 5)
     with pytest.raises(DepthlabError, match="max_seq_len"):
         stack.hidden_states(torch.zeros(1, 65, dtype=torch.long))
+    # a keep/skip mask or a float is not a plan: int() made them blocks 1, 0 and 1 silently
+    for bad in ([True, False, True], [0, 1.7, 2], [0, np.bool_(True), 2]):
+        with pytest.raises(DepthlabError, match="block index must be an int.*not a mask"):
+            stack.run(hs[0], 0, bad)
+    _close(stack.run(hs[0], 0, [np.int64(0), torch.tensor(1), 2]), hs[L])  # integer types
+    # token ids are checked where every metric gets them (an embedding lookup failed deep in
+    # torch, float ids were truncated)
+    vocab = stack.vocab_size
+    for bad, needle in ((ids + vocab, f"beyond the model's vocabulary \\({vocab}\\)"),
+                        (-ids - 1, "must be >= 0"), (ids.float() + 0.7, "must be integers"),
+                        (None, "token ids are required")):
+        with pytest.raises(DepthlabError, match=needle):
+            stack.embed(bad)
+    with pytest.raises(DepthlabError, match="beyond the model's vocabulary"):
+        compute_variance(stack, ids + vocab)
 
 
 # ------------------------------------------------------------------ unsupported

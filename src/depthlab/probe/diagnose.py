@@ -128,17 +128,6 @@ def model_name(info: dict[str, Any], stack: Any) -> str:
     return f"{type(stack.model).__name__} ({stack.arch})"
 
 
-def _vocab_size(model: nn.Module) -> int | None:
-    for attr in ("cfg", "config"):
-        v = getattr(getattr(model, attr, None), "vocab_size", None)
-        if isinstance(v, int):
-            return v
-    try:
-        return int(model.get_input_embeddings().num_embeddings)
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def model_section(stack: Any, info: dict[str, Any]) -> dict[str, Any]:
     m = stack.model
     source = {k: v for k, v in info.items()
@@ -155,7 +144,7 @@ def model_section(stack: Any, info: dict[str, Any]) -> dict[str, Any]:
         "stored_dtype": info.get("stored_dtype"),
         "params": int(info.get("n_params") or sum(p.numel() for p in m.parameters())),
         "max_seq_len": stack.max_seq_len,
-        "vocab_size": _vocab_size(m),
+        "vocab_size": stack.vocab_size,
         "source": source,
     }
 
@@ -581,20 +570,10 @@ def diagnose(
                                 f"lower --samples or --seq-len") from None
         dsection.update(n_samples=int(samples), seq_len=int(seq_len), seed=int(seed))
     else:
-        ids = torch.as_tensor(ids)
-        if ids.ndim == 1:
-            ids = ids.unsqueeze(0)
-        if ids.ndim != 2:
-            raise DepthlabError(f"ids must have shape [N, T], got {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise DepthlabError(f"ids must be integer token ids, got dtype {ids.dtype}")
-        if ids.numel() and int(ids.min()) < 0:
-            raise DepthlabError(f"ids must be >= 0, got {int(ids.min())}")
-        check_seq_len(stack, int(ids.shape[1]))
-        vocab = msection["vocab_size"]
-        if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
-            raise DepthlabError(f"ids go up to {int(ids.max())}, beyond the model's vocabulary "
-                                f"({vocab})")
+        shape = getattr(ids, "shape", None)
+        if shape is not None and len(shape) in (1, 2):
+            check_seq_len(stack, int(shape[-1]))
+        ids = stack.check_ids(ids)
         dsection = {"source": "ids (given)", "split": None, "tokenizer": None,
                     "available_tokens": int(ids.numel()), "n_samples": int(ids.shape[0]),
                     "seq_len": int(ids.shape[1]), "seed": None}

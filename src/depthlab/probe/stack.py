@@ -17,6 +17,7 @@ original module of that block), `None` (identity: `h_{l+1} = h_l`) or a callable
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -176,27 +177,65 @@ class LayerStack:
 
     # ---------------------------------------------------------------- generic
     def _check_layer(self, l: int) -> int:  # noqa: E741
-        if isinstance(l, bool) or not isinstance(l, int):
-            try:
-                l = int(l)  # noqa: E741  (numpy / torch integers)
-            except (TypeError, ValueError):
-                raise DepthlabError(f"block index must be an int, got {l!r}") from None
+        # numpy / torch integers are indices; True/False (a keep/skip mask) and 1.7 are not
+        # (int() would silently make them blocks 1, 0 and 1)
+        try:
+            if isinstance(l, bool) or str(getattr(l, "dtype", "")) in ("bool", "torch.bool"):
+                raise TypeError
+            l = operator.index(l)  # noqa: E741
+        except TypeError:
+            raise DepthlabError(f"block index must be an int, got {l!r} ({type(l).__name__}); "
+                                "a plan lists block indices (or None to skip), not a mask"
+                                ) from None
         if not 0 <= l < self.n_layers:
             raise DepthlabError(f"block index {l} out of range for a {self.n_layers}-layer model")
         return l
 
-    def _ids(self, ids: Tensor) -> Tensor:
-        if not isinstance(ids, Tensor):
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size (its config's, else its input embedding's)."""
+        model = self.model
+        for attr in ("cfg", "config"):
+            v = getattr(getattr(model, attr, None), "vocab_size", None)
+            if isinstance(v, int):
+                return v
+        try:
+            return int(model.get_input_embeddings().num_embeddings)
+        except Exception:  # noqa: BLE001
+            return None
+
+    def check_ids(self, ids: object) -> Tensor:
+        """[N, T] (or [T]) integer token ids within the vocabulary and the context, as a
+        long tensor on the CPU; else one line saying what is wrong (an embedding lookup
+        fails deep in torch on CPU, with a device assert on CUDA, and float ids would be
+        truncated silently)."""
+        if ids is None:
+            raise DepthlabError("token ids are required: an [N, T] tensor of integers")
+        try:
             ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DepthlabError(f"token ids must be an [N, T] tensor of integers ({err})") from None
         if ids.ndim == 1:
             ids = ids.unsqueeze(0)
         if ids.ndim != 2:
             raise DepthlabError(f"token ids must have shape [N, T], got {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise DepthlabError(f"token ids must be integers, got dtype {ids.dtype}")
         if self.max_seq_len is not None and ids.shape[1] > self.max_seq_len:
             raise DepthlabError(
                 f"sequence length {ids.shape[1]} exceeds the model's max_seq_len {self.max_seq_len}"
             )
-        return ids.to(self.device, torch.long)
+        if ids.numel():
+            low, high, vocab = int(ids.min()), int(ids.max()), self.vocab_size
+            if low < 0:
+                raise DepthlabError(f"token ids must be >= 0, got {low}")
+            if vocab is not None and high >= vocab:
+                raise DepthlabError(f"token ids go up to {high}, beyond the model's vocabulary "
+                                    f"({vocab})")
+        return ids.long()
+
+    def _ids(self, ids: Tensor) -> Tensor:
+        return self.check_ids(ids).to(self.device)
 
     def logits(self, h_L: Tensor) -> Tensor:
         return self.head(self.final_norm(h_L))
