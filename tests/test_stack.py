@@ -627,6 +627,12 @@ def test_plan_validation_and_callables() -> None:
             stack.embed(bad)
     with pytest.raises(DepthlabError, match="beyond the model's vocabulary"):
         compute_variance(stack, ids + vocab)
+    # a model where a stack belongs, and progress=True where a callback belongs: one line
+    with pytest.raises(DepthlabError, match="take a LayerStack, got LlamaForCausalLM: wrap"):
+        compute_variance(stack.model, ids)
+    with pytest.raises(DepthlabError, match="progress= takes a callback"):
+        compute_variance(stack, ids, progress=True)
+    assert compute_variance(stack, ids, progress=False).info["n_sequences"] == ids.shape[0]
 
 
 # ------------------------------------------------------------------ unsupported

@@ -112,13 +112,16 @@ def jvp_mode(counter: BlockCounter) -> Iterator[None]:
 
 
 def check_ids(stack: Any, ids: Tensor, *, min_len: int = 2) -> Tensor:
-    """Token ids as a long [N, T] tensor (kept where they are; chunks move to the device)."""
-    if not isinstance(ids, Tensor):
-        ids = torch.as_tensor(ids)
-    if ids.ndim == 1:
-        ids = ids.unsqueeze(0)
-    if ids.ndim != 2:
-        raise DepthlabError(f"token ids must have shape [N, T], got {tuple(ids.shape)}")
+    """The metrics' common entry: `stack` a LayerStack, token ids a long [N, T] tensor
+    the stack accepts (integers in its vocabulary and context; kept where they are, chunks
+    move to the device)."""
+    from depthlab.probe.stack import LayerStack
+
+    if not isinstance(stack, LayerStack):
+        raise DepthlabError(f"the metrics take a LayerStack, got {type(stack).__name__}: wrap "
+                            "the model with depthlab.probe.build_stack(model), or call "
+                            "depthlab.probe.diagnose(model, ...)")
+    ids = stack.check_ids(ids)
     if ids.shape[0] < 1:
         raise DepthlabError("need at least one sequence")
     if ids.shape[1] < min_len:
@@ -219,11 +222,14 @@ class Progress:
     """Calls `fn(done, total)` as units complete; a no-op without fn."""
 
     def __init__(self, fn: ProgressFn | None, total: int) -> None:
-        self.fn = fn
+        if fn is True:  # diagnose's and run_suite's progress is a switch; here a callback
+            raise DepthlabError("progress= takes a callback fn(done, total) here; for a "
+                                "progress bar use run_suite(..., progress=True) or diagnose")
+        self.fn = fn or None
         self.total = max(int(total), 1)
         self.done = 0
-        if fn is not None:
-            fn(0, self.total)
+        if self.fn is not None:
+            self.fn(0, self.total)
 
     def step(self, n: int = 1) -> None:
         self.done += n
