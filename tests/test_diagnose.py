@@ -614,3 +614,21 @@ def test_the_stored_dtype_is_recorded_beside_the_one_the_model_ran_in(
     assert dtype_label(res["model"]) == "float32 (stored bfloat16)"
     assert "dtype float32 (stored bfloat16)" in (tmp_path / "diag" / "summary.md").read_text()
     assert "source" in res["model"] and "stored_dtype" not in res["model"]["source"]
+
+
+def test_load_model_takes_the_names_diagnose_takes(tiny_hf: Path) -> None:
+    """The docs say load_model gives the model diagnose would use: `smollm2` and
+    device="auto" failed there (a Hub lookup; torch's raw device-string error)."""
+    from depthlab.errors import DepthlabError
+    from depthlab.probe.loading import load_model, resolve_spec, smollm2_gguf_path
+
+    model, tok, info = load_model(str(tiny_hf), device="auto")
+    assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert info["spec"] == str(tiny_hf) and tok is not None
+    with pytest.raises(DepthlabError, match="device='gpu' is not a device"):
+        load_model(str(tiny_hf), device="gpu")
+    try:
+        gguf = smollm2_gguf_path()
+    except DepthlabError:
+        return
+    assert resolve_spec("smollm2") == resolve_spec("SmolLM2-135M") == str(gguf)

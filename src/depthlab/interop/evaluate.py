@@ -352,8 +352,7 @@ def _check_hf_dir(path: Path) -> None:
 def _gguf_file(model: str | Path) -> Path | None:
     """The GGUF file MODEL names (`smollm2`, a .gguf path, or a folder holding one and no
     config.json), else None."""
-    from depthlab.probe.diagnose import resolve_spec
-    from depthlab.probe.loading import gguf_file
+    from depthlab.probe.loading import gguf_file, resolve_spec
 
     return gguf_file(Path(resolve_spec(model)).expanduser())
 

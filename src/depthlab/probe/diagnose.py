@@ -46,7 +46,6 @@ from depthlab.errors import DepthlabError
 from depthlab.paths import CONFIG_FILE, WEIGHTS_FILE, run_of_checkpoint
 from depthlab.text import fmt_params
 
-SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
 DEFAULT_SAMPLES = 16
 DEFAULT_SEQ_LEN = 128
 DEFAULT_SEED = 0
@@ -57,16 +56,6 @@ DIAGNOSE_OPTIONS = ("samples",)
 
 
 # ----------------------------------------------------------------------- model
-
-
-def resolve_spec(spec: str | Path) -> str:
-    """`smollm2` -> the shipped GGUF path; anything else unchanged."""
-    text = str(spec)
-    if text.lower() in SMOLLM2_ALIASES and not Path(text).exists():
-        from depthlab.probe.loading import smollm2_gguf_path
-
-        return str(smollm2_gguf_path())
-    return text
 
 
 def _dtype_arg(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
@@ -103,10 +92,10 @@ def load_stack(model: Any, dtype: str | torch.dtype | None = "auto",
         raise DepthlabError(
             f"cannot diagnose a {type(model).__name__}: pass a path/hub id, an nn.Module "
             f"or a LayerStack")
-    from depthlab.probe.loading import load_model
+    from depthlab.probe.loading import load_model, resolve_spec
 
     spec = resolve_spec(model)
-    mod, tok, info = load_model(spec, dtype=dt, device=dev)
+    mod, tok, info = load_model(model, dtype=dt, device=dev)
     info["spec"] = str(model)
     if str(model) != spec:
         info["path"] = spec

