@@ -144,8 +144,10 @@ def test_report_on_a_sweep_writes_figures_html_and_tables(tmp_path):
     fake_run(sweep, "L8", n_layers=8)
     (sweep / "logs").mkdir()  # sweep bookkeeping is not a run
     (sweep / "base.yaml").write_text("model: {n_layers: 2}\n")
-    rep = build_report([sweep], tmp_path / "out", title="depth sweep")
+    rep = build_report(sweep, tmp_path / "out", title="depth sweep")  # one path, no list
     assert [r.label for r in rep.data.runs] == ["L2", "L3", "L8"]  # sorted by the knob
+    assert repr(rep) == (f"Report({str(tmp_path / 'out' / 'report.html')!r}: 3 runs, "
+                         f"0 diagnoses, {len(rep.drawn)} figures, {len(rep.tables)} tables)")
     assert rep.data.knob_keys == ["model.n_layers"]
     names = {f.name for f in rep.drawn}
     assert names == {"loss_curves", "last_layer_variance", "variance_profile", "layer_stats",
@@ -223,6 +225,13 @@ def test_empty_directory_is_a_one_line_error(tmp_path):
     assert "no depthlab runs" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DepthlabError, match="no such directory"):
         collect([tmp_path / "nope"])
+    with pytest.raises(DepthlabError, match="no directory given"):
+        collect([])
+    # one path, as str or Path, is one directory (a str was read as its characters)
+    with pytest.raises(DepthlabError, match=f"no such directory: {tmp_path / 'nope'}$"):
+        collect(str(tmp_path / "nope"))
+    with pytest.raises(DepthlabError, match="no depthlab runs"):
+        collect(tmp_path / "empty")
 
 
 def test_cli_report_errors_exit_2(tmp_path, capsys):

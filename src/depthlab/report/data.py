@@ -486,9 +486,12 @@ def _file_hint(path: Path) -> str:
             f"diagnose {RESULTS_FILE} files")
 
 
-def collect(dirs: list[str | Path], ladder: str | Path | None = None) -> ReportData:
-    """Find and read every run, diagnosis and ladder under `dirs`."""
-    roots = [Path(d) for d in dirs]
+def collect(dirs: str | Path | list[str | Path], ladder: str | Path | None = None
+            ) -> ReportData:
+    """Find and read every run, diagnosis and ladder under `dirs` (one path or a list)."""
+    roots = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+    if not roots:
+        raise DepthlabError("no directory given: name runs, sweeps or diagnose outputs")
     missing = [str(r) for r in roots if not r.exists()]
     if missing:
         raise DepthlabError(f"no such directory: {', '.join(missing)}")

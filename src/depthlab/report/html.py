@@ -58,6 +58,11 @@ class Report:
     data: ReportData
     files: list[Path] = field(default_factory=list)
 
+    def __repr__(self) -> str:  # a notebook cell shows this: what and where, not the data
+        return (f"Report({str(self.html)!r}: {len(self.data.runs)} runs, "
+                f"{len(self.data.diagnoses)} diagnoses, {len(self.drawn)} figures, "
+                f"{len(self.tables)} tables)")
+
     @property
     def drawn(self) -> list[FigureOut]:
         return [f for f in self.figures if f.png is not None or f.svg is not None]
@@ -119,7 +124,7 @@ def render_html(data: ReportData, figures: list[FigureOut], tables: list[Table],
     return "\n".join(parts) + "\n"
 
 
-def build_report(dirs: list[str | Path], out: str | Path, *, ladder: str | Path | None = None,
+def build_report(dirs: str | Path | list[str | Path], out: str | Path, *, ladder: str | Path | None = None,
                  title: str | None = None, formats: tuple[str, ...] = ("png", "svg"),
                  dpi: int = 120) -> Report:
     """Collect runs/diagnoses/ladder under `dirs` and write OUT/report.html,
