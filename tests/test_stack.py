@@ -382,6 +382,16 @@ def test_hf_hooks(name: str, impl: str) -> None:
     assert not [k for k in w if k.endswith(("norm", "bias"))]
 
 
+def test_a_model_without_its_lm_head_is_refused() -> None:
+    """A bare backbone, or a task model of a supported architecture (its head is no LM
+    head: a sequence classifier failed with "'NoneType' object is not callable")."""
+    cfg = CONFIGS["llama"]
+    for cls in (transformers.LlamaModel, transformers.LlamaForSequenceClassification):
+        with pytest.raises(DepthlabError, match=f"{cls.__name__} has no language-model head: "
+                                                "pass the"):
+            build_stack(cls(cfg))
+
+
 def test_bidirectional_gemma3_is_refused() -> None:
     """EmbeddingGemma's config is a gemma3_text one with bidirectional attention."""
     cfg = copy.deepcopy(CONFIGS["gemma3_text"])

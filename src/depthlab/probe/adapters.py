@@ -270,7 +270,12 @@ class HFStack(LayerStack):
         rotary = getattr(base, "rotary_emb", None)
         self._rope_per_type = rotary is not None and (
             "layer_type" in inspect.signature(rotary.forward).parameters)
-        self.lm_head: nn.Module = model.get_output_embeddings()
+        lm_head = model.get_output_embeddings()
+        if lm_head is None:  # e.g. LlamaForSequenceClassification: its head is no LM head
+            raise DepthlabError(
+                f"{type(model).__name__} has no language-model head: pass the causal LM "
+                f"(loaded by {auto_class(self.arch).__name__}), not a task model")
+        self.lm_head: nn.Module = lm_head
         n_pos = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None)
         super().__init__(model, len(self.layers), config.hidden_size, max_seq_len=n_pos,
