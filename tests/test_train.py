@@ -668,3 +668,23 @@ def test_compile_with_moe_says_what_runs():
         {}, {"train.compile": True, "model.moe": moe}))
     assert _compile_moe_note(build_config({}, {"train.compile": True})) is None
     assert _compile_moe_note(build_config({}, {"model.moe": moe})) is None
+
+
+def test_train_from_python_takes_a_config_a_yaml_path_or_a_dict(tmp_path, corpus):
+    """train({...}) and train("cfg.yaml") failed with "'dict' object has no attribute
+    'train'"; the three spellings are the same run."""
+    import yaml
+
+    from depthlab.errors import DepthlabError
+    from depthlab.train import train
+
+    cfg = tiny_cfg(tmp_path, corpus, **{"train.max_steps": 2, "train.warmup_steps": 1,
+                                        "train.eval_interval": 2, "train.ckpt_interval": 2})
+    first = train(cfg, progress=False)
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert train(str(path), progress=False).val_loss == first.val_loss  # complete: resumed
+    assert train(cfg.to_dict(), progress=False).val_loss == first.val_loss
+    with pytest.raises(DepthlabError, match="train\\(\\) takes a RunConfig, a YAML path or a "
+                                            "config dict, got list"):
+        train([cfg], progress=False)

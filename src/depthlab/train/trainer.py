@@ -699,9 +699,20 @@ def read_summary(path: Path) -> dict[str, Any] | None:
     return done if isinstance(done, dict) else None
 
 
-def train(cfg: RunConfig, progress: bool = True) -> TrainSummary:
-    """Train (or resume) the run described by `cfg` (one process, or one rank of a torchrun
-    job: then an error is recorded for torchrun's failure report before it propagates)."""
+def train(cfg: RunConfig | str | Path | dict[str, Any], progress: bool = True) -> TrainSummary:
+    """Train (or resume) the run described by `cfg`: a RunConfig, a YAML file (as `depthlab
+    train FILE`) or a config dict (validated as a YAML file's would be). One process, or one
+    rank of a torchrun job: then an error is recorded for torchrun's failure report before
+    it propagates."""
+    if isinstance(cfg, (str, Path)):
+        from depthlab.config import load_config
+
+        cfg = load_config(cfg)
+    elif isinstance(cfg, dict):
+        cfg = build_config(cfg)
+    elif not isinstance(cfg, RunConfig):
+        raise DepthlabError(f"train() takes a RunConfig, a YAML path or a config dict, got "
+                            f"{type(cfg).__name__}")
     if D.launched():
         from torch.distributed.elastic.multiprocessing.errors import record
 
