@@ -433,6 +433,7 @@ def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     (-torch.ones(2, 8, dtype=torch.long), "variance", "ids must be >= 0"),
     (torch.full((2, 8), 64), "variance", r"token ids go up to 64, beyond the model's vocabulary \(64\)"),
     (torch.zeros(2, 8, dtype=torch.long), "", "no metric given"),
+    (torch.zeros(2, 8, dtype=torch.long), "moe", "no MoE layers: the moe metric does not apply"),
 ])
 def test_api_bad_ids_and_empty_metrics(ids: torch.Tensor, metrics: str, needle: str) -> None:
     from depthlab.errors import DepthlabError
@@ -442,6 +443,10 @@ def test_api_bad_ids_and_empty_metrics(ids: torch.Tensor, metrics: str, needle: 
         "vocab_size": 64, "n_layers": 2, "d_model": 16, "n_heads": 2}}).model)
     with pytest.raises(DepthlabError, match=needle):
         diagnose(model, ids=ids, metrics=metrics)
+    # asked for by name beside others on a dense model: skipped and said, as with "all"
+    res = diagnose(model, ids=torch.zeros(2, 8, dtype=torch.long), metrics="variance,moe")
+    assert list(res["metrics"]) == ["variance"] and res["skipped"] == {
+        "moe": "the model has no MoE layers"}
 
 
 def test_option_values_read_as_documented() -> None:

@@ -522,7 +522,6 @@ def diagnose(
     from depthlab.probe.suite import METRICS, resolve_metrics
 
     t_start = time.perf_counter()
-    all_requested = isinstance(metrics, str) and metrics.strip() == "all"
     names = resolve_metrics(metrics)
     options = check_options(options, names)
     if batch_size < 1:
@@ -576,10 +575,12 @@ def diagnose(
             f"{dsection['available_tokens']:,} tokens, tokenizer {dsection['tokenizer']})")
 
     skipped: dict[str, str] = {}
-    if all_requested and "moe" in names and not has_moe(stack):
+    if "moe" in names and not has_moe(stack):  # asked by name too: said, not empty lists
         names = [n for n in names if n != "moe"]
         skipped["moe"] = "the model has no MoE layers"
         options.pop("moe", None)
+        if not names:
+            raise DepthlabError("the model has no MoE layers: the moe metric does not apply")
 
     results_by_metric = _run_groups(stack, ids, names, options, batch_size, progress, console)
     ordered = {m: results_by_metric[m] for m in METRICS if m in results_by_metric}
