@@ -282,6 +282,9 @@ def test_usefulness_disjoint_fit_and_eval(model):
     assert res.loss_ratio[l] == pytest.approx(_full_loss(mod, ev) / base, rel=1e-4)
     res2 = compute_usefulness(stack, ev, batch_size=BS, fit_ids=fit)
     assert res2.loss_ratio == pytest.approx(res.loss_ratio, rel=1e-6)
+    # "disjoint" is checked, not taken on trust (identical sets reported split "disjoint")
+    with pytest.raises(DepthlabError, match="fit_ids and ids share sequences"):
+        compute_usefulness(stack, ev, batch_size=BS, fit_ids=torch.cat([fit, ev[1:2]]))
 
 
 # ------------------------------------------------------------------- causal

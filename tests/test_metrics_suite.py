@@ -119,8 +119,14 @@ def test_suite_options_and_subset():
     assert out["metrics"]["permutation"]["pair_set"] == "adjacent"
     assert out["metrics"]["jacobian"]["jacobian_norm"] is None
     assert len(out["metrics"]["jacobian"]["hutchinson"]["fro"]) == L
-    with pytest.raises(DepthlabError):
-        run_suite(stack, _ids(), "causal", progress=False, options={"bogus": {}})
+    # options are checked as diagnose's --opt are (a misspelt one was a raw TypeError)
+    for options, needle in (({"bogus": {}}, "unknown metric 'bogus'"),
+                            ({"permutation": {"pair": "adjacent"}}, "unknown option.*pair"),
+                            ({"usefulness": {"threshold": 0.5}}, "threshold=0.5: must be >= 1"),
+                            ({"causal": {"samples": 2}}, "causal.samples is a diagnose option")):
+        with pytest.raises(DepthlabError, match=needle):
+            run_suite(stack, _ids(), ["causal", "permutation", "usefulness"], progress=False,
+                      options=options)
 
 
 def test_costs_against_published_reference():

@@ -84,11 +84,14 @@ def run_suite(
     "permutation": {"pairs": "adjacent"}}. share: reuse hidden states across metrics
     (bounded by cache_bytes) and causal's skipped runs for layer_drop.
     """
+    from depthlab.probe.diagnose import DIAGNOSE_OPTIONS, check_options
+
     names = resolve_metrics(metrics)
-    options = options or {}
-    bad = [k for k in options if k not in METRICS]
-    if bad:
-        raise DepthlabError(f"options given for unknown metric(s) {', '.join(bad)}")
+    options = check_options(options, names)  # names, types and ranges, as diagnose's --opt
+    per_diagnose = [f"{m}.{k}" for m, o in options.items() for k in o if k in DIAGNOSE_OPTIONS]
+    if per_diagnose:
+        raise DepthlabError(f"{', '.join(per_diagnose)} is a diagnose option: run_suite "
+                            "measures every sequence it is given (pass ids[:K])")
     ids = check_ids(stack, ids)
     order = [m for m in METRICS if m in names]
     cache = HiddenStateCache(cache_bytes) if share else None

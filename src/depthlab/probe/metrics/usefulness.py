@@ -113,6 +113,10 @@ def compute_usefulness(
     split = "same"
     if fit_ids is not None:
         fit_ids = check_ids(stack, fit_ids)
+        evaluated = {row.numpy().tobytes() for row in ids.cpu()}
+        if any(row.numpy().tobytes() in evaluated for row in fit_ids.cpu()):
+            raise DepthlabError("fit_ids and ids share sequences: a held-out evaluation needs "
+                                "disjoint sets (leave fit_ids out to fit and evaluate on ids)")
         split = "disjoint"
     else:
         fit_ids = ids
