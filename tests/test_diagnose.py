@@ -443,7 +443,15 @@ def test_api_bad_ids_and_empty_metrics(ids: torch.Tensor, metrics: str, needle: 
         "vocab_size": 64, "n_layers": 2, "d_model": 16, "n_heads": 2}}).model)
     with pytest.raises(DepthlabError, match=needle):
         diagnose(model, ids=ids, metrics=metrics)
-    # asked for by name beside others on a dense model: skipped and said, as with "all"
+
+
+def test_moe_named_on_a_dense_model_is_skipped_and_said() -> None:
+    """As with "all" (it returned empty lists); alone it is refused (the parametrized
+    test above)."""
+    from depthlab.probe import diagnose
+
+    model = DepthLM(RunConfig.model_validate({"model": {
+        "vocab_size": 64, "n_layers": 2, "d_model": 16, "n_heads": 2}}).model)
     res = diagnose(model, ids=torch.zeros(2, 8, dtype=torch.long), metrics="variance,moe")
     assert list(res["metrics"]) == ["variance"] and res["skipped"] == {
         "moe": "the model has no MoE layers"}
@@ -637,3 +645,6 @@ def test_load_model_takes_the_names_diagnose_takes(tiny_hf: Path) -> None:
     except DepthlabError:
         return
     assert resolve_spec("smollm2") == resolve_spec("SmolLM2-135M") == str(gguf)
+    model, tok, info = load_model("smollm2")  # ~10 s: dequantizes the GGUF
+    assert info["spec"] == "smollm2" and info["kind"] == "gguf" and info["path"] == str(gguf)
+    assert tok is not None and model.config.model_type == "llama"

@@ -127,6 +127,15 @@ def test_suite_options_and_subset():
         with pytest.raises(DepthlabError, match=needle):
             run_suite(stack, _ids(), ["causal", "permutation", "usefulness"], progress=False,
                       options=options)
+    # Python values the metrics take are not held to --opt's YAML types
+    import numpy as np
+
+    out = run_suite(stack, _ids(), "jacobian", progress=False,
+                    options={"jacobian": {"layers": (np.int64(0), 1), "seed": np.int64(3)}})
+    assert out["metrics"]["jacobian"]["layers"] == [0, 1]
+    with pytest.raises(DepthlabError, match="block index must be an int, got 1.5"):
+        run_suite(stack, _ids(), "jacobian", progress=False, options={"jacobian": {
+            "layers": [0, 1.5]}})
 
 
 def test_costs_against_published_reference():

@@ -637,6 +637,10 @@ def test_plan_validation_and_callables() -> None:
             stack.embed(bad)
     with pytest.raises(DepthlabError, match="beyond the model's vocabulary"):
         compute_variance(stack, ids + vocab)
+    # depthlab's own token-file dtypes (torch has no min/max for them) and numpy arrays
+    ref = compute_variance(stack, ids).variance
+    for same in (ids.numpy().astype(np.uint16), ids.numpy().astype(np.uint32), ids.tolist()):
+        assert compute_variance(stack, same).variance == ref
     # a model where a stack belongs, and progress=True where a callback belongs: one line
     with pytest.raises(DepthlabError, match="take a LayerStack, got LlamaForCausalLM: wrap"):
         compute_variance(stack.model, ids)

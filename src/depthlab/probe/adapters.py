@@ -46,7 +46,7 @@ class DepthLMStack(LayerStack):
         return self.model.embed(ids)
 
     def block_module(self, l: int) -> nn.Module:  # noqa: E741
-        return self.model.blocks[self._check_layer(l)]
+        return self.model.blocks[self.block_index(l)]
 
     def _run_block(self, l: int, h: Tensor) -> Tensor:  # noqa: E741
         return self.model.blocks[l](h)
@@ -318,7 +318,7 @@ class HFStack(LayerStack):
 
     # ---- blocks
     def block_module(self, l: int) -> nn.Module:  # noqa: E741
-        return self.layers[self._check_layer(l)]
+        return self.layers[self.block_index(l)]
 
     def _context(self, l: int, h: Tensor) -> tuple[Tensor | None, Tensor, object]:  # noqa: E741
         """(mask, position_ids, position_embeddings) for block l at h's shape/dtype."""

@@ -312,8 +312,11 @@ def metric_defaults(name: str) -> dict[str, Any]:
             if k not in STANDARD_ARGS and p.default is not inspect.Parameter.empty}
 
 
-def check_options(options: dict[str, dict[str, Any]] | None, names: list[str]
-                  ) -> dict[str, dict[str, Any]]:
+def check_options(options: dict[str, dict[str, Any]] | None, names: list[str], *,
+                  types: bool = True) -> dict[str, dict[str, Any]]:
+    """Option names, values and (with `types`: --opt values read from YAML) types, before
+    any work. Python callers (run_suite) pass numpy integers, tuples and arrays, which the
+    metrics accept: their types are not checked."""
     from depthlab.probe.suite import METRICS
 
     options = {k.replace("-", "_"): dict(v) for k, v in (options or {}).items()}
@@ -329,7 +332,8 @@ def check_options(options: dict[str, dict[str, Any]] | None, names: list[str]
         if bad:
             raise DepthlabError(f"unknown option(s) {', '.join(bad)} for {metric}; valid: "
                                 f"{', '.join(valid)}")
-        _check_option_types(metric, opts)
+        if types:
+            _check_option_types(metric, opts)
         _check_option_values(metric, opts)
     return options
 
@@ -354,7 +358,7 @@ def _check_option_values(metric: str, opts: dict[str, Any]) -> None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if rule is not None and number and not (math.isfinite(value) and rule[0](value)):
             raise DepthlabError(f"--opt {metric}.{key}={value!r}: must be {rule[1]}")
-        if key == "layers" and value == []:
+        if key == "layers" and isinstance(value, (list, tuple, range)) and len(value) == 0:
             raise DepthlabError(f"--opt {metric}.layers=[]: names no block; leave it out to "
                                 "measure every block")
     if metric == "permutation" and opts.get("anchor") is not None \

@@ -125,7 +125,7 @@ class LayerStack:
         `torch.autograd.forward_ad`): when h carries a tangent, SDPA is restricted
         to its math backend (the fused CPU/GPU kernels have no forward-AD formula).
         """
-        l = self._check_layer(l)  # noqa: E741
+        l = self.block_index(l)  # noqa: E741
         if _forward_ad(h):
             with self._forward_ad_context():
                 return self._run_block(l, h)
@@ -176,7 +176,9 @@ class LayerStack:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- generic
-    def _check_layer(self, l: int) -> int:  # noqa: E741
+    def block_index(self, l: int) -> int:  # noqa: E741
+        """`l` as a block index, or one line saying why it is none (not an integer, or out
+        of range)."""
         # numpy / torch integers are indices; True/False (a keep/skip mask) and 1.7 are not
         # (int() would silently make them blocks 1, 0 and 1)
         try:
@@ -193,16 +195,18 @@ class LayerStack:
 
     @property
     def vocab_size(self) -> int | None:
-        """The model's vocabulary size (its config's, else its input embedding's)."""
+        """The model's vocabulary size: the rows of its input embedding (what a lookup
+        indexes), else its config's."""
         model = self.model
+        try:
+            return int(model.get_input_embeddings().num_embeddings)
+        except Exception:  # noqa: BLE001  (no HF-style accessor: the config says)
+            pass
         for attr in ("cfg", "config"):
             v = getattr(getattr(model, attr, None), "vocab_size", None)
             if isinstance(v, int):
                 return v
-        try:
-            return int(model.get_input_embeddings().num_embeddings)
-        except Exception:  # noqa: BLE001
-            return None
+        return None
 
     def check_ids(self, ids: object) -> Tensor:
         """[N, T] (or [T]) integer token ids within the vocabulary and the context, as a
@@ -225,14 +229,16 @@ class LayerStack:
             raise DepthlabError(
                 f"sequence length {ids.shape[1]} exceeds the model's max_seq_len {self.max_seq_len}"
             )
+        ids = ids.long()  # uint16/uint32 token files have no min/max in torch
         if ids.numel():
-            low, high, vocab = int(ids.min()), int(ids.max()), self.vocab_size
+            low, high = (int(x) for x in torch.aminmax(ids))  # one read from the device
+            vocab = self.vocab_size
             if low < 0:
                 raise DepthlabError(f"token ids must be >= 0, got {low}")
             if vocab is not None and high >= vocab:
                 raise DepthlabError(f"token ids go up to {high}, beyond the model's vocabulary "
                                     f"({vocab})")
-        return ids.long()
+        return ids
 
     def _ids(self, ids: Tensor) -> Tensor:
         return self.check_ids(ids).to(self.device)
@@ -272,12 +278,14 @@ class LayerStack:
             if isinstance(entry, nn.Module) or (callable(entry) and not isinstance(entry, int)):
                 h = entry(h)
             else:
-                h = self.run_block(self._check_layer(entry), h)
+                h = self.run_block(self.block_index(entry), h)
         return h
 
     def loss(self, h_L: Tensor, ids: Tensor) -> Tensor:
-        """Token-mean next-token cross-entropy over N*(T-1) tokens, fp32."""
-        ids = self._ids(ids)
+        """Token-mean next-token cross-entropy over N*(T-1) tokens, fp32. (The ids are
+        the ones `h_L` was embedded from, checked there: not again per plan.)"""
+        ids = torch.as_tensor(ids)
+        ids = (ids.unsqueeze(0) if ids.ndim == 1 else ids).to(self.device, torch.long)
         logits = self.logits(h_L)[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 

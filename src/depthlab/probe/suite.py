@@ -87,7 +87,7 @@ def run_suite(
     from depthlab.probe.diagnose import DIAGNOSE_OPTIONS, check_options
 
     names = resolve_metrics(metrics)
-    options = check_options(options, names)  # names, types and ranges, as diagnose's --opt
+    options = check_options(options, names, types=False)  # names and ranges, as --opt
     per_diagnose = [f"{m}.{k}" for m, o in options.items() for k in o if k in DIAGNOSE_OPTIONS]
     if per_diagnose:
         raise DepthlabError(f"{', '.join(per_diagnose)} is a diagnose option: run_suite "

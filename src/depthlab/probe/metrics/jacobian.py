@@ -185,10 +185,7 @@ def compute_jacobian(
         raise DepthlabError("the Hutchinson estimator needs probes >= 2 (for a standard error)")
     ids = check_ids(stack, ids, min_len=1)
     L, d = stack.n_layers, stack.d_model
-    layers = list(range(L)) if layers is None else [int(x) for x in layers]
-    for x in layers:
-        if not 0 <= x < L:
-            raise DepthlabError(f"jacobian layer {x} out of range 0..{L - 1}")
+    layers = list(range(L)) if layers is None else [stack.block_index(x) for x in layers]
     repeated = sorted({x for x in layers if layers.count(x) > 1})
     if repeated:
         raise DepthlabError(f"jacobian layers: {', '.join(map(str, repeated))} given more than "
