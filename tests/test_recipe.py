@@ -92,7 +92,8 @@ def test_recipe_cites_reproduce_results(tmp_path):
     (tmp_path / "reproduce.json").write_text(json.dumps(results))
     text = render(make_recipe(12, 135_000_000, vocab_size=49152, moe=False, evidence=tmp_path),
                   explain=True)
-    assert "caveat: the tiny-scale re-check contradicts the paper here" in text
+    assert f"caveat: the tiny-scale re-check in {tmp_path / 'reproduce.json'} contradicts the " \
+        "paper here" in text
     # --evidence: that file only; a claim it lacks is said to be missing from it
     assert "paper only (claim 4 is in none of " in text and "--claims 4" in text
     with pytest.raises(DepthlabError, match="no reproduce results"):
@@ -186,9 +187,10 @@ def test_fmt_params_scales():
         "94,999", "0.1M", "1B", "1T"]
 
 
-def test_recipe_prefers_the_larger_scale_and_says_how_small_it_was(tmp_path, monkeypatch):
-    """Without --evidence the small-scale re-check wins over the tiny one, and the evidence
-    line names the re-check's model size, steps and seeds."""
+def test_recipe_cites_every_scale_and_says_how_small_each_was(tmp_path, monkeypatch):
+    """Without --evidence every re-check found is cited, small first, each with its model
+    size, steps and seeds; one that does not hold is named in the caveat (citing only the
+    first that held hid a contradicting one)."""
     import json
 
     def write(scale: str, verdict: str) -> None:
@@ -205,8 +207,11 @@ def test_recipe_prefers_the_larger_scale_and_says_how_small_it_was(tmp_path, mon
     write("small", "holds")
     monkeypatch.chdir(tmp_path)
     text = render(make_recipe(12, 135_000_000, vocab_size=49152, moe=False), explain=True)
-    assert "reproduce --scale small (12 layers, d=128, 2000 steps, 2 seeds) claim 3" in text
-    assert "does not hold" not in text and "reproduce/tiny" not in text
+    small = text.index("reproduce --scale small (12 layers, d=128, 2000 steps, 2 seeds) claim 3")
+    assert small < text.index("reproduce --scale tiny (12 layers, d=64, 300 steps, 2 seeds) "
+                              "claim 3 (wd): does not hold")
+    assert "the tiny-scale re-check in runs/reproduce/tiny/reproduce.json contradicts the paper " \
+        "here" in text
     # a claim the user's own re-check lacks comes from the next one found (here the
     # committed small-scale results), not "paper only"; a dense recipe does not claim the
     # ladder's MoE rung

@@ -151,8 +151,8 @@ Evidence = list[tuple[dict[str, Any], str]]
 
 def _find_evidence(evidence: str | Path | None) -> Evidence:
     """The given results, else every re-check found: small before tiny, and at each scale
-    the user's own runs before the committed ones. Each claim is cited from the first one
-    that holds it, so a user's partial re-check does not hide the committed claims."""
+    the user's own runs before the committed ones. Each claim cites all of them that hold
+    it, so no re-check hides another."""
     candidates = ([Path(evidence)] if evidence is not None else
                   [root / scale for scale in ("small", "tiny")
                    for root in (Path("runs/reproduce"), Path("docs/reproduce"),
@@ -200,22 +200,27 @@ def _scale_words(results: dict[str, Any]) -> str:
 
 
 def _cite(choice: Choice, found: Evidence, claim_id: int) -> Choice:
-    """Attach the first re-check of claim `claim_id` found to `choice`, with a caveat unless
-    it held."""
+    """Attach every re-check of claim `claim_id` found to `choice` (a user's quick look
+    beside the committed runs, tiny beside small), with a caveat naming each one that does
+    not hold it: citing only the first let a confirming re-check hide a contradicting one."""
+    against = []
     for results, source in found:
         for c in results["claims"]:
             if c["id"] != claim_id:
                 continue
             tests = "; ".join(f"{t['label']}: {t['status']} ({t['detail']})"
                               for t in c["tests"] if t.get("primary"))
-            choice.evidence = [f"reproduce --scale {results['scale']}{_scale_words(results)} "
-                               f"claim {claim_id} ({c['title']}): {c['verdict']} - {tests} "
-                               f"[{source}]"]
+            choice.evidence.append(
+                f"reproduce --scale {results['scale']}{_scale_words(results)} claim "
+                f"{claim_id} ({c['title']}): {c['verdict']} - {tests} [{source}]")
             if c["verdict"] != HOLDS:
                 seen = "contradicts" if c["verdict"] == FAILS else "does not confirm"
-                choice.caveat = (f"the {results['scale']}-scale re-check {seen} the paper here; "
-                                 "this choice follows the paper's result")
-            return choice
+                against.append(f"the {results['scale']}-scale re-check in {source} {seen} the "
+                               "paper here")
+    if against:
+        choice.caveat = "; ".join(against) + "; this choice follows the paper's result"
+    if choice.evidence or not found:
+        return choice
     if found:
         choice.evidence = [f"paper only (claim {claim_id} is in none of "
                            f"{', '.join(src for _, src in found)}; run `depthlab reproduce "
@@ -312,7 +317,13 @@ def make_recipe(layers: int, params: int, *, context: int | None = None, tokens:
     ]
     overall = _cite(Choice("the recipe as a whole", "baseline -> +T -> +lambda -> +G"
                            + (" -> +MoE" if moe else " (stops before the ladder's +MoE rung)"),
-                           "the paper's ablation ladder gained at every rung"), found, 7)
+                           "in the paper, each rung of its ablation ladder lowered PPL"), found, 7)
+    if any(e.startswith("reproduce") for e in overall.evidence):  # its test: the ladder's ends
+        ends = ("the re-check compares the ladder's ends (baseline vs every rung), not each "
+                "rung: read the PPL per rung above")
+        if not moe:
+            ends += "; its end includes +MoE, which this dense recipe leaves out"
+        overall.caveat = f"{overall.caveat}; {ends}" if overall.caveat else ends
     return Recipe(raw, cfg, total, n_active, params, choices, budget_kind=kind, overall=overall)
 
 
