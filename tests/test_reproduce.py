@@ -162,3 +162,37 @@ def test_paper_scale_keeps_edited_files_and_out_must_be_a_directory(tmp_path, ca
         assert exc.value.code == 2
         assert "is a training run directory" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+def test_a_diverged_run_leaves_its_claim_inconclusive_by_name(tmp_path, monkeypatch):
+    """A NaN measurement (a diverged run) stopped the whole reproduce after training with
+    "every condition needs at least one finite measurement", naming no run or claim. Here the
+    training and diagnosis are replaced by their measurements (the end-to-end test above runs
+    them for real)."""
+    import math
+
+    from depthlab.experiments import reproduce as R
+    from depthlab.experiments.study import Measurement
+
+    diverged: list[str] = []
+
+    def measured(sweep, **kwargs):
+        out = {}
+        for i, run in enumerate(sweep.runs()):
+            ppl = math.nan if i == 0 else 4.0 + 0.01 * i
+            diverged.extend([run.name] if i == 0 else [])
+            out[run.name] = Measurement(run.name, ppl, math.log(4.0), 1.0 + i, 0.2, 0.1, 0.3,
+                                        0.1, run.cfg.model.n_layers)
+        return out
+
+    monkeypatch.setattr(R, "run_study", measured)
+    res = R.reproduce("tiny", tmp_path / "out", claims=[1, 2, 3, 5], jobs=1)
+    [bad] = diverged
+    for row in res["claims"]:
+        uses = any(bad in cond["runs"] for cond in row["conditions"])
+        first = row["tests"][0]
+        assert (first["label"] == "measured") is uses, row["id"]
+        if uses:  # said by name, for this claim only
+            assert row["verdict"] == "inconclusive" and bad in first["detail"]
+    assert any(row["tests"][0]["label"] != "measured" for row in res["claims"])
+    assert json.loads((tmp_path / "out" / "reproduce.json").read_text())["claims"]

@@ -10,6 +10,7 @@ docs/reproduce.md). Claim 8 is a simulation (`depthlab.experiments.theory`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -394,7 +395,14 @@ def reproduce(scale: str = "tiny", out: str | Path | None = None, *, jobs: int =
     for claim in chosen:
         groups = [[measurements[n] for n in where[(claim.id, ci)]]
                   for ci in range(len(claim.conditions))]
-        tests = claim.evaluate(groups)
+        diverged = sorted({m.name for g in groups for m in g
+                           if not all(math.isfinite(v) for v in mean_metrics([m]).values())})
+        if diverged:  # a NaN/inf measurement (a diverged run): this claim only, said by name
+            detail = (f"non-finite measurements in {', '.join(diverged)} (a diverged run? "
+                      f"see {out / 'runs' / 'logs'})")
+            tests = [("measured", V.Verdict(V.INCONCLUSIVE, math.nan, math.nan, detail, 0), True)]
+        else:
+            tests = claim.evaluate(groups)
         rows.append({
             "id": claim.id, "title": claim.title, "paper": PAPER[claim.id], "knob": claim.knob,
             "conditions": [{"label": lab, "runs": where[(claim.id, ci)],
