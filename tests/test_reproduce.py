@@ -48,6 +48,9 @@ def test_reproduce_tiny_end_to_end(tmp_path, capsys):
     assert (out / "claim1.png").is_file() and (out / "claim8_theory.png").is_file()
     assert results["wall"]["seconds"] > 0 and results["wall"]["jobs"] == 2
     assert "Wall time of this invocation:" in report
+    # how big the re-check was, to weigh it against the paper's ~1B-parameter runs
+    assert "Scale: base model L=8, d=64, 4 heads, init paper; byte tokenizer on kjv; T=64, " \
+        "batch 16, 1,024 tokens per step" in report and "M active per token)" in report
     # a second call reuses every trained and diagnosed run; a damaged diagnosis cache
     # is measured again (it ended in a JSONDecodeError traceback)
     cache = out / "runs" / "L16_s0" / "study_diagnose.json"  # a run of claim 1's depths

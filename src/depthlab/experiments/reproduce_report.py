@@ -74,6 +74,35 @@ def _theory_figure(theory: dict[str, Any], out: Path) -> str:
     return "claim8_theory.png"
 
 
+def _scale_paragraph(results: dict[str, Any]) -> str:
+    """How big the re-check was, so a reader can weigh it against the paper's ~1B-parameter
+    runs: the base model and data, tokens seen per run, and the parameter range."""
+    base = results.get("base") or {}
+    model, data, train = (base.get(k) or {} for k in ("model", "data", "train"))
+    if not model:
+        return ""
+    seq, batch = data.get("seq_len"), train.get("batch_size")
+    per_step = seq * batch if isinstance(seq, int) and isinstance(batch, int) else None
+    steps = results.get("steps")
+    seen = (f", {per_step:,} tokens per step, {per_step * steps / 1e6:.1f}M tokens per run"
+            if per_step and isinstance(steps, int) else "")
+    runs = [r for r in (results.get("runs") or {}).values() if isinstance(r, dict)]
+    totals = [r["params"] for r in runs if isinstance(r.get("params"), int)]
+    moe = [r for r in runs if isinstance(r.get("params"), int)
+           and isinstance(r.get("active_params"), int) and r["active_params"] < r["params"]]
+    params = (f" Parameters per run: {min(totals) / 1e6:.2f}M to {max(totals) / 1e6:.2f}M"
+              + (f" (the MoE runs: {max(r['params'] for r in moe) / 1e6:.1f}M total, "
+                 f"{max(r['active_params'] for r in moe) / 1e6:.1f}M active per token)"
+                 if moe else "") + "." if totals else "")
+    return (f"Scale: base model L={model.get('n_layers')}, d={model.get('d_model')}, "
+            f"{model.get('n_heads')} heads, init {model.get('init', 'normal')}; "
+            f"{data.get('tokenizer', 'byte')} tokenizer on {data.get('corpus', 'kjv')}; "
+            f"T={seq}, batch {batch}{seen}, lr {train.get('lr')}. Each claim changes one knob "
+            f"of this base (its conditions below; a longer T comes with a smaller batch, so "
+            f"tokens per step stay equal).{params} The paper's runs have ~1B parameters and "
+            "billions of tokens.")
+
+
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Write OUT/report.md (and its figures) from reproduce's results dict."""
     runs = results.get("runs", {})
@@ -84,6 +113,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
               f"run, {len(runs)} runs. Diagnostics per run: {', '.join(results['diagnose']['metrics'])} "
               f"on about {results['diagnose']['eval_tokens']} held-out tokens at the run's own "
               f"sequence length.", ""]
+    if scale := _scale_paragraph(results):
+        lines += [scale, ""]
     wall = results.get("wall")
     if wall:
         device = wall["cuda"] or f"{wall['cpus']} CPU core(s)"
