@@ -210,7 +210,7 @@ class LayerStack:
 
     def check_ids(self, ids: object) -> Tensor:
         """[N, T] (or [T]) integer token ids within the vocabulary and the context, as a
-        long tensor on the CPU; else one line saying what is wrong (an embedding lookup
+        long tensor where they were; else one line saying what is wrong (an embedding lookup
         fails deep in torch on CPU, with a device assert on CUDA, and float ids would be
         truncated silently)."""
         if ids is None:
