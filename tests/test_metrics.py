@@ -282,6 +282,12 @@ def test_usefulness_disjoint_fit_and_eval(model):
     assert res.loss_ratio[l] == pytest.approx(_full_loss(mod, ev) / base, rel=1e-4)
     res2 = compute_usefulness(stack, ev, batch_size=BS, fit_ids=fit)
     assert res2.loss_ratio == pytest.approx(res.loss_ratio, rel=1e-6)
+    # NaN weights (diagnose refuses them; a direct call ended in an MKL error)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.blocks[1].attn.o_proj.weight.fill_(float("nan"))
+    with pytest.raises(DepthlabError, match="hidden states around block 1 are not finite"):
+        compute_usefulness(build_stack(broken), ev, batch_size=BS)
     # "disjoint" is checked, not taken on trust (identical sets reported split "disjoint")
     with pytest.raises(DepthlabError, match="fit_ids and ids share sequences"):
         compute_usefulness(stack, ev, batch_size=BS, fit_ids=torch.cat([fit, ev[1:2]]))

@@ -143,6 +143,9 @@ def compute_usefulness(
             prog.step()
         maps = []
         for l in range(L):
+            if not (torch.isfinite(G[l]).all() and torch.isfinite(R[l]).all()):
+                raise DepthlabError(f"usefulness: the hidden states around block {l} are not "
+                                    "finite (NaN or inf weights?); the affine fit is undefined")
             W, bias = solve_affine(G[l], R[l])
             maps.append((W.float().to(dev), bias.float().to(dev)))
         del G, R
