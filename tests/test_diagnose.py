@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,24 +22,32 @@ from depthlab.train.checkpoint import save_checkpoint
 SEQ = 16
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A depthlab run dir: config.yaml + one checkpoint; byte tokenizer, kjv corpus."""
-    root = tmp_path_factory.mktemp("runs")
+def _write_run(root: Path, name: str, step: int,
+               edit: Callable[[DepthLM], None] | None = None) -> tuple[Path, DepthLM]:
+    """A depthlab run dir: config.yaml + one checkpoint at `step` of a seeded tiny DepthLM
+    (byte tokenizer, kjv corpus), its weights changed by `edit` first when given."""
     cfg = RunConfig.model_validate({
-        "name": "tiny", "out_dir": str(root),
+        "name": name, "out_dir": str(root),
         "model": {"vocab_size": 257, "n_layers": 3, "d_model": 32, "n_heads": 4,
                   "n_kv_heads": 2, "max_seq_len": 64},
         "data": {"corpus": "kjv", "tokenizer": "byte", "seq_len": SEQ},
     })
-    run = root / "tiny"
+    run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.manual_seed(0)
     model = DepthLM(cfg.model)
-    opt = torch.optim.AdamW(model.parameters())
-    save_checkpoint(run, 3, model, opt, {}, keep_last=1)
-    return run
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    save_checkpoint(run, step, model, torch.optim.AdamW(model.parameters()), {}, keep_last=1)
+    return run, model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A depthlab run dir: config.yaml + one checkpoint; byte tokenizer, kjv corpus."""
+    return _write_run(tmp_path_factory.mktemp("runs"), "tiny", 3)[0]
 
 
 @pytest.fixture(scope="module")
@@ -473,23 +482,15 @@ def test_weight_sparsity_at_a_non_default_tau_from_the_command_line(
     no norm gains), entry by entry in Python floats. Block 1's up_proj has rows planted at
     +-0.999 tau (below) and +-1.001 tau (not below), so a threshold off by 0.1 % fails."""
     tau = 1e-2
-    cfg = RunConfig.model_validate({
-        "name": "ws", "out_dir": str(tmp_path),
-        "model": {"vocab_size": 257, "n_layers": 3, "d_model": 32, "n_heads": 4,
-                  "n_kv_heads": 2, "max_seq_len": 64},
-        "data": {"corpus": "kjv", "tokenizer": "byte", "seq_len": SEQ},
-    })
-    run = tmp_path / "ws"
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    torch.manual_seed(0)
-    model = DepthLM(cfg.model)
-    with torch.no_grad():
+
+    def plant(model: DepthLM) -> None:
         up = model.blocks[1].mlp.up_proj.weight
         sign = torch.where(torch.rand(8, up.shape[1]) < 0.5, -1.0, 1.0)
         up[:8] = 0.999 * tau * sign
         up[8:16] = 1.001 * tau * sign
-    save_checkpoint(run, 1, model, torch.optim.AdamW(model.parameters()), {}, keep_last=1)
+
+    run, model = _write_run(tmp_path, "ws", 1, plant)
+    up = model.blocks[1].mlp.up_proj.weight
 
     out = tmp_path / "diag"
     main(["diagnose", str(run), "--metrics", "weight_sparsity", "--samples", "1", "--seq-len",

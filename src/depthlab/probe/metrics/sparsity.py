@@ -154,25 +154,25 @@ def compute_weight_sparsity(
 # ---------------------------------------------------------------- attention
 
 
-def sliding_window(stack, l: int) -> int | None:
-    """The sliding window of block l, when the stack's model has one (else None)."""
+def _attention_size(stack, l: int, attn_type: str, key: str) -> int | None:
+    """config.`key` of the stack's model when block l's attention type is `attn_type`."""
     types = getattr(stack, "_attn_types", None)
     config = getattr(stack, "config", None)
-    if types is None or config is None or types[l] != "sliding_attention":
+    if types is None or config is None or types[l] != attn_type:
         return None
-    w = getattr(config, "sliding_window", None)
-    return int(w) if w else None
+    size = getattr(config, key, None)
+    return int(size) if size else None
+
+
+def sliding_window(stack, l: int) -> int | None:
+    """The sliding window of block l, when the stack's model has one (else None)."""
+    return _attention_size(stack, l, "sliding_attention", "sliding_window")
 
 
 def attention_chunk(stack, l: int) -> int | None:
     """The chunk size of block l when it attends only within chunks of positions
     (Llama 4's chunked attention), else None."""
-    types = getattr(stack, "_attn_types", None)
-    config = getattr(stack, "config", None)
-    if types is None or config is None or types[l] != "chunked_attention":
-        return None
-    c = getattr(config, "attention_chunk_size", None)
-    return int(c) if c else None
+    return _attention_size(stack, l, "chunked_attention", "attention_chunk_size")
 
 
 def visible_keys(T: int, window: int | None, device: torch.device | str = "cpu",
