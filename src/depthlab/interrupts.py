@@ -26,6 +26,7 @@ def interrupts_deferred(doing: str | None = None) -> Iterator[None]:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous = {sig: handler for sig, handler in previous.items() if callable(handler)}
     held: list[tuple[int, FrameType | None]] = []
+
     def hold(signum: int, frame: FrameType | None) -> None:
         if doing and not held:  # os.write: a handler may run inside a print to stderr
             os.write(2, f"interrupted: finishing {doing} first\n".encode())

@@ -86,12 +86,11 @@ class DepthLMEval(TemplateLM):
                 greedy.append((lp.argmax(dim=-1) == target).all())
                 scores.append(lp.gather(-1, target[:, None]).sum())
             read = torch.stack([torch.stack(scores).double(), torch.stack(greedy).double()]).tolist()
-            for i, score, is_greedy in zip(idx, read[0], read[1], strict=True):
-                is_greedy = bool(is_greedy)
-                results[i] = (score, is_greedy)
+            for i, score, greedy_flag in zip(idx, read[0], read[1], strict=True):
+                results[i] = (score, bool(greedy_flag))
                 key = requests[i][0]
                 if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, (score, is_greedy))
+                    self.cache_hook.add_partial("loglikelihood", key, results[i])
         return results  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -92,13 +92,9 @@ def load_stack(model: Any, dtype: str | torch.dtype | None = "auto",
         raise DepthlabError(
             f"cannot diagnose a {type(model).__name__}: pass a path/hub id, an nn.Module "
             f"or a LayerStack")
-    from depthlab.probe.loading import load_model, resolve_spec
+    from depthlab.probe.loading import load_model
 
-    spec = resolve_spec(model)
-    mod, tok, info = load_model(model, dtype=dt, device=dev)
-    info["spec"] = str(model)
-    if str(model) != spec:
-        info["path"] = spec
+    mod, tok, info = load_model(model, dtype=dt, device=dev)  # info: spec as given, path
     return build_stack(mod), tok, info
 
 

@@ -90,7 +90,7 @@ def _dtype_name(dtype: Any) -> str | None:
 
 def _model_dtype(model: nn.Module) -> str:
     p = next(iter(model.parameters()), None)
-    return str(p.dtype).removeprefix("torch.") if p is not None else "unknown"
+    return _dtype_name(p.dtype) if p is not None else "unknown"
 
 
 # -------------------------------------------------------------------- depthlab

@@ -305,6 +305,12 @@ class RunData:
         return perplexity(v)
 
     @property
+    def moe(self) -> dict[str, Any] | None:
+        """The run's model.moe config; None for a dense run."""
+        moe = (self.config.get("model") or {}).get("moe")
+        return moe if isinstance(moe, dict) else None
+
+    @property
     def routing(self) -> Routing | None:
         """MoE routing at the last stats step that recorded it (training-time stats:
         moe_load, moe_imbalance, router_entropy, null for dense blocks), else from the
@@ -317,8 +323,7 @@ class RunData:
             if not layers:
                 continue
             imb, ent = st.get("moe_imbalance"), st.get("router_entropy")
-            moe = (self.config.get("model") or {}).get("moe")
-            k = moe.get("top_k") if isinstance(moe, dict) else None
+            k = self.moe.get("top_k") if self.moe else None
             return Routing(
                 f"stats, step {st['_step']}", len(loads), layers,
                 [num(imb[i]) if isinstance(imb, list) and i < len(imb) else None

@@ -224,7 +224,7 @@ def fig_moe_routing(data: ReportData, colors: dict[str, str]) -> Figure | str | 
     import textwrap
 
     models = data.all_routing
-    if not models and not any((r.config.get("model") or {}).get("moe") for r in data.runs):
+    if not models and not any(r.moe for r in data.runs):
         return None  # no MoE anywhere: nothing to say
     if not models:
         return ("no MoE routing: no run or diagnosed model has MoE layers with routing "

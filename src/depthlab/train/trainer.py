@@ -36,7 +36,14 @@ from typing import Any
 import torch
 import yaml
 
-from depthlab.config import RUNTIME_KEYS, RunConfig, TrainConfig, build_config, read_yaml
+from depthlab.config import (
+    RUNTIME_KEYS,
+    RunConfig,
+    TrainConfig,
+    build_config,
+    load_config,
+    read_yaml,
+)
 from depthlab.data.cache import atomic_write_text
 from depthlab.data.corpus import BUILTIN_NAMES
 from depthlab.devices import device_type
@@ -705,8 +712,6 @@ def train(cfg: RunConfig | str | Path | dict[str, Any], progress: bool = True) -
     rank of a torchrun job: then an error is recorded for torchrun's failure report before
     it propagates."""
     if isinstance(cfg, (str, Path)):
-        from depthlab.config import load_config
-
         cfg = load_config(cfg)
     elif isinstance(cfg, dict):
         cfg = build_config(cfg)
